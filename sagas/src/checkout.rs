@@ -1,0 +1,246 @@
+//! The checkout saga: reserve the stock of an order, charge the customer, book the shipment.
+//!
+//! All three steps are compensatable: a permanent failure (out of stock, card declined, address
+//! the carrier refuses), exhausted attempts or a cancel undo the finished ones in reverse:
+//! cancel the shipment, refund the payment, release the stock. The order is confirmed when the
+//! last step succeeds; the inventory service then turns the reservation into a stock movement
+//! when it sees `OrderConfirmed`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Backoff, Policy, StepPolicy};
+use crate::stepwise::{self, Definition, End, StepDef, StepKind};
+use crate::wire::{
+    Action, Address, CommandBody, Currency, Customer, DomainEvent, Invalid, Line, Money, OrderId,
+    Phase, SagaId,
+};
+
+/// The name stored in `sagas.type`.
+pub const NAME: &str = "checkout";
+
+/// How long a stock reservation holds by default (the Product service's 30 minutes).
+pub const DEFAULT_HOLD_SECONDS: u32 = 30 * 60;
+
+const FORWARD_BACKOFF: Backoff = Backoff {
+    initial_ms: 200,
+    max_ms: 5_000,
+    factor: 2.0,
+    jitter: true,
+};
+
+/// Compensations retry far longer, with a capped delay: giving up leaves money or stock held.
+const COMPENSATION: Policy = Policy {
+    max_attempts: 30,
+    deadline_ms: 10_000,
+    backoff: Backoff {
+        initial_ms: 500,
+        max_ms: 60_000,
+        factor: 2.0,
+        jitter: true,
+    },
+};
+
+const fn forward(deadline_ms: u64) -> Policy {
+    Policy {
+        max_attempts: 3,
+        deadline_ms,
+        backoff: FORWARD_BACKOFF,
+    }
+}
+
+static STEPS: [StepDef; 3] = [
+    StepDef {
+        name: "reserve_stock",
+        kind: StepKind::Compensatable,
+        action: Action::ReserveStock,
+        compensation: Some(Action::ReleaseStock),
+        policy: StepPolicy {
+            forward: forward(10_000),
+            compensation: COMPENSATION,
+        },
+    },
+    StepDef {
+        name: "charge_payment",
+        kind: StepKind::Compensatable,
+        action: Action::ChargePayment,
+        compensation: Some(Action::RefundPayment),
+        policy: StepPolicy {
+            forward: forward(15_000),
+            compensation: COMPENSATION,
+        },
+    },
+    StepDef {
+        name: "create_shipment",
+        kind: StepKind::Compensatable,
+        action: Action::CreateShipment,
+        compensation: Some(Action::CancelShipment),
+        policy: StepPolicy {
+            forward: forward(10_000),
+            compensation: COMPENSATION,
+        },
+    },
+];
+
+/// An order line with the price it was sold at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PricedLine {
+    #[serde(flatten)]
+    pub line: Line,
+    /// Price of one unit when the checkout started.
+    pub unit_price: Money,
+}
+
+/// What the orchestrator starts a checkout with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Start {
+    pub order_id: OrderId,
+    pub customer: Customer,
+    pub lines: Vec<PricedLine>,
+    pub payment_token: String,
+    pub shipping_address: Address,
+    #[serde(default = "default_hold")]
+    pub reservation_hold_seconds: u32,
+}
+
+fn default_hold() -> u32 {
+    DEFAULT_HOLD_SECONDS
+}
+
+/// What a checkout carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    pub order_id: OrderId,
+    pub customer: Customer,
+    pub lines: Vec<PricedLine>,
+    pub total: Money,
+    pub payment_token: String,
+    pub shipping_address: Address,
+    pub reservation_hold_seconds: u32,
+}
+
+impl Order {
+    fn lines(&self) -> Vec<Line> {
+        self.lines.iter().map(|l| l.line.clone()).collect()
+    }
+}
+
+/// The checkout definition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkout;
+
+impl Definition for Checkout {
+    const NAME: &'static str = NAME;
+    type Data = Order;
+    type Start = Start;
+
+    fn steps() -> &'static [StepDef] {
+        &STEPS
+    }
+
+    fn init(start: Start) -> Result<Order, Invalid> {
+        let first = start
+            .lines
+            .first()
+            .ok_or_else(|| Invalid("an order needs at least one line".into()))?;
+        let currency: Currency = first.unit_price.currency.clone();
+        let mut total: i64 = 0;
+        for (i, l) in start.lines.iter().enumerate() {
+            if start.lines[..i].iter().any(|o| o.line.sku == l.line.sku) {
+                return Err(Invalid(format!("SKU {} appears twice", l.line.sku)));
+            }
+            if l.unit_price.currency != currency {
+                return Err(Invalid("all lines must have the same currency".into()));
+            }
+            if l.unit_price.minor < 0 {
+                return Err(Invalid(format!("negative price for {}", l.line.sku)));
+            }
+            total = l
+                .unit_price
+                .minor
+                .checked_mul(i64::from(l.line.quantity.get()))
+                .and_then(|x| x.checked_add(total))
+                .ok_or_else(|| Invalid("order total overflows".into()))?;
+        }
+        if start.payment_token.is_empty() {
+            return Err(Invalid("payment token is empty".into()));
+        }
+        Ok(Order {
+            order_id: start.order_id,
+            customer: start.customer,
+            total: Money {
+                minor: total,
+                currency,
+            },
+            lines: start.lines,
+            payment_token: start.payment_token,
+            shipping_address: start.shipping_address,
+            reservation_hold_seconds: start.reservation_hold_seconds,
+        })
+    }
+
+    fn command(order: &Order, step: &StepDef, phase: Phase) -> CommandBody {
+        let order_id = order.order_id;
+        let action = match phase {
+            Phase::Forward => step.action,
+            Phase::Compensation => step
+                .compensation
+                .expect("only compensatable steps are compensated"),
+        };
+        match action {
+            Action::ReserveStock => CommandBody::ReserveStock {
+                order_id,
+                lines: order.lines(),
+                hold_seconds: order.reservation_hold_seconds,
+            },
+            Action::ReleaseStock => CommandBody::ReleaseStock { order_id },
+            Action::ChargePayment => CommandBody::ChargePayment {
+                order_id,
+                customer_id: order.customer.id.clone(),
+                amount: order.total.clone(),
+                payment_token: order.payment_token.clone(),
+            },
+            Action::RefundPayment => CommandBody::RefundPayment {
+                order_id,
+                amount: order.total.clone(),
+            },
+            Action::CreateShipment => CommandBody::CreateShipment {
+                order_id,
+                address: order.shipping_address.clone(),
+                lines: order.lines(),
+            },
+            Action::CancelShipment => CommandBody::CancelShipment { order_id },
+        }
+    }
+
+    fn on_end(order: &Order, saga: SagaId, end: End<'_>) -> Vec<DomainEvent> {
+        vec![match end {
+            End::Completed => DomainEvent::OrderConfirmed {
+                order_id: order.order_id,
+                saga_id: saga,
+                customer: order.customer.clone(),
+                lines: order.lines(),
+                total: order.total.clone(),
+            },
+            End::Compensated { reason } => DomainEvent::OrderCancelled {
+                order_id: order.order_id,
+                saga_id: saga,
+                customer: order.customer.clone(),
+                reason: reason.to_owned(),
+                needs_operator: false,
+            },
+            End::Failed { reason } => DomainEvent::OrderCancelled {
+                order_id: order.order_id,
+                saga_id: saga,
+                customer: order.customer.clone(),
+                reason: reason.to_owned(),
+                needs_operator: true,
+            },
+        }]
+    }
+}
+
+/// The checkout saga type, for the engine's registry.
+pub static TYPE: stepwise::Type<Checkout> = stepwise::Type::new();
+
+/// A live checkout.
+pub type Instance = stepwise::Instance<Checkout>;

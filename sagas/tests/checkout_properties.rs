@@ -1,0 +1,196 @@
+//! A property test over random sequences of step outcomes.
+//!
+//! A model of the three services answers each command the machine dispatches: success, a
+//! retryable or permanent failure, or silence (the attempt times out, its effect may or may not
+//! have happened). Like the real workers, the model is idempotent per step: once a step's effect
+//! happened, every later attempt succeeds; once it was compensated, it stays undone. Cancels,
+//! stale replies and reloads from the snapshot are mixed in at random.
+//!
+//! Whatever happens, the saga ends, and:
+//! - `completed`: all three effects are in place;
+//! - `compensated`: every effect that happened was undone;
+//! - `failed`: only when a compensation failed permanently or ran out of attempts.
+//!
+//! And replaying the saga's log through a fresh machine gives its snapshot.
+
+mod support;
+
+use proptest::prelude::*;
+use sagas::api::{Input, Status};
+use sagas::wire::{Phase, ReplyOutcome};
+use support::{Harness, success_for};
+
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    Succeed,
+    FailRetryable,
+    FailPermanent,
+    /// No reply; the effect happened anyway (the reply was lost).
+    SilentDone,
+    /// No reply; the effect did not happen.
+    SilentNothing,
+}
+
+fn answer() -> impl Strategy<Value = Answer> {
+    prop_oneof![
+        6 => Just(Answer::Succeed),
+        2 => Just(Answer::FailRetryable),
+        1 => Just(Answer::FailPermanent),
+        1 => Just(Answer::SilentDone),
+        1 => Just(Answer::SilentNothing),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct Script {
+    answers: Vec<Answer>,
+    /// Before which answer a cancel is sent, if any.
+    cancel_at: Option<usize>,
+    /// Before which answers the machine is reloaded from its snapshot.
+    reloads: Vec<bool>,
+    /// Before which answers a stale reply (of an earlier command) is delivered.
+    stale: Vec<bool>,
+}
+
+fn script() -> impl Strategy<Value = Script> {
+    (
+        prop::collection::vec(answer(), 200),
+        prop::option::of(0usize..12),
+        prop::collection::vec(any::<bool>(), 200),
+        prop::collection::vec(prop::bool::weighted(0.2), 200),
+    )
+        .prop_map(|(answers, cancel_at, reloads, stale)| Script {
+            answers,
+            cancel_at,
+            reloads,
+            stale,
+        })
+}
+
+/// The services as the saga's steps see them.
+#[derive(Default, Debug)]
+struct World {
+    /// Effect in place, per step.
+    done: [bool; 3],
+    /// Compensated (tombstoned) per step: a later forward attempt does nothing.
+    undone: [bool; 3],
+    /// The worker's definitive answer, once it gave one, per step (idempotency).
+    forward_verdict: [Option<bool>; 3],
+    compensation_gave_up: bool,
+}
+
+fn step_index(step: &str) -> usize {
+    match step {
+        "reserve_stock" => 0,
+        "charge_payment" => 1,
+        "create_shipment" => 2,
+        other => panic!("unknown step {other}"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1_000, .. ProptestConfig::default() })]
+
+    #[test]
+    fn every_saga_ends_consistently(script in script()) {
+        let mut h = Harness::start();
+        let mut world = World::default();
+        let mut seen = Vec::new();
+        let mut i = 0;
+        while !h.status().is_terminal() {
+            prop_assert!(i < script.answers.len(), "saga did not end after {} answers", i);
+            if script.reloads[i] {
+                h.reload();
+            }
+            if script.cancel_at == Some(i) {
+                h.cancel();
+            }
+            if script.stale[i] && !seen.is_empty() {
+                let (old, outcome): &(sagas::wire::Command, ReplyOutcome) = &seen[i % seen.len()];
+                // A redelivered old reply: ignored unless it happens to be the current one.
+                let current = h.in_flight.as_ref().map(|c| c.id);
+                let applied = h.feed(Input::Reply(old.reply(outcome.clone()))).is_some();
+                prop_assert!(!applied || current == Some(old.id));
+            }
+            if h.status().is_terminal() {
+                break;
+            }
+            if h.state().ends_with("retrying") {
+                h.fire();
+                i += 1;
+                continue;
+            }
+            let cmd = h.command();
+            let s = step_index(&cmd.step);
+            let answer = script.answers[i];
+            i += 1;
+            let outcome = match cmd.phase {
+                Phase::Forward => {
+                    if world.undone[s] {
+                        // Tombstoned: the worker refuses the late forward command.
+                        Some(ReplyOutcome::Failed { retryable: false, code: "cancelled".into(), reason: "compensated".into() })
+                    } else if let Some(ok) = world.forward_verdict[s] {
+                        // Idempotent: the first definitive answer is repeated.
+                        Some(if ok { success_for(&cmd) } else {
+                            ReplyOutcome::Failed { retryable: false, code: "declined".into(), reason: "again".into() }
+                        })
+                    } else {
+                        match answer {
+                            Answer::Succeed => {
+                                world.done[s] = true;
+                                world.forward_verdict[s] = Some(true);
+                                Some(success_for(&cmd))
+                            }
+                            Answer::FailRetryable => Some(ReplyOutcome::Failed { retryable: true, code: "busy".into(), reason: "busy".into() }),
+                            Answer::FailPermanent => {
+                                world.forward_verdict[s] = Some(false);
+                                Some(ReplyOutcome::Failed { retryable: false, code: "declined".into(), reason: "no".into() })
+                            }
+                            Answer::SilentDone => {
+                                world.done[s] = true;
+                                world.forward_verdict[s] = Some(true);
+                                None
+                            }
+                            Answer::SilentNothing => None,
+                        }
+                    }
+                }
+                Phase::Compensation => match answer {
+                    Answer::Succeed | Answer::SilentDone => {
+                        world.done[s] = false;
+                        world.undone[s] = true;
+                        matches!(answer, Answer::Succeed).then(|| success_for(&cmd))
+                    }
+                    Answer::FailRetryable => Some(ReplyOutcome::Failed { retryable: true, code: "busy".into(), reason: "busy".into() }),
+                    Answer::FailPermanent => {
+                        world.compensation_gave_up = true;
+                        Some(ReplyOutcome::Failed { retryable: false, code: "stuck".into(), reason: "no".into() })
+                    }
+                    Answer::SilentNothing => None,
+                },
+            };
+            match outcome {
+                Some(outcome) => {
+                    seen.push((cmd.clone(), outcome.clone()));
+                    prop_assert!(h.feed(Input::Reply(cmd.reply(outcome))).is_some(), "the current reply applies");
+                }
+                None => {
+                    // Silence: the deadline fires.
+                    prop_assert!(h.fire().is_some(), "the deadline applies");
+                }
+            }
+        }
+        match h.status() {
+            Status::Completed => prop_assert_eq!(world.done, [true, true, true]),
+            Status::Compensated => prop_assert_eq!(world.done, [false, false, false], "world {:?}", world),
+            Status::Failed => {
+                let snapshot = h.saga.snapshot();
+                let exhausted = snapshot["steps"].as_array().unwrap().iter()
+                    .any(|s| s["status"] == "compensation_failed");
+                prop_assert!(world.compensation_gave_up || exhausted, "failed without a failed compensation");
+            }
+            other => prop_assert!(false, "not terminal: {:?}", other),
+        }
+        prop_assert_eq!(h.replayed_snapshot(), h.saga.snapshot());
+    }
+}

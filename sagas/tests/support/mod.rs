@@ -1,0 +1,238 @@
+//! A harness that drives a checkout machine at its boundary with a simulated clock.
+#![allow(dead_code)]
+
+use chrono::{DateTime, Duration};
+use sagas::api::{Effect, Input, Saga, SagaType, Status, Timer, Verdict};
+use sagas::checkout;
+use sagas::wire::{Command, Phase, ReplyOutcome, SagaId, StepOutput, Timestamp};
+use serde_json::json;
+use uuid::Uuid;
+
+pub fn t0() -> Timestamp {
+    DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+}
+
+pub fn start_request() -> serde_json::Value {
+    json!({
+        "order_id": "0191d0a0-0000-7000-8000-000000000001",
+        "customer": {"id": "c-1", "email": "ada@example.com"},
+        "lines": [
+            {"sku": "TSHIRT-M", "quantity": 2, "unit_price": {"minor": 1500, "currency": "EUR"}},
+            {"sku": "MUG", "quantity": 1, "unit_price": {"minor": 900, "currency": "EUR"}}
+        ],
+        "payment_token": "tok_visa",
+        "shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "Madrid",
+                              "postal_code": "28001", "country": "ES"}
+    })
+}
+
+/// Every input fed so far, with its time: what the engine writes to the event log.
+#[derive(Clone)]
+pub struct Logged {
+    pub input: Input,
+    pub at: Timestamp,
+}
+
+pub struct Harness {
+    pub saga: Box<dyn Saga>,
+    pub now: Timestamp,
+    pub start_effects: Vec<Effect>,
+    /// The last command dispatched.
+    pub in_flight: Option<Command>,
+    /// The armed timer and when it fires.
+    pub timer: Option<(Timer, Timestamp)>,
+    pub log: Vec<Logged>,
+    pub events: Vec<String>,
+}
+
+impl Harness {
+    pub fn start() -> Self {
+        Self::start_with(start_request())
+    }
+
+    pub fn start_with(request: serde_json::Value) -> Self {
+        let id = SagaId::from_uuid(Uuid::from_u128(0x0191_d0a0_0000_7000_8000_0000_0000_0042));
+        let (saga, effects) = checkout::TYPE.start(id, &request, t0()).expect("starts");
+        let mut h = Self {
+            saga,
+            now: t0(),
+            start_effects: effects.clone(),
+            in_flight: None,
+            timer: None,
+            log: Vec::new(),
+            events: Vec::new(),
+        };
+        h.track(&effects);
+        h
+    }
+
+    fn track(&mut self, effects: &[Effect]) {
+        for e in effects {
+            match e {
+                Effect::Dispatch(c) => self.in_flight = Some(c.clone()),
+                Effect::SetTimer { timer, at } => self.timer = Some((timer.clone(), *at)),
+                Effect::CancelTimer { .. } => self.timer = None,
+                Effect::Emit(ev) => self.events.push(ev.event.name().to_owned()),
+            }
+        }
+    }
+
+    /// Feed an input; returns the effects, or `None` when it was ignored.
+    pub fn feed(&mut self, input: Input) -> Option<Vec<Effect>> {
+        let verdict = self.saga.apply(&input, self.now);
+        match verdict {
+            Verdict::Applied(effects) => {
+                self.log.push(Logged {
+                    input,
+                    at: self.now,
+                });
+                self.track(&effects);
+                Some(effects)
+            }
+            Verdict::Ignored(_) => None,
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        self.in_flight.clone().expect("a command in flight")
+    }
+
+    pub fn reply(cmd: &Command, outcome: ReplyOutcome) -> Input {
+        Input::Reply(cmd.reply(outcome))
+    }
+
+    pub fn ok(&mut self) -> Option<Vec<Effect>> {
+        let cmd = self.command();
+        self.feed(Self::reply(&cmd, success_for(&cmd)))
+    }
+
+    pub fn fail(&mut self, retryable: bool, code: &str) -> Option<Vec<Effect>> {
+        let cmd = self.command();
+        self.feed(Self::reply(
+            &cmd,
+            ReplyOutcome::Failed {
+                retryable,
+                code: code.into(),
+                reason: format!("simulated {code}"),
+            },
+        ))
+    }
+
+    /// Advance the clock to the armed timer and fire it.
+    pub fn fire(&mut self) -> Option<Vec<Effect>> {
+        let (timer, at) = self.timer.clone().expect("a timer armed");
+        self.now = self.now.max(at);
+        self.feed(Input::TimerFired(timer))
+    }
+
+    pub fn cancel(&mut self) -> Option<Vec<Effect>> {
+        self.feed(Input::Cancel {
+            reason: "customer changed their mind".into(),
+        })
+    }
+
+    pub fn status(&self) -> Status {
+        self.saga.status()
+    }
+
+    pub fn state(&self) -> &'static str {
+        self.saga.state_name()
+    }
+
+    /// Replay the log through a fresh machine and compare snapshots.
+    pub fn replayed_snapshot(&self) -> serde_json::Value {
+        let (mut saga, _) = checkout::TYPE
+            .start(self.saga.id(), &start_request(), t0())
+            .unwrap();
+        for l in &self.log {
+            match saga.apply(&l.input, l.at) {
+                Verdict::Applied(_) => {}
+                Verdict::Ignored(why) => panic!("replayed input ignored: {why}"),
+            }
+        }
+        saga.snapshot()
+    }
+
+    /// Restore the machine from its own snapshot, as the engine does after a cache miss.
+    pub fn reload(&mut self) {
+        let snapshot = self.saga.snapshot();
+        self.saga = checkout::TYPE.restore(&snapshot).expect("restores");
+        assert_eq!(self.saga.snapshot(), snapshot, "restore is lossless");
+    }
+}
+
+pub fn success_for(cmd: &Command) -> ReplyOutcome {
+    let output = match cmd.body.action() {
+        sagas::wire::Action::ReserveStock => StepOutput::StockReserved {
+            expires_at: cmd.deadline + Duration::minutes(30),
+        },
+        sagas::wire::Action::ReleaseStock => StepOutput::StockReleased,
+        sagas::wire::Action::ChargePayment => StepOutput::PaymentCharged {
+            charge_id: Uuid::from_u128(9),
+            processor_ref: "ch_1".into(),
+        },
+        sagas::wire::Action::RefundPayment => StepOutput::PaymentRefunded { refund_id: None },
+        sagas::wire::Action::CreateShipment => StepOutput::ShipmentCreated {
+            shipment_id: Uuid::from_u128(10),
+            tracking_number: "TRK1".into(),
+        },
+        sagas::wire::Action::CancelShipment => StepOutput::ShipmentCancelled,
+    };
+    ReplyOutcome::Succeeded { output }
+}
+
+/// A compact, readable form of effects, relative to `now`, for the tables.
+pub fn describe(effects: &[Effect], now: Timestamp) -> Vec<String> {
+    effects
+        .iter()
+        .map(|e| match e {
+            Effect::Dispatch(c) => format!(
+                "dispatch {} {} #{}",
+                c.body.action().as_str(),
+                phase(c.phase),
+                c.attempt
+            ),
+            Effect::SetTimer { timer, at } => {
+                let ms = (*at - now).num_milliseconds();
+                match timer {
+                    Timer::StepDeadline {
+                        step,
+                        phase: p,
+                        attempt,
+                    } => format!("deadline {step} {} #{attempt} +{ms}ms", phase(*p)),
+                    Timer::StepRetry {
+                        step,
+                        phase: p,
+                        attempt,
+                    } => {
+                        let _ = ms;
+                        format!("retry {step} {} #{attempt}", phase(*p))
+                    }
+                }
+            }
+            Effect::CancelTimer { key } => format!("cancel timer {key}"),
+            Effect::Emit(ev) => format!("emit {}", ev.event.name()),
+        })
+        .collect()
+}
+
+fn phase(p: Phase) -> &'static str {
+    match p {
+        Phase::Forward => "fwd",
+        Phase::Compensation => "comp",
+    }
+}
+
+/// The delay of the retry timer among `effects`, in milliseconds from `now`.
+pub fn retry_delay_ms(effects: &[Effect], now: Timestamp) -> i64 {
+    effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::SetTimer {
+                timer: Timer::StepRetry { .. },
+                at,
+            } => Some((*at - now).num_milliseconds()),
+            _ => None,
+        })
+        .expect("a retry timer")
+}
