@@ -501,6 +501,24 @@ pub struct Event {
     pub event: DomainEvent,
 }
 
+/// The durable JetStream consumers, by role. The orchestrator creates them (with the streams);
+/// each process binds to its own by name.
+pub mod consumers {
+    use super::Service;
+
+    /// The command consumer of a worker pool: all processes of a pool share it.
+    pub fn commands(service: Service) -> &'static str {
+        service.as_str()
+    }
+    /// The orchestrators' reply consumer.
+    pub const REPLIES: &str = "orchestrator";
+    /// The notification service's consumer of domain events.
+    pub const NOTIFICATION_EVENTS: &str = "notification";
+    /// The inventory service's consumer of order events (it consumes reservations on
+    /// `OrderConfirmed`).
+    pub const INVENTORY_EVENTS: &str = "inventory-events";
+}
+
 /// NATS header names used across the system.
 pub mod headers {
     /// The id that follows a request through every command, reply, event and log line.

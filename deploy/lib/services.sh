@@ -1,0 +1,413 @@
+# shellcheck shell=bash
+#
+# deploy/lib/services.sh -- make sure PostgreSQL and a JetStream-enabled
+# nats-server are reachable, installing (apt) and starting them if they are not.
+#
+# Source this file; it only defines functions (no side effects, does not change
+# shell options) and works with or without `set -euo pipefail` in the caller.
+#
+#   ensure_postgres   PGHOST_TCP (default 127.0.0.1), PGPORT (default 5432)
+#   ensure_nats       NATS_HOST  (default 127.0.0.1), NATS_PORT (default 4222)
+#   ensure_services   both of the above
+#
+# Optional knobs (mostly useful for testing on a machine that already runs the
+# default services):
+#   SAGA_PG_CLUSTER   name of the Debian cluster to create/start when no
+#                     cluster is configured for PGPORT (default: main)
+#   SAGA_PG_LIBDIR    where server binaries live (default: /usr/lib/postgresql)
+#   SAGA_PG_ETCDIR    where cluster configs live (default: /etc/postgresql)
+#   SAGA_NATS_BIN     nats-server binary (default: /usr/sbin/nats-server, then
+#                     whatever `nats-server` is on PATH)
+#
+# The application connects with postgres://postgres:postgres@HOST:PORT/<db>.
+# Whenever this library installs or starts PostgreSQL itself it sets the
+# password of the `postgres` role to `postgres`, so that URL works with both
+# trust and scram-sha-256 (Debian's default for TCP on localhost) pg_hba rules.
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+log() {
+    printf '==> %s\n' "$*" >&2
+}
+
+# Print an error to stderr; always returns 1.
+_svc_err() {
+    printf '==> ERROR: %s\n' "$*" >&2
+    return 1
+}
+
+_svc_is_root() {
+    [[ "$(id -u)" -eq 0 ]]
+}
+
+# Run a command as root: directly when root, through sudo otherwise.
+# $1 is a human description of what needs installing/running, for the error.
+_svc_as_root() {
+    local what=$1
+    shift
+    if _svc_is_root; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        _svc_err "need root to $what, but not running as root and sudo is not available." \
+            "Run as root, or do it yourself: $*"
+    fi
+}
+
+# Is host a loopback/local name we can start a server for?
+_svc_is_local_host() {
+    case "$1" in
+        127.* | localhost | ::1 | 0.0.0.0) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# Does a TCP connection to host:port succeed? (bash /dev/tcp, 2 s timeout)
+_svc_tcp_open() {
+    local host=$1 port=$2
+    if command -v timeout >/dev/null 2>&1; then
+        # shellcheck disable=SC2016 # expanded by the inner bash
+        timeout 2 "${BASH:-bash}" -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$host" "$port" 2>/dev/null
+    else
+        ( exec 3<>"/dev/tcp/$host/$port" ) 2>/dev/null
+    fi
+}
+
+# apt-get install the given packages (runs apt-get update first).
+_svc_apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        _svc_err "apt-get not found; please install these packages yourself: $*"
+        return 1
+    fi
+    if ! _svc_is_root && ! command -v sudo >/dev/null 2>&1; then
+        _svc_err "cannot install $*: not running as root and sudo is not available." \
+            "Install it as root (apt-get install -y --no-install-recommends $*) and re-run."
+        return 1
+    fi
+    log "Installing $* with apt-get"
+    _svc_as_root "install $*" env DEBIAN_FRONTEND=noninteractive \
+        apt-get -o DPkg::Lock::Timeout=300 -q update || {
+        _svc_err "'apt-get update' failed; install these packages yourself: $*"
+        return 1
+    }
+    _svc_as_root "install $*" env DEBIAN_FRONTEND=noninteractive \
+        apt-get -o DPkg::Lock::Timeout=300 -q install -y --no-install-recommends "$@" || {
+        _svc_err "'apt-get install $*' failed; install these packages yourself and re-run."
+        return 1
+    }
+}
+
+# ---------------------------------------------------------------------------
+# PostgreSQL
+# ---------------------------------------------------------------------------
+
+_svc_pg_ready() {
+    local host=$1 port=$2
+    if command -v pg_isready >/dev/null 2>&1; then
+        pg_isready -q -h "$host" -p "$port" -t 2 >/dev/null 2>&1
+    else
+        _svc_tcp_open "$host" "$port"
+    fi
+}
+
+# Are PostgreSQL server binaries installed?
+_svc_pg_have_server() {
+    local libdir=${SAGA_PG_LIBDIR:-/usr/lib/postgresql} f
+    for f in "$libdir"/*/bin/postgres; do
+        [[ -x "$f" ]] && return 0
+    done
+    return 1
+}
+
+# Newest major version that has a config dir under /etc/postgresql and server
+# binaries; falls back to the newest installed server binaries.
+_svc_pg_version() {
+    local libdir=${SAGA_PG_LIBDIR:-/usr/lib/postgresql}
+    local etcdir=${SAGA_PG_ETCDIR:-/etc/postgresql}
+    local d v candidates=() installed=()
+    for d in "$libdir"/*/bin/postgres; do
+        [[ -x "$d" ]] || continue
+        v=${d#"$libdir"/}
+        installed+=("${v%%/*}")
+    done
+    for v in "${installed[@]}"; do
+        [[ -d "$etcdir/$v" ]] && candidates+=("$v")
+    done
+    ((${#candidates[@]})) || candidates=("${installed[@]}")
+    ((${#candidates[@]})) || return 1
+    printf '%s\n' "${candidates[@]}" | sort -V | tail -n 1
+}
+
+# Run psql (or any command) as the postgres OS user.
+_svc_as_postgres() {
+    if _svc_is_root; then
+        (cd / && runuser -u postgres -- "$@")
+    elif [[ "$(id -un)" == postgres ]]; then
+        (cd / && "$@")
+    elif command -v sudo >/dev/null 2>&1; then
+        (cd / && sudo -u postgres "$@")
+    else
+        _svc_err "need root or sudo to run as the postgres user: $*"
+    fi
+}
+
+_svc_pg_wait() {
+    local host=$1 port=$2 timeout=${3:-60}
+    local deadline=$((SECONDS + timeout))
+    until _svc_pg_ready "$host" "$port"; do
+        if ((SECONDS >= deadline)); then
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+ensure_postgres() {
+    local host=${PGHOST_TCP:-127.0.0.1} port=${PGPORT:-5432}
+    local cluster_name=${SAGA_PG_CLUSTER:-main}
+    local etcdir=${SAGA_PG_ETCDIR:-/etc/postgresql}
+
+    if _svc_pg_ready "$host" "$port"; then
+        log "PostgreSQL is reachable at $host:$port"
+        return 0
+    fi
+    log "PostgreSQL is not reachable at $host:$port"
+    local changed=0
+
+    if ! _svc_is_local_host "$host"; then
+        _svc_err "PGHOST_TCP=$host is not a local address, so it cannot be started from here." \
+            "Start PostgreSQL on $host:$port, or unset PGHOST_TCP to use a local server."
+        return 1
+    fi
+
+    if ! _svc_pg_have_server; then
+        log "No PostgreSQL server binaries found (${SAGA_PG_LIBDIR:-/usr/lib/postgresql}/*/bin/postgres)"
+        _svc_apt_install postgresql || return 1
+        changed=1
+        _svc_pg_have_server || {
+            _svc_err "package postgresql installed but no server binaries found under" \
+                "${SAGA_PG_LIBDIR:-/usr/lib/postgresql}/*/bin/postgres"
+            return 1
+        }
+    else
+        log "PostgreSQL server binaries are installed"
+    fi
+
+    if ! command -v pg_lsclusters >/dev/null 2>&1; then
+        _svc_err "pg_lsclusters/pg_ctlcluster not found (Debian package postgresql-common)." \
+            "Install it (apt-get install postgresql-common) or start PostgreSQL on $host:$port yourself."
+        return 1
+    fi
+
+    # Find the cluster to start: one already configured for $port, else
+    # <newest version>/$cluster_name (created if it does not exist).
+    # pg_lsclusters -h columns: version name port status owner datadir logfile
+    local ver="" name="" cport="" status="" line
+    line=$(pg_lsclusters -h 2>/dev/null | awk -v p="$port" '$3 == p' | sort -V | tail -n 1) || line=""
+    if [[ -n "$line" ]]; then
+        read -r ver name cport status _ <<<"$line"
+        log "Found PostgreSQL cluster $ver/$name configured for port $port (status: $status)"
+    else
+        ver=$(_svc_pg_version) || {
+            _svc_err "could not determine the installed PostgreSQL version"
+            return 1
+        }
+        name=$cluster_name
+        if [[ -d "$etcdir/$ver/$name" ]]; then
+            line=$(pg_lsclusters -h 2>/dev/null | awk -v v="$ver" -v n="$name" '$1 == v && $2 == n')
+            read -r _ _ cport status _ <<<"$line"
+            _svc_err "PostgreSQL cluster $ver/$name exists but is configured for port ${cport:-?}, not $port." \
+                "Either set PGPORT=${cport:-<its port>} (and the URLs accordingly), or create a cluster" \
+                "for port $port: pg_createcluster -p $port $ver <name>"
+            return 1
+        fi
+        log "No PostgreSQL cluster configured; creating cluster $ver/$name on port $port"
+        _svc_as_root "create a PostgreSQL cluster" pg_createcluster -p "$port" "$ver" "$name" >&2 || {
+            _svc_err "pg_createcluster -p $port $ver $name failed (see output above)." \
+                "Fix the problem (e.g. locale settings) or start PostgreSQL on $host:$port yourself."
+            return 1
+        }
+        status=down
+        changed=1
+    fi
+
+    if [[ "$status" == online* ]]; then
+        log "Cluster $ver/$name is already running; waiting for it to accept TCP connections"
+    else
+        log "Starting PostgreSQL cluster $ver/$name"
+        _svc_as_root "start PostgreSQL" pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" start || {
+            _svc_err "pg_ctlcluster $ver $name start failed; see /var/log/postgresql/postgresql-$ver-$name.log"
+            return 1
+        }
+        changed=1
+    fi
+
+    if ! _svc_pg_wait "$host" "$port" 60; then
+        _svc_err "PostgreSQL cluster $ver/$name did not accept connections on $host:$port within 60 s." \
+            "Check /var/log/postgresql/postgresql-$ver-$name.log and listen_addresses/port in" \
+            "$etcdir/$ver/$name/postgresql.conf."
+        return 1
+    fi
+
+    if ((changed == 0)); then
+        # Someone else started it (it was just not ready yet): leave it alone.
+        log "PostgreSQL $ver/$name is up at $host:$port"
+        return 0
+    fi
+    # We installed and/or started this server: make the URL
+    # postgres://postgres:postgres@host:port/... work under scram auth too.
+    log "Setting password of PostgreSQL role 'postgres' (for password auth over TCP)"
+    # Explicit -h/-U/-d: runuser keeps the caller's PG* environment.
+    _svc_as_postgres psql -X -q -v ON_ERROR_STOP=1 \
+        -h /var/run/postgresql -p "$port" -U postgres -d postgres \
+        -c "ALTER USER postgres PASSWORD 'postgres'" || {
+        _svc_err "could not set the postgres role's password. Run as the postgres user:" \
+            "psql -p $port -c \"ALTER USER postgres PASSWORD 'postgres'\""
+        return 1
+    }
+    log "PostgreSQL $ver/$name is up at $host:$port"
+}
+
+# ---------------------------------------------------------------------------
+# NATS (JetStream)
+# ---------------------------------------------------------------------------
+
+# First line the server sends (INFO {...}), or nothing.
+_svc_nats_info() {
+    local host=$1 port=$2
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    timeout 3 "${BASH:-bash}" -c 'exec 3<>"/dev/tcp/$1/$2" && head -n 1 <&3' _ "$host" "$port" 2>/dev/null || true
+}
+
+_svc_nats_check_js() {
+    local host=$1 port=$2 info
+    command -v timeout >/dev/null 2>&1 || return 0
+    info=$(_svc_nats_info "$host" "$port")
+    if [[ "$info" != INFO* ]]; then
+        log "WARNING: $host:$port accepts connections but sent no NATS INFO line within 3 s;" \
+            "is it really a nats-server?"
+        return 0
+    fi
+    if [[ "$info" != *'"jetstream":true'* ]]; then
+        _svc_err "nats-server at $host:$port is running but JetStream is not enabled." \
+            "Restart it with JetStream (nats-server -js -sd <store dir>), or point NATS_HOST/NATS_PORT" \
+            "(and NATS_URL) at a JetStream-enabled server."
+        return 1
+    fi
+}
+
+_svc_nats_bin() {
+    if [[ -n "${SAGA_NATS_BIN:-}" ]]; then
+        printf '%s\n' "$SAGA_NATS_BIN"
+    elif [[ -x /usr/sbin/nats-server ]]; then
+        printf '%s\n' /usr/sbin/nats-server
+    else
+        command -v nats-server
+    fi
+}
+
+ensure_nats() {
+    local host=${NATS_HOST:-127.0.0.1} port=${NATS_PORT:-4222}
+
+    if _svc_tcp_open "$host" "$port"; then
+        _svc_nats_check_js "$host" "$port" || return 1
+        log "nats-server is reachable at $host:$port"
+        return 0
+    fi
+    log "nats-server is not reachable at $host:$port"
+
+    if ! _svc_is_local_host "$host"; then
+        _svc_err "NATS_HOST=$host is not a local address, so it cannot be started from here." \
+            "Start nats-server -js on $host:$port, or unset NATS_HOST to use a local server."
+        return 1
+    fi
+
+    local bin=""
+    bin=$(_svc_nats_bin) || bin=""
+    if [[ -z "$bin" || ! -x "$bin" ]]; then
+        log "nats-server binary not found"
+        _svc_apt_install nats-server || return 1
+        bin=$(_svc_nats_bin) || bin=""
+        if [[ -z "$bin" || ! -x "$bin" ]]; then
+            _svc_err "package nats-server installed but /usr/sbin/nats-server not found"
+            return 1
+        fi
+    else
+        log "Using nats-server binary $bin"
+    fi
+
+    # The default port keeps the conventional paths; any other port gets its
+    # own store/log/pidfile so it never shares a store with the default server.
+    local suffix=""
+    [[ "$port" == 4222 ]] || suffix="-$port"
+
+    local store logfile pid="" child=0
+    if _svc_is_root; then
+        store=/var/lib/nats-server$suffix
+        logfile=/var/log/nats-server$suffix.log
+    else
+        local base=${XDG_DATA_HOME:-$HOME/.local/share}/saga-orchestrator
+        store=$base/nats$suffix
+        logfile=$base/nats$suffix.log
+    fi
+    mkdir -p "$store" "$(dirname "$logfile")" || {
+        _svc_err "could not create $store or $(dirname "$logfile")"
+        return 1
+    }
+    local args=(-a "$host" -p "$port" -js -sd "$store" -l "$logfile")
+    log "Starting nats-server with JetStream on $host:$port (store $store, log $logfile)"
+
+    if _svc_is_root && command -v start-stop-daemon >/dev/null 2>&1; then
+        # --pidfile lets start-stop-daemon tell this instance apart from
+        # nats-servers on other ports (with --exec alone it would see any
+        # running nats-server and start nothing).
+        local pidfile=/run/nats-server$suffix.pid
+        start-stop-daemon --start --oknodo --background \
+            --pidfile "$pidfile" --make-pidfile \
+            --exec "$bin" -- "${args[@]}" || {
+            _svc_err "start-stop-daemon failed to start $bin; see $logfile"
+            return 1
+        }
+        pid=$(cat "$pidfile" 2>/dev/null) || pid=""
+    else
+        local detach=()
+        command -v setsid >/dev/null 2>&1 && detach=(setsid)
+        "${detach[@]}" nohup "$bin" "${args[@]}" </dev/null >/dev/null 2>&1 &
+        pid=$!
+        child=1
+    fi
+
+    local deadline=$((SECONDS + 30)) rc
+    until _svc_tcp_open "$host" "$port"; do
+        if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
+            rc=0
+            if ((child)); then
+                wait "$pid" || rc=$?
+            fi
+            if ((rc != 0 || !child)); then
+                _svc_err "nats-server exited right after starting; last lines of $logfile:"
+                tail -n 20 "$logfile" >&2 2>/dev/null || true
+                return 1
+            fi
+            # exit status 0: setsid forked (caller has job control) and the
+            # server runs on in the forked child; keep polling the port.
+            pid=""
+        fi
+        if ((SECONDS >= deadline)); then
+            _svc_err "nats-server did not accept connections on $host:$port within 30 s; see $logfile"
+            tail -n 20 "$logfile" >&2 2>/dev/null || true
+            return 1
+        fi
+        sleep 0.2
+    done
+    _svc_nats_check_js "$host" "$port" || return 1
+    log "nats-server (JetStream) is up at $host:$port"
+}
+
+ensure_services() {
+    ensure_postgres || return 1
+    ensure_nats || return 1
+}

@@ -1,0 +1,151 @@
+//! The catalogue as the checkout sees it: the price of each SKU, read from the Product
+//! service's variants and cached briefly (prices change seldom; a checkout takes the price at
+//! the moment it starts and keeps it).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sagas::wire::{Currency, Money, Sku};
+use serde::Deserialize;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+pub struct Catalog {
+    pool: PgPool,
+    ttl: Duration,
+    cache: Mutex<HashMap<String, (Money, Instant)>>,
+}
+
+impl Catalog {
+    pub fn new(pool: PgPool, ttl: Duration) -> Self {
+        Self {
+            pool,
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The unit price of each known SKU; unknown SKUs are absent from the map.
+    pub async fn prices(&self, skus: &[Sku]) -> Result<HashMap<Sku, Money>, sqlx::Error> {
+        let now = Instant::now();
+        let mut found = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let cache = self.cache.lock().expect("catalog cache lock");
+            for sku in skus {
+                match cache.get(sku.as_str()) {
+                    Some((price, at)) if now.duration_since(*at) < self.ttl => {
+                        found.insert(sku.clone(), price.clone());
+                    }
+                    _ => missing.push(sku.as_str().to_owned()),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let rows = sqlx::query(
+            "SELECT sku, price_minor, currency FROM inventory.variants WHERE sku = ANY($1)",
+        )
+        .bind(&missing)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut cache = self.cache.lock().expect("catalog cache lock");
+        for row in rows {
+            let sku: String = row.get(0);
+            let currency: String = row.get(2);
+            let (Ok(parsed), Ok(currency)) = (Sku::parse(&sku), Currency::parse(&currency)) else {
+                tracing::error!(sku, "catalogue row is invalid");
+                continue;
+            };
+            let price = Money {
+                minor: row.get(1),
+                currency,
+            };
+            cache.insert(sku, (price.clone(), now));
+            found.insert(parsed, price);
+        }
+        Ok(found)
+    }
+}
+
+/// A catalogue file: products with their variants.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogueFile {
+    pub products: Vec<ProductEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductEntry {
+    pub id: Uuid,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub variants: Vec<VariantEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantEntry {
+    pub sku: Sku,
+    pub name: String,
+    pub price: Money,
+    /// Units available for sale after loading (on top of what is reserved).
+    pub available: u32,
+}
+
+/// Load (or reload) a catalogue: products and variants are upserted; each variant's stock is
+/// set so that `available` units can be sold, recorded as an `adjust` stock movement.
+pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut variants = 0;
+    for p in &file.products {
+        sqlx::query(
+            "INSERT INTO inventory.products (id, name, description) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description",
+        )
+        .bind(p.id)
+        .bind(&p.name)
+        .bind(&p.description)
+        .execute(&mut *tx)
+        .await?;
+        for v in &p.variants {
+            let available = i32::try_from(v.available).unwrap_or(i32::MAX);
+            let row = sqlx::query(
+                "WITH before AS (SELECT quantity FROM inventory.variants WHERE sku = $1)
+                 INSERT INTO inventory.variants (sku, product_id, name, price_minor, currency, quantity, reserved)
+                 VALUES ($1, $2, $3, $4, $5, $6, 0)
+                 ON CONFLICT (sku) DO UPDATE
+                    SET product_id = excluded.product_id, name = excluded.name,
+                        price_minor = excluded.price_minor, currency = excluded.currency,
+                        quantity = inventory.variants.reserved + $6, updated_at = now()
+                 RETURNING quantity - coalesce((SELECT quantity FROM before), 0)",
+            )
+            .bind(v.sku.as_str())
+            .bind(p.id)
+            .bind(&v.name)
+            .bind(v.price.minor)
+            .bind(v.price.currency.as_str())
+            .bind(available)
+            .fetch_one(&mut *tx)
+            .await?;
+            let delta: i32 = row.get(0);
+            if delta != 0 {
+                sqlx::query(
+                    "INSERT INTO inventory.stock_movements (sku, kind, quantity_delta, reserved_delta, note)
+                     VALUES ($1, 'adjust', $2, 0, 'catalogue load')",
+                )
+                .bind(v.sku.as_str())
+                .bind(delta)
+                .execute(&mut *tx)
+                .await?;
+            }
+            variants += 1;
+        }
+    }
+    tx.commit().await?;
+    Ok(variants)
+}

@@ -1,0 +1,63 @@
+//! PostgreSQL: connect (creating the database if asked), and apply the migrations.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+use crate::config;
+
+/// The schema of every service, applied by the orchestrator at start-up.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database.url is not a PostgreSQL URL: {0}")]
+    Url(sqlx::Error),
+    #[error("cannot reach PostgreSQL: {0}")]
+    Connect(sqlx::Error),
+    #[error("cannot apply the migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Connect, retrying for a while (PostgreSQL may still be starting), and migrate.
+pub async fn connect(settings: &config::Database) -> Result<PgPool, Error> {
+    let options: PgConnectOptions = settings.url.parse().map_err(Error::Url)?;
+    let retry = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(15);
+    if settings.create {
+        (|| async {
+            if !Postgres::database_exists(&settings.url).await?
+                && let Err(e) = Postgres::create_database(&settings.url).await {
+                    // Another process may have created it in between.
+                    if !Postgres::database_exists(&settings.url).await? {
+                        return Err(e);
+                    }
+                }
+            Ok(())
+        })
+        .retry(retry)
+        .notify(|e: &sqlx::Error, d| tracing::warn!(error = %e, "PostgreSQL not ready; retrying in {d:?}"))
+        .await
+        .map_err(Error::Connect)?;
+    }
+    let pool = (|| async {
+        PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.clone())
+            .await
+    })
+    .retry(retry)
+    .notify(
+        |e: &sqlx::Error, d| tracing::warn!(error = %e, "PostgreSQL not ready; retrying in {d:?}"),
+    )
+    .await
+    .map_err(Error::Connect)?;
+    MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}

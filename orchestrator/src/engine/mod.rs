@@ -1,0 +1,259 @@
+//! The engine: load a saga, feed it inputs, and commit the new snapshot, the event-log rows,
+//! the outbox rows and the timers in ONE transaction guarded by the saga's version. Only after
+//! the commit does anything leave the process (the outbox rows go to the relay, the callers get
+//! their answers).
+//!
+//! Sagas are partitioned over shards by id. A shard is a single task that takes every request
+//! waiting in its queue (up to `max_batch`), applies them in memory, and writes them with one
+//! statement per table: while one transaction commits, the next batch gathers. That is where the
+//! throughput comes from. A shard keeps the sagas it touched in a cache; the version check makes
+//! the cache safe even with several orchestrators: a stale entry fails the check, is reloaded
+//! and the input is applied again.
+//!
+//! The engine knows saga types only through [`sagas::api`]; a new type needs no change here.
+
+mod shard;
+mod store;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use sagas::api::{Input, Status};
+use sagas::wire::{SagaId, Subjects};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::config;
+use crate::relay;
+
+pub use store::{EventRow, SagaRecord, list_records, load_record};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("database error: {0}")]
+    Database(Arc<sqlx::Error>),
+    #[error("unknown saga type {0:?}")]
+    UnknownType(String),
+    #[error("{0}")]
+    InvalidStart(String),
+    #[error("stored saga {id} cannot be read: {reason}")]
+    Corrupt { id: SagaId, reason: String },
+    #[error("saga {0} is modified concurrently too often; try again")]
+    Contention(SagaId),
+    #[error("the engine is shutting down")]
+    Stopped,
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Database(Arc::new(e))
+    }
+}
+
+/// A client's idempotency key with a digest of its request, so that a key reused with another
+/// request is told apart from a retry.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    pub key: String,
+    pub request_hash: Vec<u8>,
+}
+
+/// A saga to start.
+#[derive(Debug, Clone)]
+pub struct NewSaga {
+    pub saga_type: String,
+    pub request: serde_json::Value,
+    pub correlation_id: String,
+    pub idempotency: Option<Idempotency>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Started {
+    Created {
+        id: SagaId,
+        status: Status,
+    },
+    /// The key was used before with the same request: that saga.
+    Existing {
+        id: SagaId,
+        status: Status,
+    },
+    /// The key was used before with another request.
+    KeyReused {
+        id: SagaId,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Applied { status: Status, state: &'static str },
+    Ignored(String),
+    NotFound,
+}
+
+/// A timer row claimed by the timer loop; the commit that applies (or ignores) it removes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FiredTimer {
+    pub key: String,
+    pub fire_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Where an input came from.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub correlation_id: Option<String>,
+    pub fired_timer: Option<FiredTimer>,
+}
+
+enum Request {
+    Start {
+        id: SagaId,
+        new: NewSaga,
+        reply: oneshot::Sender<Result<Started, Error>>,
+    },
+    Apply {
+        id: SagaId,
+        input: Input,
+        origin: Origin,
+        reply: oneshot::Sender<Result<Applied, Error>>,
+    },
+}
+
+impl Request {
+    fn saga_id(&self) -> SagaId {
+        match self {
+            Request::Start { id, .. } | Request::Apply { id, .. } => *id,
+        }
+    }
+
+    fn fail(self, e: Error) {
+        match self {
+            Request::Start { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Request::Apply { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
+/// Who waits for a saga to end (long polls, `Prefer: wait`).
+#[derive(Default)]
+pub struct Watchers {
+    waiting: Mutex<HashMap<SagaId, Vec<oneshot::Sender<Status>>>>,
+}
+
+impl Watchers {
+    /// A receiver that gets the status when the saga ends (through this process).
+    pub fn watch(&self, id: SagaId) -> oneshot::Receiver<Status> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .expect("watchers lock")
+            .entry(id)
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    fn ended(&self, id: SagaId, status: Status) {
+        let waiting = self.waiting.lock().expect("watchers lock").remove(&id);
+        for tx in waiting.into_iter().flatten() {
+            let _ = tx.send(status);
+        }
+    }
+
+    /// Drop the watch of a waiter that gave up.
+    pub fn forget(&self, id: SagaId) {
+        let mut waiting = self.waiting.lock().expect("watchers lock");
+        if let Some(list) = waiting.get_mut(&id) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                waiting.remove(&id);
+            }
+        }
+    }
+}
+
+/// A handle to the engine; cheap to clone. The shards stop when every handle is dropped, after
+/// finishing what is queued.
+#[derive(Clone)]
+pub struct Engine {
+    shards: Arc<Vec<mpsc::Sender<Request>>>,
+    watchers: Arc<Watchers>,
+}
+
+impl Engine {
+    pub fn spawn(
+        pool: sqlx::PgPool,
+        subjects: Subjects,
+        relay: relay::Handle,
+        settings: &config::Engine,
+    ) -> (Engine, Vec<JoinHandle<()>>) {
+        let registry: Arc<HashMap<&'static str, &'static dyn sagas::api::SagaType>> =
+            Arc::new(sagas::types().into_iter().map(|t| (t.name(), t)).collect());
+        let watchers = Arc::new(Watchers::default());
+        let mut senders = Vec::with_capacity(settings.shards);
+        let mut tasks = Vec::with_capacity(settings.shards);
+        for index in 0..settings.shards {
+            let (tx, rx) = mpsc::channel(settings.max_batch * 4);
+            senders.push(tx);
+            let shard = shard::Shard::new(
+                index,
+                pool.clone(),
+                registry.clone(),
+                subjects.clone(),
+                relay.clone(),
+                watchers.clone(),
+                settings.max_batch,
+                settings.cache_capacity,
+            );
+            tasks.push(tokio::spawn(shard.run(rx)));
+        }
+        (
+            Engine {
+                shards: Arc::new(senders),
+                watchers,
+            },
+            tasks,
+        )
+    }
+
+    fn shard(&self, id: SagaId) -> &mpsc::Sender<Request> {
+        // UUID v7 ids start with the time; the random tail spreads sagas evenly.
+        let n = id.as_uuid().as_u128() as u64;
+        &self.shards[(n % self.shards.len() as u64) as usize]
+    }
+
+    /// Start a saga. With an idempotency key, a second start with the same key returns the
+    /// first saga and writes nothing.
+    pub async fn start(&self, new: NewSaga) -> Result<Started, Error> {
+        let id = SagaId::from_uuid(uuid::Uuid::now_v7());
+        let (reply, rx) = oneshot::channel();
+        self.shard(id)
+            .send(Request::Start { id, new, reply })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Feed one input to a saga and wait until its effect is committed.
+    pub async fn apply(&self, id: SagaId, input: Input, origin: Origin) -> Result<Applied, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.shard(id)
+            .send(Request::Apply {
+                id,
+                input,
+                origin,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    pub fn watchers(&self) -> &Watchers {
+        &self.watchers
+    }
+}

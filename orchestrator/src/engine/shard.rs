@@ -1,0 +1,523 @@
+//! One shard: a single writer for the sagas whose id maps to it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use chrono::Utc;
+use sagas::api::{Effect, Input, Saga, SagaType, Status, Verdict};
+use sagas::wire::{SagaId, Subjects};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::store::{self, Batch, EventRow, NewSagaRow, OutboxRow, TimerOp, UpdateRow};
+use super::{Applied, Error, FiredTimer, Request, Started, Watchers};
+use crate::relay;
+
+/// How often a batch is re-run for the sagas that lost an optimistic-lock race.
+const MAX_ROUNDS: usize = 5;
+
+type Registry = HashMap<&'static str, &'static dyn SagaType>;
+
+/// A live saga as the shard keeps it.
+struct Entry {
+    saga: Box<dyn Saga>,
+    saga_type: &'static str,
+    version: i64,
+    correlation_id: String,
+}
+
+/// What one round does to one saga.
+struct Work {
+    entry: Entry,
+    /// The version in the database before this round; `None` for a saga created in it.
+    base_version: Option<i64>,
+    events: Vec<EventRow>,
+    outbox: Vec<OutboxRow>,
+    timers: BTreeMap<String, TimerOp>,
+    fired: Vec<FiredTimer>,
+    requests: Vec<Request>,
+    answers: Vec<Answer>,
+    idempotency: Option<super::Idempotency>,
+    changed: bool,
+}
+
+enum Answer {
+    Started(Started),
+    Applied(Applied),
+}
+
+pub(super) struct Shard {
+    index: usize,
+    pool: sqlx::PgPool,
+    registry: Arc<Registry>,
+    subjects: Subjects,
+    relay: relay::Handle,
+    watchers: Arc<Watchers>,
+    max_batch: usize,
+    cache_capacity: usize,
+    cache: HashMap<SagaId, Entry>,
+}
+
+impl Shard {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        index: usize,
+        pool: sqlx::PgPool,
+        registry: Arc<Registry>,
+        subjects: Subjects,
+        relay: relay::Handle,
+        watchers: Arc<Watchers>,
+        max_batch: usize,
+        cache_capacity: usize,
+    ) -> Self {
+        Self {
+            index,
+            pool,
+            registry,
+            subjects,
+            relay,
+            watchers,
+            max_batch,
+            cache_capacity,
+            cache: HashMap::new(),
+        }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let span = tracing::info_span!("shard", shard = self.index);
+        async move {
+            let mut batch = Vec::with_capacity(self.max_batch);
+            while rx.recv_many(&mut batch, self.max_batch).await > 0 {
+                self.process(std::mem::take(&mut batch)).await;
+            }
+            tracing::debug!("shard stopped");
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn process(&mut self, mut pending: Vec<Request>) {
+        for _ in 0..MAX_ROUNDS {
+            pending = self.round(pending).await;
+            if pending.is_empty() {
+                return;
+            }
+        }
+        for r in pending {
+            let id = r.saga_id();
+            r.fail(Error::Contention(id));
+        }
+    }
+
+    /// Apply a batch and commit it. Returns the requests of sagas that lost a version race, to
+    /// be applied again on a fresh copy.
+    async fn round(&mut self, requests: Vec<Request>) -> Vec<Request> {
+        let now = Utc::now();
+        if let Err(e) = self.load_missing(&requests).await {
+            for r in requests {
+                r.fail(e.clone());
+            }
+            return Vec::new();
+        }
+        let mut work: HashMap<SagaId, Work> = HashMap::new();
+        // Keys started in this batch: a second start with one of them waits for the first.
+        let mut keys: HashMap<String, SagaId> = HashMap::new();
+        let mut key_followers: Vec<(Request, SagaId)> = Vec::new();
+        for request in requests {
+            match request {
+                Request::Start { id, new, reply } => {
+                    if let Some(idem) = &new.idempotency
+                        && let Some(first) = keys.get(&idem.key)
+                    {
+                        let first = *first;
+                        key_followers.push((Request::Start { id, new, reply }, first));
+                        continue;
+                    }
+                    match self.start(id, &new, now) {
+                        Ok(mut w) => {
+                            if let Some(idem) = &new.idempotency {
+                                keys.insert(idem.key.clone(), id);
+                            }
+                            let status = w.entry.saga.status();
+                            w.answers
+                                .push(Answer::Started(Started::Created { id, status }));
+                            w.requests.push(Request::Start { id, new, reply });
+                            work.insert(id, w);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Request::Apply {
+                    id,
+                    input,
+                    origin,
+                    reply,
+                } => {
+                    let w = match work.get_mut(&id) {
+                        Some(w) => w,
+                        None => match self.cache.remove(&id) {
+                            Some(entry) => work.entry(id).or_insert(Work::new(entry, true)),
+                            None => {
+                                let _ = reply.send(Ok(Applied::NotFound));
+                                continue;
+                            }
+                        },
+                    };
+                    let answer = w.apply(&self.subjects, &input, &origin, now);
+                    w.answers.push(Answer::Applied(answer));
+                    w.requests.push(Request::Apply {
+                        id,
+                        input,
+                        origin,
+                        reply,
+                    });
+                }
+            }
+        }
+
+        let batch = Batch::build(&work, now);
+        let result = store::commit(&self.pool, batch).await;
+        match result {
+            Err(e) => {
+                tracing::error!(error = %e, sagas = work.len(), "batch commit failed");
+                let e = Error::from(e);
+                for (_, w) in work {
+                    for r in w.requests {
+                        r.fail(e.clone());
+                    }
+                }
+                for (r, _) in key_followers {
+                    r.fail(e.clone());
+                }
+                // The sagas taken out of the cache are dropped: they are reloaded next time.
+                Vec::new()
+            }
+            Ok(outcome) => self.after_commit(work, key_followers, outcome),
+        }
+    }
+
+    fn after_commit(
+        &mut self,
+        work: HashMap<SagaId, Work>,
+        key_followers: Vec<(Request, SagaId)>,
+        outcome: store::Outcome,
+    ) -> Vec<Request> {
+        let mut retry = Vec::new();
+        let mut published = Vec::new();
+        let mut created: HashMap<SagaId, Status> = HashMap::new();
+        for (id, mut w) in work {
+            if outcome.conflicted.contains(&id) {
+                tracing::debug!(saga_id = %id, "version conflict; reloading");
+                retry.extend(w.requests);
+                continue;
+            }
+            if let Some(existing) = outcome.duplicates.get(&id) {
+                // The idempotency key was already taken: nothing of this saga was written.
+                for r in w.requests {
+                    answer_duplicate(r, w.idempotency.as_ref(), existing);
+                }
+                continue;
+            }
+            if let Some(rows) = outcome.outbox.get(&id) {
+                published.extend(rows.iter().cloned());
+            }
+            let status = w.entry.saga.status();
+            if w.base_version.is_none() {
+                created.insert(id, status);
+            }
+            for (request, answer) in w.requests.drain(..).zip(w.answers.drain(..)) {
+                match (request, answer) {
+                    (Request::Start { reply, .. }, Answer::Started(s)) => {
+                        let _ = reply.send(Ok(s));
+                    }
+                    (Request::Apply { reply, .. }, Answer::Applied(a)) => {
+                        let _ = reply.send(Ok(a));
+                    }
+                    _ => unreachable!("answers follow their requests"),
+                }
+            }
+            if w.changed && status.is_terminal() {
+                self.watchers.ended(id, status);
+            } else {
+                self.cache.insert(id, w.entry);
+            }
+        }
+        for (r, first) in key_followers {
+            match created.get(&first) {
+                Some(status) => match r {
+                    Request::Start { reply, .. } => {
+                        let _ = reply.send(Ok(Started::Existing {
+                            id: first,
+                            status: *status,
+                        }));
+                    }
+                    Request::Apply { .. } => unreachable!("followers are starts"),
+                },
+                // The first start lost or failed: try again in the next round.
+                None => retry.push(r),
+            }
+        }
+        if !published.is_empty() {
+            self.relay.publish(published);
+        }
+        self.trim_cache();
+        retry
+    }
+
+    fn trim_cache(&mut self) {
+        if self.cache.len() > self.cache_capacity {
+            let excess = self.cache.len() - self.cache_capacity / 2;
+            let victims: Vec<SagaId> = self.cache.keys().take(excess).copied().collect();
+            for id in victims {
+                self.cache.remove(&id);
+            }
+        }
+    }
+
+    fn start(
+        &self,
+        id: SagaId,
+        new: &super::NewSaga,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Work, Error> {
+        let saga_type = self
+            .registry
+            .get_key_value(new.saga_type.as_str())
+            .map(|(k, t)| (*k, *t))
+            .ok_or_else(|| Error::UnknownType(new.saga_type.clone()))?;
+        let (saga, effects) = saga_type
+            .1
+            .start(id, &new.request, now)
+            .map_err(|e| Error::InvalidStart(e.to_string()))?;
+        let entry = Entry {
+            saga,
+            saga_type: saga_type.0,
+            version: 1,
+            correlation_id: new.correlation_id.clone(),
+        };
+        let mut w = Work::new(entry, false);
+        w.idempotency = new.idempotency.clone();
+        w.changed = true;
+        w.record(
+            &self.subjects,
+            "started",
+            new.request.clone(),
+            &effects,
+            now,
+        );
+        Ok(w)
+    }
+
+    /// Read from the database every saga named by an input that the cache does not hold.
+    async fn load_missing(&mut self, requests: &[Request]) -> Result<(), Error> {
+        let missing: Vec<SagaId> = requests
+            .iter()
+            .filter_map(|r| match r {
+                Request::Apply { id, .. } if !self.cache.contains_key(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        for row in store::load(&self.pool, &missing).await? {
+            let id = row.id;
+            let Some((name, t)) = self
+                .registry
+                .get_key_value(row.saga_type.as_str())
+                .map(|(k, t)| (*k, *t))
+            else {
+                tracing::error!(saga_id = %id, saga_type = %row.saga_type, "unknown saga type");
+                continue;
+            };
+            match t.restore(&row.snapshot) {
+                Ok(saga) => {
+                    self.cache.insert(
+                        id,
+                        Entry {
+                            saga,
+                            saga_type: name,
+                            version: row.version,
+                            correlation_id: row.correlation_id,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(saga_id = %id, error = %e, "stored saga cannot be restored");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn answer_duplicate(r: Request, idem: Option<&super::Idempotency>, existing: &store::Existing) {
+    let Request::Start { reply, .. } = r else {
+        unreachable!("only new sagas can collide on a key")
+    };
+    let same = idem.is_some_and(|i| existing.request_hash.as_deref() == Some(&i.request_hash[..]));
+    let _ = reply.send(Ok(if same {
+        Started::Existing {
+            id: existing.id,
+            status: existing.status,
+        }
+    } else {
+        Started::KeyReused { id: existing.id }
+    }));
+}
+
+impl Work {
+    fn new(entry: Entry, exists: bool) -> Self {
+        let base_version = exists.then_some(entry.version);
+        Self {
+            entry,
+            base_version,
+            events: Vec::new(),
+            outbox: Vec::new(),
+            timers: BTreeMap::new(),
+            fired: Vec::new(),
+            requests: Vec::new(),
+            answers: Vec::new(),
+            idempotency: None,
+            changed: false,
+        }
+    }
+
+    fn apply(
+        &mut self,
+        subjects: &Subjects,
+        input: &Input,
+        origin: &super::Origin,
+        now: chrono::DateTime<Utc>,
+    ) -> Applied {
+        let id = self.entry.saga.id();
+        if let Some(fired) = &origin.fired_timer {
+            self.fired.push(fired.clone());
+        }
+        let _span = tracing::debug_span!(
+            "apply",
+            saga_id = %id,
+            correlation_id = %origin.correlation_id.as_deref().unwrap_or(&self.entry.correlation_id)
+        )
+        .entered();
+        match self.entry.saga.apply(input, now) {
+            Verdict::Ignored(why) => {
+                tracing::info!(input = input.kind(), reason = %why, "input ignored");
+                Applied::Ignored(why)
+            }
+            Verdict::Applied(effects) => {
+                self.entry.version += 1;
+                self.changed = true;
+                let value = serde_json::to_value(input).expect("inputs serialize");
+                self.record(subjects, input.kind(), value, &effects, now);
+                let status = self.entry.saga.status();
+                tracing::debug!(
+                    input = input.kind(),
+                    state = self.entry.saga.state_name(),
+                    status = status.as_str(),
+                    "input applied"
+                );
+                Applied::Applied {
+                    status,
+                    state: self.entry.saga.state_name(),
+                }
+            }
+        }
+    }
+
+    /// Turn a transition into rows: its event-log row, outbox rows and timer operations.
+    fn record(
+        &mut self,
+        subjects: &Subjects,
+        kind: &str,
+        input: serde_json::Value,
+        effects: &[Effect],
+        now: chrono::DateTime<Utc>,
+    ) {
+        let id = self.entry.saga.id();
+        for effect in effects {
+            match effect {
+                Effect::Dispatch(cmd) => self.outbox.push(OutboxRow {
+                    saga_id: id,
+                    msg_id: cmd.id.to_string(),
+                    subject: cmd.subject(subjects),
+                    correlation_id: self.entry.correlation_id.clone(),
+                    payload: serde_json::to_vec(cmd).expect("commands serialize"),
+                }),
+                Effect::Emit(event) => self.outbox.push(OutboxRow {
+                    saga_id: id,
+                    msg_id: event.id.to_string(),
+                    subject: subjects.event(event.event.name()),
+                    correlation_id: self.entry.correlation_id.clone(),
+                    payload: serde_json::to_vec(event).expect("events serialize"),
+                }),
+                Effect::SetTimer { timer, at } => {
+                    self.timers.insert(
+                        timer.key().to_owned(),
+                        TimerOp::Set {
+                            timer: serde_json::to_value(timer).expect("timers serialize"),
+                            at: *at,
+                        },
+                    );
+                }
+                Effect::CancelTimer { key } => {
+                    self.timers.insert(key.clone(), TimerOp::Cancel);
+                }
+            }
+        }
+        self.events.push(EventRow {
+            saga_id: id,
+            seq: self.entry.version as i32,
+            kind: kind.to_owned(),
+            input,
+            effects: serde_json::to_value(effects).expect("effects serialize"),
+            state_after: self.entry.saga.state_name().to_owned(),
+            at: now,
+        });
+    }
+}
+
+impl Batch {
+    fn build(work: &HashMap<SagaId, Work>, now: chrono::DateTime<Utc>) -> Batch {
+        let mut batch = Batch::default();
+        for (id, w) in work {
+            batch.fired.extend(w.fired.iter().map(|f| (*id, f.clone())));
+            if !w.changed {
+                continue;
+            }
+            let saga = &w.entry.saga;
+            let status = saga.status();
+            match w.base_version {
+                None => batch.new_sagas.push(NewSagaRow {
+                    id: *id,
+                    saga_type: w.entry.saga_type.to_owned(),
+                    state: saga.state_name().to_owned(),
+                    status: status.as_str().to_owned(),
+                    snapshot: saga.snapshot(),
+                    version: w.entry.version,
+                    correlation_id: w.entry.correlation_id.clone(),
+                    idempotency_key: w.idempotency.as_ref().map(|i| i.key.clone()),
+                    request_hash: w.idempotency.as_ref().map(|i| i.request_hash.clone()),
+                    at: now,
+                }),
+                Some(base) => batch.updates.push(UpdateRow {
+                    id: *id,
+                    old_version: base,
+                    new_version: w.entry.version,
+                    state: saga.state_name().to_owned(),
+                    status: status.as_str().to_owned(),
+                    snapshot: saga.snapshot(),
+                    at: now,
+                }),
+            }
+            batch.events.extend(w.events.iter().cloned());
+            batch.outbox.extend(w.outbox.iter().cloned());
+            for (key, op) in &w.timers {
+                batch.timers.push((*id, key.clone(), op.clone()));
+            }
+        }
+        batch
+    }
+}

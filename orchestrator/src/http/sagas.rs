@@ -1,0 +1,194 @@
+//! Inspecting and steering sagas: `GET /sagas`, `GET /sagas/{id}`, `POST /sagas/{id}/cancel`.
+
+use axum::Extension;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use sagas::api::{Input, Status};
+use sagas::wire::SagaId;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use super::problem::Problem;
+use super::{AppState, CorrelationId};
+use crate::engine::{self, Applied, EventRow, Origin, SagaRecord};
+
+pub fn parse_id(raw: &str) -> Result<SagaId, Problem> {
+    raw.parse().map_err(|_| {
+        Problem::bad_request(
+            "invalid-saga-id",
+            "Invalid saga id",
+            format!("{raw:?} is not a UUID"),
+        )
+    })
+}
+
+/// The order id of a checkout saga.
+pub async fn order_id_of(pool: &PgPool, id: SagaId) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT snapshot -> 'data' ->> 'order_id' FROM orchestrator.sagas WHERE id = $1",
+    )
+    .bind(id.as_uuid())
+    .fetch_optional(pool)
+    .await
+    .map(Option::flatten)
+}
+
+/// A saga as `GET /sagas/{id}` shows it.
+#[derive(Debug, Serialize)]
+pub struct SagaView {
+    #[serde(flatten)]
+    pub record: Summary,
+    /// The saga's data (for a checkout: the order).
+    pub data: serde_json::Value,
+    /// Each step with its status, attempts, last error and output.
+    pub steps: serde_json::Value,
+    pub failure: serde_json::Value,
+    pub cancel_reason: serde_json::Value,
+    /// Every input the saga applied, in order, with the effects it produced.
+    pub events: Vec<EventRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub id: SagaId,
+    #[serde(rename = "type")]
+    pub saga_type: String,
+    pub status: String,
+    pub state: String,
+    pub version: i64,
+    pub correlation_id: String,
+    pub idempotency_key: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<&SagaRecord> for Summary {
+    fn from(r: &SagaRecord) -> Self {
+        Summary {
+            id: r.id,
+            saga_type: r.saga_type.clone(),
+            status: r.status.clone(),
+            state: r.state.clone(),
+            version: r.version,
+            correlation_id: r.correlation_id.clone(),
+            idempotency_key: r.idempotency_key.clone(),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, Problem> {
+    let id = parse_id(&raw)?;
+    let Some((record, events)) = engine::load_record(&state.pool, id).await? else {
+        return Err(Problem::not_found(format!("no saga {id}")));
+    };
+    let field = |name: &str| {
+        record
+            .snapshot
+            .get(name)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let view = SagaView {
+        record: Summary::from(&record),
+        data: field("data"),
+        steps: field("steps"),
+        failure: field("failure"),
+        cancel_reason: field("cancel_reason"),
+        events,
+    };
+    Ok(axum::Json(view).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub status: Option<String>,
+    pub limit: Option<i64>,
+    pub before: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) =
+        query.map_err(|e| Problem::bad_request("invalid-query", "Invalid query", e.body_text()))?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            Problem::bad_request(
+                "invalid-query",
+                "Invalid query",
+                format!("status must be running, compensating, completed, compensated or failed, got {s:?}"),
+            )
+        })?),
+    };
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::bad_request(
+            "invalid-query",
+            "Invalid query",
+            "limit must be between 1 and 500",
+        ));
+    }
+    let records = engine::list_records(&state.pool, status, q.before, limit).await?;
+    let sagas: Vec<Summary> = records.iter().map(Summary::from).collect();
+    Ok(axum::Json(serde_json::json!({ "sagas": sagas })).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Extension(CorrelationId(correlation_id)): Extension<CorrelationId>,
+    Path(raw): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, Problem> {
+    let id = parse_id(&raw)?;
+    // The body is optional: `{"reason": "..."}`.
+    let request: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            Problem::invalid(vec![super::problem::FieldError::new("", e.to_string())])
+        })?
+    };
+    let reason = request
+        .reason
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| "cancelled by request".to_owned());
+    let reason: String = reason.chars().take(500).collect();
+    let origin = Origin {
+        correlation_id: Some(correlation_id),
+        fired_timer: None,
+    };
+    match state
+        .engine
+        .apply(id, Input::Cancel { reason }, origin)
+        .await?
+    {
+        Applied::Applied { status, state } => Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({ "saga_id": id, "status": status, "state": state })),
+        )
+            .into_response()),
+        Applied::Ignored(why) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "cannot-cancel",
+            "The saga cannot be cancelled",
+            why,
+        )),
+        Applied::NotFound => Err(Problem::not_found(format!("no saga {id}"))),
+    }
+}

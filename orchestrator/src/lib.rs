@@ -1,0 +1,27 @@
+//! The orchestrator: the one process kind that owns saga state.
+//!
+//! It serves the HTTP API ([`http`]), applies inputs to sagas and commits their effects
+//! ([`engine`]), publishes what was committed ([`relay`]), consumes the workers' replies
+//! ([`replies`]) and fires durable timers ([`timers`]). Several orchestrators can run side by
+//! side on one database: every write is guarded by the saga's version, timers are claimed with
+//! `SKIP LOCKED`, and the reply consumer is shared.
+//!
+//! Must never: publish or acknowledge anything before the commit that produced it; decide what
+//! a saga does (that is the `sagas` crate); write the services' tables (the workers do).
+
+// Problem (an HTTP error) is large by nature and built once per failed request.
+#![allow(clippy::result_large_err)]
+
+pub mod catalog;
+pub mod config;
+pub mod db;
+pub mod dead_letter;
+pub mod engine;
+pub mod http;
+pub mod nats;
+pub mod relay;
+pub mod replies;
+pub mod startup;
+pub mod telemetry;
+pub mod timers;
+pub mod topology;

@@ -1,0 +1,91 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use orchestrator::config::Settings;
+use orchestrator::startup::{Application, cancel_on_signal};
+use orchestrator::{catalog, db, telemetry};
+use tokio_util::sync::CancellationToken;
+
+/// The saga orchestrator. Configuration: see orchestrator/config/default.toml; override with
+/// SAGA_CONFIG=<file>, SAGA_<SECTION>__<KEY>=<value>, DATABASE_URL and NATS_URL.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the orchestrator (the default).
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Print the effective configuration (secrets redacted) and exit.
+    Config,
+    /// Manage the product catalogue.
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogCommand {
+    /// Load (or reload) products and their stock from a JSON file.
+    Load { file: PathBuf },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    telemetry::init(settings.log.format, &settings.log.level);
+    match run(cli, settings).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "orchestrator failed");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let app = Application::build(settings).await?;
+            let shutdown = CancellationToken::new();
+            cancel_on_signal(shutdown.clone());
+            app.run_until_stopped(shutdown).await
+        }
+        Command::Migrate => {
+            db::connect(&settings.database).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Config => {
+            println!("{settings:#?}");
+            Ok(())
+        }
+        Command::Catalog {
+            command: CatalogCommand::Load { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let catalogue: catalog::CatalogueFile = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a valid catalogue", file.display()))?;
+            let pool = db::connect(&settings.database).await?;
+            let n = catalog::load(&pool, &catalogue).await?;
+            println!("loaded {n} variants from {}", file.display());
+            Ok(())
+        }
+    }
+}

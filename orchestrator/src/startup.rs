@@ -1,0 +1,160 @@
+//! Building the application from its settings, and running it until it is told to stop.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::config::{self, Settings};
+use crate::engine::Engine;
+use crate::http::{self, AppState};
+use crate::relay::Relay;
+use crate::replies::ReplyConsumer;
+use crate::timers::TimerLoop;
+use crate::topology::Topology;
+use crate::{db, nats};
+
+/// A built orchestrator, bound to its port, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    state: AppState,
+    relay: Relay,
+    shards: Vec<JoinHandle<()>>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let settings = Arc::new(settings);
+        let pool = db::connect(&settings.database).await?;
+        let (_client, js) = nats::connect(&settings.nats.url, "orchestrator")
+            .await
+            .with_context(|| format!("cannot reach NATS at {}", settings.nats.url))?;
+        let topology = Topology::new(
+            settings.subjects(),
+            settings.nats.replicas,
+            config::ms(settings.replies.ack_wait_ms),
+            settings.replies.max_deliver,
+        );
+        topology.declare(&js).await.context(
+            "cannot declare the JetStream streams and consumers (is JetStream enabled?)",
+        )?;
+        let (relay_handle, relay) = Relay::new(js.clone(), pool.clone(), settings.relay.clone());
+        let (engine, shards) = Engine::spawn(
+            pool.clone(),
+            settings.subjects(),
+            relay_handle,
+            &settings.engine,
+        );
+        let listener = TcpListener::bind((settings.http.host.as_str(), settings.http.port))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {}:{}",
+                    settings.http.host, settings.http.port
+                )
+            })?;
+        let port = listener.local_addr()?.port();
+        let catalog = Arc::new(Catalog::new(
+            pool.clone(),
+            config::ms(settings.checkout.catalog_ttl_ms),
+        ));
+        Ok(Application {
+            listener,
+            port,
+            state: AppState {
+                engine,
+                pool,
+                js,
+                topology,
+                catalog,
+                settings,
+            },
+            relay,
+            shards,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.state.pool
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.state.js
+    }
+
+    /// Serve until `shutdown` is cancelled, then stop in order: stop taking HTTP requests and
+    /// replies, finish those in hand, let the engine commit what is queued, and flush the
+    /// outbox. Nothing accepted is lost: what is not finished is redelivered or rescanned by
+    /// the next start.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            port,
+            state,
+            relay,
+            shards,
+        } = self;
+        let relay = relay.spawn();
+        let replies = ReplyConsumer::new(
+            state.engine.clone(),
+            state.js.clone(),
+            state.topology.clone(),
+            state.settings.replies.concurrency,
+        );
+        let replies = tokio::spawn(replies.run(shutdown.clone()));
+        let timers = TimerLoop::new(
+            state.pool.clone(),
+            state.engine.clone(),
+            state.settings.timers.clone(),
+        );
+        let timers = tokio::spawn(timers.run(shutdown.clone()));
+        tracing::info!(port, "orchestrator serving");
+        let app = http::router(state);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("HTTP server failed")?;
+        tracing::info!("HTTP stopped; finishing replies and timers in hand");
+        replies.await.ok();
+        timers.await.ok();
+        // Every engine handle is gone now: the shards commit what is queued and stop, which
+        // drops the relay's hand-off, which makes the relay flush and stop.
+        for shard in shards {
+            shard.await.ok();
+        }
+        relay.await.ok();
+        tracing::info!("orchestrator stopped");
+        Ok(())
+    }
+}
+
+/// Cancel `token` on SIGTERM or Ctrl-C.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        ctrl_c.await.ok();
+        tracing::info!("stop requested");
+        token.cancel();
+    });
+}

@@ -1,0 +1,104 @@
+//! The timer loop: fires due durable timers (step deadlines, retry backoffs) as inputs.
+//!
+//! Due rows are claimed with `FOR UPDATE SKIP LOCKED` and leased for a while, so two
+//! orchestrators side by side never fire the same timer at once. The commit that applies the
+//! fired timer removes its row (or the transition re-arms it). If an orchestrator dies between
+//! claim and commit, the lease runs out and another one fires the timer; a timer fired twice
+//! is harmless, because the machine fences timers by step and attempt.
+
+use futures::future::join_all;
+use sagas::api::{Input, Timer};
+use sagas::wire::SagaId;
+use sqlx::{PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::config;
+use crate::engine::{Engine, FiredTimer, Origin};
+
+pub struct TimerLoop {
+    pool: PgPool,
+    engine: Engine,
+    settings: config::Timers,
+}
+
+impl TimerLoop {
+    pub fn new(pool: PgPool, engine: Engine, settings: config::Timers) -> Self {
+        Self {
+            pool,
+            engine,
+            settings,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(config::ms(self.settings.poll_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            // A full batch means more are due: keep going without waiting for the next tick.
+            loop {
+                match self.fire_due().await {
+                    Ok(n) if n as i64 >= self.settings.max_batch && !shutdown.is_cancelled() => {
+                        continue;
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "timer loop could not claim timers");
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::info!("timer loop stopped");
+    }
+
+    /// Claim the timers due now and feed them to their sagas. Returns how many were claimed.
+    /// One step of the loop, callable on its own.
+    pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
+        let now = chrono::Utc::now();
+        let lease = now + config::ms(self.settings.lease_ms);
+        let rows = sqlx::query(
+            "UPDATE orchestrator.timers t SET leased_until = $2
+               FROM (SELECT saga_id, key FROM orchestrator.timers
+                      WHERE fire_at <= $1 AND (leased_until IS NULL OR leased_until < $1)
+                      ORDER BY fire_at LIMIT $3
+                      FOR UPDATE SKIP LOCKED) due
+              WHERE t.saga_id = due.saga_id AND t.key = due.key
+          RETURNING t.saga_id, t.key, t.fire_at, t.timer",
+        )
+        .bind(now)
+        .bind(lease)
+        .bind(self.settings.max_batch)
+        .fetch_all(&self.pool)
+        .await?;
+        let claimed = rows.len();
+        let fired = rows.into_iter().filter_map(|row| {
+            let saga = SagaId::from_uuid(row.get(0));
+            let key: String = row.get(1);
+            let fire_at = row.get(2);
+            let timer: serde_json::Value = row.get(3);
+            match serde_json::from_value::<Timer>(timer) {
+                Ok(timer) => Some((saga, timer, FiredTimer { key, fire_at })),
+                Err(e) => {
+                    // Left leased: it comes back after the lease, and the error is logged again.
+                    tracing::error!(saga_id = %saga, key, error = %e, "stored timer cannot be read");
+                    None
+                }
+            }
+        });
+        join_all(fired.map(|(saga, timer, fired)| async move {
+            let origin = Origin {
+                correlation_id: None,
+                fired_timer: Some(fired),
+            };
+            if let Err(e) = self.engine.apply(saga, Input::TimerFired(timer), origin).await {
+                tracing::warn!(saga_id = %saga, error = %e, "timer not applied; it fires again after its lease");
+            }
+        }))
+        .await;
+        Ok(claimed)
+    }
+}

@@ -1,0 +1,37 @@
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use workers::config::Settings;
+use workers::run::{self, Kind};
+
+/// A step worker. Configuration: workers/config/default.toml; override with SAGA_CONFIG=<file>,
+/// SAGA_<SECTION>__<KEY>=<value>, DATABASE_URL, NATS_URL, PROCESSOR_URL and CARRIER_URL.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Which worker pool this process serves.
+    #[arg(value_enum)]
+    kind: Kind,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    run::init_logging(&settings.log);
+    let shutdown = CancellationToken::new();
+    run::cancel_on_signal(shutdown.clone());
+    match run::run(cli.kind, settings, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "worker failed");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

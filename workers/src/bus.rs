@@ -1,0 +1,318 @@
+//! JetStream plumbing shared by every worker: binding to a durable consumer, pulling with
+//! bounded concurrency and a graceful stop, answering commands (reply before ack), and setting
+//! poison messages aside on the dead-letter subject.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use sagas::wire::{Command, Event, ReplyOutcome, Service, Subjects, consumers, headers};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Why a message could not be handled now. It is not acknowledged and comes back later.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+impl From<sqlx::Error> for Unavailable {
+    fn from(e: sqlx::Error) -> Self {
+        Unavailable(format!("database: {e}"))
+    }
+}
+
+pub async fn connect(
+    url: &str,
+    name: &str,
+) -> Result<jetstream::Context, async_nats::ConnectError> {
+    let client = (|| async {
+        async_nats::ConnectOptions::new()
+            .name(name)
+            .max_reconnects(None)
+            .connect(url)
+            .await
+    })
+    .retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(15),
+    )
+    .notify(|e: &async_nats::ConnectError, d| tracing::warn!(error = %e, "NATS not ready; retrying in {d:?}"))
+    .await?;
+    Ok(jetstream::context::ContextBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build(client))
+}
+
+/// Bind to a durable consumer that the orchestrator declares; wait for it while the
+/// orchestrator is not up yet. `None` when stopped while waiting.
+pub async fn bind(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+    shutdown: &CancellationToken,
+) -> Option<PullConsumer> {
+    let mut warned = false;
+    loop {
+        let found = match js.get_stream(stream).await {
+            Ok(s) => s
+                .get_consumer::<jetstream::consumer::pull::Config>(consumer)
+                .await
+                .ok(),
+            Err(_) => None,
+        };
+        if let Some(c) = found {
+            return Some(c);
+        }
+        if !warned {
+            tracing::info!(
+                stream,
+                consumer,
+                "waiting for the orchestrator to declare this consumer"
+            );
+            warned = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Pull from `consumer` and run `handle` on each message, at most `concurrency` at once, until
+/// `shutdown`; then stop pulling and finish the messages in hand.
+pub async fn consume<F, Fut>(
+    js: jetstream::Context,
+    stream: String,
+    consumer_name: &str,
+    concurrency: usize,
+    shutdown: CancellationToken,
+    handle: F,
+) where
+    F: Fn(jetstream::Message) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut inflight = FuturesUnordered::new();
+    'outer: while !shutdown.is_cancelled() {
+        let Some(consumer) = bind(&js, &stream, consumer_name, &shutdown).await else {
+            break;
+        };
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(concurrency.min(1000))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, consumer = consumer_name, "cannot pull; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'outer,
+                Some(_) = inflight.next(), if !inflight.is_empty() => {}
+                next = messages.next(), if inflight.len() < concurrency => match next {
+                    Some(Ok(msg)) => inflight.push(handle(msg)),
+                    Some(Err(e)) => tracing::warn!(error = %e, consumer = consumer_name, "pull error"),
+                    None => continue 'outer,
+                },
+            }
+        }
+    }
+    while inflight.next().await.is_some() {}
+    tracing::info!(consumer = consumer_name, "consumer stopped");
+}
+
+pub fn correlation_id(msg: &jetstream::Message) -> String {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get(headers::CORRELATION_ID))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+/// Set a message aside on `<prefix>.dlq.<origin>` with the reason, then acknowledge it.
+pub async fn dead_letter(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    origin: &str,
+    msg: &jetstream::Message,
+    reason: &str,
+) {
+    let reason: String = reason
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(512)
+        .collect();
+    tracing::warn!(origin, reason = %reason, subject = %msg.subject, "message dead-lettered");
+    let mut h = HeaderMap::new();
+    h.insert(headers::DEAD_LETTER_REASON, reason.as_str());
+    h.insert(headers::DEAD_LETTER_SUBJECT, msg.subject.as_str());
+    h.insert(headers::CORRELATION_ID, correlation_id(msg).as_str());
+    let stored = match js
+        .publish_with_headers(subjects.dead_letter(origin), h, msg.payload.clone())
+        .await
+    {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    let ack = if stored {
+        msg.ack().await
+    } else {
+        // Not set aside: leave it for a redelivery rather than lose it.
+        msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+            .await
+    };
+    if let Err(e) = ack {
+        tracing::warn!(error = %e, "could not acknowledge a dead-lettered message");
+    }
+}
+
+/// A worker pool's answer to commands. Implementations are idempotent per `(saga_id, step)`.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        cmd: &Command,
+    ) -> impl Future<Output = Result<ReplyOutcome, Unavailable>> + Send;
+}
+
+/// Serve the commands of one worker pool: decode, handle, publish the reply and wait for
+/// JetStream to store it, and only then acknowledge the command. A crash in between means a
+/// redelivery, which the handler answers again without repeating the effect.
+pub async fn serve_commands<H: Handler>(
+    js: jetstream::Context,
+    subjects: Subjects,
+    service: Service,
+    handler: H,
+    concurrency: usize,
+    shutdown: CancellationToken,
+) {
+    let stream = subjects.stream("COMMANDS");
+    let origin = format!("cmd-{service}");
+    let handler = &handler;
+    let (js_ref, subjects_ref, origin_ref) = (&js, &subjects, origin.as_str());
+    consume(
+        js.clone(),
+        stream,
+        consumers::commands(service),
+        concurrency,
+        shutdown,
+        move |msg| async move {
+            let cid = correlation_id(&msg);
+            let span = tracing::info_span!("command", correlation_id = %cid, service = %service);
+            async move {
+                let cmd: Command = match serde_json::from_slice(&msg.payload) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return dead_letter(js_ref, subjects_ref, origin_ref, &msg, &format!("undecodable command: {e}")).await;
+                    }
+                };
+                if cmd.body.action().service() != service {
+                    let why = format!("{} is not a {service} command", cmd.body.action().as_str());
+                    return dead_letter(js_ref, subjects_ref, origin_ref, &msg, &why).await;
+                }
+                let outcome = match handler.handle(&cmd).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::warn!(saga_id = %cmd.saga_id, step = %cmd.step, error = %e, "command not handled; it will be redelivered");
+                        let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        return;
+                    }
+                };
+                let reply = cmd.reply(outcome);
+                let payload = serde_json::to_vec(&reply).expect("replies serialize");
+                let mut h = HeaderMap::new();
+                h.insert(headers::CORRELATION_ID, cid.as_str());
+                h.insert(headers::MSG_ID, format!("reply:{}", cmd.id).as_str());
+                let stored = match js_ref.publish_with_headers(subjects_ref.reply(service), h, payload.into()).await {
+                    Ok(ack) => ack.await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match stored {
+                    Ok(_) => {
+                        tracing::debug!(saga_id = %cmd.saga_id, step = %cmd.step, attempt = cmd.attempt, "replied");
+                        if let Err(e) = msg.ack().await {
+                            tracing::warn!(error = %e, "could not acknowledge a command; it will be redelivered");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(saga_id = %cmd.saga_id, error = %e, "reply not stored; the command will be redelivered");
+                        let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    }
+                }
+            }
+            .instrument(span)
+            .await
+        },
+    )
+    .await
+}
+
+/// Serve domain events from the durable consumer `consumer`: decode, hand to `on_event`,
+/// acknowledge. Event types this build does not know are acknowledged and skipped (a newer
+/// producer may publish them); a message that is not an event at all is dead-lettered.
+pub async fn serve_events<F, Fut>(
+    js: jetstream::Context,
+    subjects: Subjects,
+    consumer: &'static str,
+    concurrency: usize,
+    shutdown: CancellationToken,
+    on_event: F,
+) where
+    F: Fn(Event) -> Fut,
+    Fut: Future<Output = Result<(), Unavailable>>,
+{
+    let stream = subjects.stream("EVENTS");
+    let origin = format!("events-{consumer}");
+    let (js_ref, subjects_ref, origin_ref, on_event) = (&js, &subjects, origin.as_str(), &on_event);
+    consume(js.clone(), stream, consumer, concurrency, shutdown, move |msg| async move {
+        let cid = correlation_id(&msg);
+        let span = tracing::info_span!("event", correlation_id = %cid, consumer);
+        async move {
+            let value: serde_json::Value = match serde_json::from_slice(&msg.payload) {
+                Ok(v) => v,
+                Err(e) => {
+                    return dead_letter(js_ref, subjects_ref, origin_ref, &msg, &format!("undecodable event: {e}")).await;
+                }
+            };
+            let event: Event = match serde_json::from_value(value.clone()) {
+                Ok(e) => e,
+                Err(e) if value.get("type").is_some_and(|t| t.is_string()) && value.get("id").is_some() => {
+                    tracing::debug!(error = %e, "skipping an event this build does not handle");
+                    let _ = msg.ack().await;
+                    return;
+                }
+                Err(e) => {
+                    return dead_letter(js_ref, subjects_ref, origin_ref, &msg, &format!("not an event: {e}")).await;
+                }
+            };
+            match on_event(event).await {
+                Ok(()) => {
+                    if let Err(e) = msg.ack().await {
+                        tracing::warn!(error = %e, "could not acknowledge an event; it will be redelivered");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "event not handled; it will be redelivered");
+                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    })
+    .await
+}

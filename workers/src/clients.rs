@@ -1,0 +1,199 @@
+//! Clients of the third parties outside the shop: the card processor and the carrier. Every
+//! call carries an idempotency key, so a retried call is answered with the first result.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+
+/// How a third-party call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// A definitive no (card declined, address undeliverable): retrying changes nothing.
+    #[error("{code}: {message}")]
+    Refused { code: String, message: String },
+    /// Down, overloaded, timed out or unreachable: another attempt may succeed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    code: String,
+    message: String,
+}
+
+#[derive(Clone)]
+struct Remote {
+    http: reqwest::Client,
+    base: String,
+    name: &'static str,
+}
+
+impl Remote {
+    fn new(name: &'static str, base: &str, timeout: Duration) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .expect("an HTTP client builds"),
+            base: base.trim_end_matches('/').to_owned(),
+            name,
+        }
+    }
+
+    /// `Ok(None)` when the party answers 404.
+    async fn get<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<Option<T>, CallError> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| CallError::Unavailable(format!("{}: {e}", self.name)))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(CallError::Unavailable(format!(
+                "{} answered {status}",
+                self.name
+            )));
+        }
+        response
+            .json::<T>()
+            .await
+            .map(Some)
+            .map_err(|e| CallError::Unavailable(format!("{}: unreadable answer: {e}", self.name)))
+    }
+
+    async fn post<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<T, CallError> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| CallError::Unavailable(format!("{}: {e}", self.name)))?;
+        let status = response.status();
+        if status.is_success() {
+            return response.json::<T>().await.map_err(|e| {
+                CallError::Unavailable(format!("{}: unreadable answer: {e}", self.name))
+            });
+        }
+        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(CallError::Unavailable(format!(
+                "{} answered {status}",
+                self.name
+            )));
+        }
+        match response.json::<ErrorBody>().await {
+            Ok(e) => Err(CallError::Refused {
+                code: e.code,
+                message: e.message,
+            }),
+            Err(_) => Err(CallError::Refused {
+                code: format!("http_{}", status.as_u16()),
+                message: format!("{} answered {status}", self.name),
+            }),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Created {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct ShipmentCreated {
+    id: String,
+    tracking_number: String,
+}
+
+/// The card processor.
+#[derive(Clone)]
+pub struct Processor(Remote);
+
+impl Processor {
+    pub fn new(base: &str, timeout: Duration) -> Self {
+        Self(Remote::new("the card processor", base, timeout))
+    }
+
+    /// Charge the card; returns the processor's charge id.
+    pub async fn charge(
+        &self,
+        key: &str,
+        amount_minor: i64,
+        currency: &str,
+        token: &str,
+    ) -> Result<String, CallError> {
+        let body = json!({"idempotency_key": key, "amount_minor": amount_minor, "currency": currency, "token": token});
+        self.0
+            .post::<Created>("/processor/v1/charges", body)
+            .await
+            .map(|c| c.id)
+    }
+
+    /// The charge made under `key`, if any; never creates one.
+    pub async fn find_charge(&self, key: &str) -> Result<Option<String>, CallError> {
+        Ok(self
+            .0
+            .get::<Created>(&format!("/processor/v1/charges/by-key/{key}"))
+            .await?
+            .map(|c| c.id))
+    }
+
+    /// Refund a charge in full; returns the processor's refund id.
+    pub async fn refund(&self, key: &str, charge_ref: &str) -> Result<String, CallError> {
+        let body = json!({"idempotency_key": key, "charge_id": charge_ref});
+        self.0
+            .post::<Created>("/processor/v1/refunds", body)
+            .await
+            .map(|c| c.id)
+    }
+}
+
+/// The carrier.
+#[derive(Clone)]
+pub struct Carrier(Remote);
+
+impl Carrier {
+    pub fn new(base: &str, timeout: Duration) -> Self {
+        Self(Remote::new("the carrier", base, timeout))
+    }
+
+    /// Book a shipment; returns the carrier's id and tracking number.
+    pub async fn ship(&self, key: &str, country: &str) -> Result<(String, String), CallError> {
+        let body = json!({"idempotency_key": key, "country": country});
+        self.0
+            .post::<ShipmentCreated>("/carrier/v1/shipments", body)
+            .await
+            .map(|s| (s.id, s.tracking_number))
+    }
+
+    /// The shipment booked under `key`, if any; never books one.
+    pub async fn find_shipment(&self, key: &str) -> Result<Option<(String, String)>, CallError> {
+        Ok(self
+            .0
+            .get::<ShipmentCreated>(&format!("/carrier/v1/shipments/by-key/{key}"))
+            .await?
+            .map(|s| (s.id, s.tracking_number)))
+    }
+
+    pub async fn cancel(&self, carrier_ref: &str) -> Result<(), CallError> {
+        self.0
+            .post::<serde_json::Value>(
+                &format!("/carrier/v1/shipments/{carrier_ref}/cancel"),
+                json!({}),
+            )
+            .await
+            .map(|_| ())
+    }
+}

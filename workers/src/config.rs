@@ -1,0 +1,218 @@
+//! Worker configuration: built-in defaults, then `SAGA_CONFIG`, then `SAGA_<SECTION>__<KEY>`,
+//! then `DATABASE_URL`, `NATS_URL`, `PROCESSOR_URL` and `CARRIER_URL`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sagas::wire::Subjects;
+use serde::Deserialize;
+
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// The top-level sections of this process's settings.
+const SECTIONS: &[&str] = &[
+    "worker",
+    "database",
+    "nats",
+    "processor",
+    "carrier",
+    "inventory",
+    "log",
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub worker: Worker,
+    pub database: Database,
+    pub nats: Nats,
+    pub processor: Remote,
+    pub carrier: Remote,
+    pub inventory: Inventory,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Real,
+    Noop,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Worker {
+    pub mode: Mode,
+    pub concurrency: usize,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("url", &"<redacted>")
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nats {
+    pub url: String,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Remote {
+    pub url: String,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inventory {
+    pub expiry_sweep_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    pub fn load() -> Result<Self, Error> {
+        Self::load_from(std::env::vars().collect())
+    }
+
+    pub fn load_from(env: BTreeMap<String, String>) -> Result<Self, Error> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = env.get("SAGA_CONFIG") {
+            builder = builder.add_source(config::File::with_name(path).required(true));
+        }
+        // Several processes share the SAGA_ namespace: each reads its own sections (and
+        // refuses unknown keys inside them) and leaves the others' alone.
+        let saga_env: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| {
+                let Some(rest) = k.strip_prefix("SAGA_") else {
+                    return false;
+                };
+                let section = rest.split("__").next().unwrap_or("").to_ascii_lowercase();
+                SECTIONS.contains(&section.as_str())
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("SAGA")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(saga_env)),
+        );
+        for (var, key) in [
+            ("DATABASE_URL", "database.url"),
+            ("NATS_URL", "nats.url"),
+            ("PROCESSOR_URL", "processor.url"),
+            ("CARRIER_URL", "carrier.url"),
+        ] {
+            if let Some(v) = env.get(var) {
+                builder = builder.set_override(key, v.as_str())?;
+            }
+        }
+        let s: Settings = builder.build()?.try_deserialize()?;
+        Subjects::new(&s.nats.prefix).map_err(|e| Error::Invalid(format!("nats.prefix: {e}")))?;
+        if s.worker.concurrency == 0 || s.worker.concurrency > 10_000 {
+            return Err(Error::Invalid(format!(
+                "worker.concurrency must be 1 to 10000, got {}",
+                s.worker.concurrency
+            )));
+        }
+        for (name, r) in [("processor", &s.processor), ("carrier", &s.carrier)] {
+            if reqwest::Url::parse(&r.url).is_err() {
+                return Err(Error::Invalid(format!(
+                    "{name}.url is not a URL: {:?}",
+                    r.url
+                )));
+            }
+            if r.timeout_ms == 0 {
+                return Err(Error::Invalid(format!(
+                    "{name}.timeout_ms must be positive"
+                )));
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn subjects(&self) -> Subjects {
+        Subjects::new(&self.nats.prefix).expect("validated at load")
+    }
+}
+
+pub fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let s = Settings::load_from(env(&[
+            ("SAGA_WORKER__MODE", "noop"),
+            ("PROCESSOR_URL", "http://x:1"),
+        ]))
+        .unwrap();
+        assert_eq!(s.worker.mode, Mode::Noop);
+        assert_eq!(s.processor.url, "http://x:1");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Settings::load_from(env(&[("SAGA_WORKER__MODE", "fast")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mode") || e.contains("fast"), "{e}");
+        let e = Settings::load_from(env(&[("SAGA_WORKER__CONCURRENCY", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("concurrency"), "{e}");
+        let e = Settings::load_from(env(&[("CARRIER_URL", "not a url")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("carrier.url"), "{e}");
+    }
+}

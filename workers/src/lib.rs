@@ -1,0 +1,21 @@
+//! The stateless step workers and the simulated third parties.
+//!
+//! Each worker pool is its own process ([`bus::serve_commands`] with one [`bus::Handler`]):
+//! [`inventory`], [`payment`], [`shipping`], plus [`notification`], which reacts to domain
+//! events. A worker keeps no state in memory: everything it knows is in its service's schema,
+//! so any number of processes can serve one pool and any of them can die at any time.
+//!
+//! Must never: touch another service's schema or the orchestrator's tables; acknowledge a
+//! command before its reply is stored; repeat an effect for a `(saga, step)` it already
+//! answered.
+
+pub mod bus;
+pub mod clients;
+pub mod config;
+pub mod inventory;
+pub mod noop;
+pub mod notification;
+pub mod payment;
+pub mod run;
+pub mod shipping;
+pub mod simulator;

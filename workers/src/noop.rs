@@ -1,0 +1,41 @@
+//! Workers that answer every command at once without IO: the `noop` variant of the benchmark,
+//! which measures what the orchestration itself costs. A payment token starting with
+//! `tok_decline` is declined, as the real processor would.
+
+use chrono::{Duration, Utc};
+use sagas::wire::{Command, CommandBody, ReplyOutcome, StepOutput};
+
+use crate::bus::{Handler, Unavailable};
+
+pub struct Noop;
+
+impl Handler for Noop {
+    async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, Unavailable> {
+        let output = match &cmd.body {
+            CommandBody::ReserveStock { hold_seconds, .. } => StepOutput::StockReserved {
+                expires_at: Utc::now() + Duration::seconds(i64::from(*hold_seconds)),
+            },
+            CommandBody::ReleaseStock { .. } => StepOutput::StockReleased,
+            CommandBody::ChargePayment { payment_token, .. }
+                if payment_token.starts_with("tok_decline") =>
+            {
+                return Ok(ReplyOutcome::Failed {
+                    retryable: false,
+                    code: "card_declined".into(),
+                    reason: "the card was declined".into(),
+                });
+            }
+            CommandBody::ChargePayment { .. } => StepOutput::PaymentCharged {
+                charge_id: cmd.id.as_uuid(),
+                processor_ref: "noop".into(),
+            },
+            CommandBody::RefundPayment { .. } => StepOutput::PaymentRefunded { refund_id: None },
+            CommandBody::CreateShipment { .. } => StepOutput::ShipmentCreated {
+                shipment_id: cmd.id.as_uuid(),
+                tracking_number: "NOOP".into(),
+            },
+            CommandBody::CancelShipment { .. } => StepOutput::ShipmentCancelled,
+        };
+        Ok(ReplyOutcome::Succeeded { output })
+    }
+}

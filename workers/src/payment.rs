@@ -1,0 +1,381 @@
+//! The payment service: charges and refunds through the card processor, recorded in
+//! `payments.charges` under the saga's idempotency key (one row per saga step).
+//!
+//! The row is written *before* the processor is called (`pending`) and completed after, so
+//! there is always a record of a call that may have gone through. The processor is idempotent
+//! per key, so calling again after a crash returns the first charge instead of making another.
+//! A refund that finds no row leaves a `voided` tombstone; a charge that finds one (or that
+//! comes back after the refund voided it) refunds what it charged and answers "cancelled". No
+//! interleaving of charge and refund leaves money taken.
+
+use chrono::Utc;
+use sagas::wire::{Command, CommandBody, Money, ReplyOutcome, SagaId, StepOutput};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::bus::{Handler, Unavailable};
+use crate::clients::{CallError, Processor};
+
+#[derive(Clone)]
+pub struct Payment {
+    pool: PgPool,
+    processor: Processor,
+}
+
+fn retryable(reason: impl Into<String>) -> ReplyOutcome {
+    ReplyOutcome::Failed {
+        retryable: true,
+        code: "processor_unavailable".into(),
+        reason: reason.into(),
+    }
+}
+
+fn refused(code: &str, reason: impl Into<String>) -> ReplyOutcome {
+    ReplyOutcome::Failed {
+        retryable: false,
+        code: code.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn cancelled() -> ReplyOutcome {
+    refused(
+        "cancelled",
+        "the payment was refunded or voided by a compensation",
+    )
+}
+
+/// A charge row.
+struct Charge {
+    id: Uuid,
+    status: String,
+    processor_ref: Option<String>,
+    decline_code: Option<String>,
+    reason: Option<String>,
+}
+
+impl Handler for Payment {
+    async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, Unavailable> {
+        match &cmd.body {
+            CommandBody::ChargePayment {
+                order_id,
+                amount,
+                payment_token,
+                ..
+            } => {
+                self.charge(
+                    cmd.saga_id,
+                    &cmd.step,
+                    order_id.as_uuid(),
+                    amount,
+                    payment_token,
+                )
+                .await
+            }
+            CommandBody::RefundPayment { order_id, amount } => {
+                self.refund(cmd.saga_id, &cmd.step, order_id.as_uuid(), amount)
+                    .await
+            }
+            other => Ok(refused(
+                "unsupported",
+                format!("payment does not {}", other.action().as_str()),
+            )),
+        }
+    }
+}
+
+impl Payment {
+    pub fn new(pool: PgPool, processor: Processor) -> Self {
+        Self { pool, processor }
+    }
+
+    fn key(saga: SagaId, step: &str) -> String {
+        format!("{saga}:{step}")
+    }
+
+    async fn row(&self, saga: SagaId, step: &str) -> Result<Option<Charge>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT id, status, processor_ref, decline_code, reason FROM payments.charges
+              WHERE saga_id = $1 AND step = $2",
+        )
+        .bind(saga.as_uuid())
+        .bind(step)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| Charge {
+            id: r.get(0),
+            status: r.get(1),
+            processor_ref: r.get(2),
+            decline_code: r.get(3),
+            reason: r.get(4),
+        }))
+    }
+
+    /// Insert a row in `status` unless one exists; return the row either way.
+    async fn claim(
+        &self,
+        saga: SagaId,
+        step: &str,
+        order: Uuid,
+        amount: &Money,
+        status: &str,
+    ) -> Result<(Charge, bool), sqlx::Error> {
+        let now = Utc::now();
+        let inserted = sqlx::query(
+            "INSERT INTO payments.charges
+                 (id, saga_id, step, order_id, idempotency_key, amount_minor, currency, status, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+             ON CONFLICT (saga_id, step) DO NOTHING RETURNING id",
+        )
+        .bind(Uuid::now_v7())
+        .bind(saga.as_uuid())
+        .bind(step)
+        .bind(order)
+        .bind(Self::key(saga, step))
+        .bind(amount.minor)
+        .bind(amount.currency.as_str())
+        .bind(status)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?
+        .is_some();
+        let row = self
+            .row(saga, step)
+            .await?
+            .expect("the row exists after the insert");
+        Ok((row, inserted))
+    }
+
+    /// Move a row from one status to another; false when it was no longer in `from`.
+    async fn transition(
+        &self,
+        id: Uuid,
+        from: &str,
+        to: &str,
+        processor_ref: Option<&str>,
+        decline: Option<(&str, &str)>,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE payments.charges
+                SET status = $3, processor_ref = coalesce($4, processor_ref),
+                    decline_code = coalesce($5, decline_code), reason = coalesce($6, reason), updated_at = $7
+              WHERE id = $1 AND status = $2",
+        )
+        .bind(id)
+        .bind(from)
+        .bind(to)
+        .bind(processor_ref)
+        .bind(decline.map(|d| d.0))
+        .bind(decline.map(|d| d.1))
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(done == 1)
+    }
+
+    pub async fn charge(
+        &self,
+        saga: SagaId,
+        step: &str,
+        order: Uuid,
+        amount: &Money,
+        token: &str,
+    ) -> Result<ReplyOutcome, Unavailable> {
+        let (row, _) = self.claim(saga, step, order, amount, "pending").await?;
+        match row.status.as_str() {
+            "succeeded" => return Ok(charged(&row)),
+            "declined" => return Ok(declined(&row)),
+            "refunded" => return Ok(cancelled()),
+            "voided" => return self.undo_voided(saga, step, &row).await,
+            _ => {}
+        }
+        let key = Self::key(saga, step);
+        match self
+            .processor
+            .charge(&key, amount.minor, amount.currency.as_str(), token)
+            .await
+        {
+            Ok(processor_ref) => {
+                if self
+                    .transition(row.id, "pending", "succeeded", Some(&processor_ref), None)
+                    .await?
+                {
+                    let row = Charge {
+                        status: "succeeded".into(),
+                        processor_ref: Some(processor_ref),
+                        ..row
+                    };
+                    return Ok(charged(&row));
+                }
+                // A refund voided the charge while the processor was being called.
+                let row = self.row(saga, step).await?.expect("rows are never deleted");
+                match row.status.as_str() {
+                    "voided" => self.undo_voided(saga, step, &row).await,
+                    "succeeded" => Ok(charged(&row)),
+                    _ => Ok(cancelled()),
+                }
+            }
+            Err(CallError::Refused { code, message }) => {
+                if self
+                    .transition(row.id, "pending", "declined", None, Some((&code, &message)))
+                    .await?
+                {
+                    Ok(refused(&code, message))
+                } else {
+                    Ok(cancelled())
+                }
+            }
+            Err(CallError::Unavailable(why)) => Ok(retryable(why)),
+        }
+    }
+
+    /// A voided charge may still have been taken by the processor (a call that raced the
+    /// refund, or one from a process that crashed): find it and give the money back.
+    async fn undo_voided(
+        &self,
+        saga: SagaId,
+        step: &str,
+        row: &Charge,
+    ) -> Result<ReplyOutcome, Unavailable> {
+        let key = Self::key(saga, step);
+        let found = match &row.processor_ref {
+            Some(r) => Some(r.clone()),
+            None => match self.processor.find_charge(&key).await {
+                Ok(found) => found,
+                Err(e) => return Ok(retryable(e.to_string())),
+            },
+        };
+        if let Some(processor_ref) = found {
+            match self
+                .processor
+                .refund(&format!("{key}:refund"), &processor_ref)
+                .await
+            {
+                Ok(refund_ref) => {
+                    self.record_refund(saga, row.id, &processor_ref, &refund_ref, "voided")
+                        .await?;
+                }
+                Err(e) => return Ok(retryable(e.to_string())),
+            }
+        }
+        Ok(cancelled())
+    }
+
+    async fn record_refund(
+        &self,
+        saga: SagaId,
+        charge: Uuid,
+        processor_ref: &str,
+        refund_ref: &str,
+        from: &str,
+    ) -> Result<Uuid, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let now = Utc::now();
+        let id: Uuid = sqlx::query(
+            "INSERT INTO payments.refunds (id, charge_id, saga_id, amount_minor, currency, processor_ref, created_at)
+             SELECT $1, c.id, $3, c.amount_minor, c.currency, $4, $5 FROM payments.charges c WHERE c.id = $2
+             ON CONFLICT (charge_id) DO UPDATE SET processor_ref = excluded.processor_ref
+             RETURNING id",
+        )
+        .bind(Uuid::now_v7())
+        .bind(charge)
+        .bind(saga.as_uuid())
+        .bind(refund_ref)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+        sqlx::query(
+            "UPDATE payments.charges SET status = 'refunded', processor_ref = $3, updated_at = $4
+              WHERE id = $1 AND status = $2",
+        )
+        .bind(charge)
+        .bind(from)
+        .bind(processor_ref)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    pub async fn refund(
+        &self,
+        saga: SagaId,
+        step: &str,
+        order: Uuid,
+        amount: &Money,
+    ) -> Result<ReplyOutcome, Unavailable> {
+        let refunded = |id| ReplyOutcome::Succeeded {
+            output: StepOutput::PaymentRefunded { refund_id: id },
+        };
+        let (row, tombstone) = self.claim(saga, step, order, amount, "voided").await?;
+        if tombstone {
+            // Nothing was charged; a late charge will find the tombstone.
+            return Ok(refunded(None));
+        }
+        match row.status.as_str() {
+            "succeeded" => {
+                let processor_ref = row.processor_ref.clone().unwrap_or_default();
+                let key = format!("{}:refund", Self::key(saga, step));
+                match self.processor.refund(&key, &processor_ref).await {
+                    Ok(refund_ref) => {
+                        let id = self
+                            .record_refund(saga, row.id, &processor_ref, &refund_ref, "succeeded")
+                            .await?;
+                        Ok(refunded(Some(id)))
+                    }
+                    Err(CallError::Unavailable(why)) => Ok(retryable(why)),
+                    Err(CallError::Refused { code, message }) => Ok(refused(&code, message)),
+                }
+            }
+            "pending" => {
+                // A charge is in flight, or its process died: void it. A charge that returns
+                // later refunds itself; one that went through unseen is found here.
+                if !self
+                    .transition(row.id, "pending", "voided", None, None)
+                    .await?
+                {
+                    return Ok(retryable("the charge changed while refunding; try again"));
+                }
+                match self.undo_voided(saga, step, &row).await? {
+                    ReplyOutcome::Failed {
+                        retryable: true,
+                        reason,
+                        ..
+                    } => Ok(retryable(reason)),
+                    _ => Ok(refunded(None)),
+                }
+            }
+            "voided" => match self.undo_voided(saga, step, &row).await? {
+                ReplyOutcome::Failed {
+                    retryable: true,
+                    reason,
+                    ..
+                } => Ok(retryable(reason)),
+                _ => Ok(refunded(None)),
+            },
+            // Declined or already refunded: nothing is held.
+            _ => Ok(refunded(None)),
+        }
+    }
+}
+
+fn charged(row: &Charge) -> ReplyOutcome {
+    ReplyOutcome::Succeeded {
+        output: StepOutput::PaymentCharged {
+            charge_id: row.id,
+            processor_ref: row.processor_ref.clone().unwrap_or_default(),
+        },
+    }
+}
+
+fn declined(row: &Charge) -> ReplyOutcome {
+    refused(
+        row.decline_code.as_deref().unwrap_or("card_declined"),
+        row.reason
+            .clone()
+            .unwrap_or_else(|| "the card was declined".into()),
+    )
+}
