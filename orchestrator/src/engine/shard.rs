@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use chrono::Utc;
-use sagas::api::{Effect, Input, Saga, SagaType, Status, Verdict};
+use chrono::{SubsecRound, Utc};
+use sagas::api::{Effect, Input, Saga, SagaType, Verdict};
 use sagas::wire::{SagaId, Subjects};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -112,7 +112,9 @@ impl Shard {
     /// Apply a batch and commit it. Returns the requests of sagas that lost a version race, to
     /// be applied again on a fresh copy.
     async fn round(&mut self, requests: Vec<Request>) -> Vec<Request> {
-        let now = Utc::now();
+        // The machine gets the time at PostgreSQL's precision, so that what the event log
+        // stores is exactly what the machine saw, and a replay gives the same snapshot.
+        let now = Utc::now().trunc_subsecs(6);
         if let Err(e) = self.load_missing(&requests).await {
             for r in requests {
                 r.fail(e.clone());
@@ -206,7 +208,8 @@ impl Shard {
     ) -> Vec<Request> {
         let mut retry = Vec::new();
         let mut published = Vec::new();
-        let mut created: HashMap<SagaId, Status> = HashMap::new();
+        // Who holds each idempotency key started in this batch, for the followers.
+        let mut holders: HashMap<SagaId, store::Existing> = HashMap::new();
         for (id, mut w) in work {
             if outcome.conflicted.contains(&id) {
                 tracing::debug!(saga_id = %id, "version conflict; reloading");
@@ -218,14 +221,24 @@ impl Shard {
                 for r in w.requests {
                     answer_duplicate(r, w.idempotency.as_ref(), existing);
                 }
+                holders.insert(id, existing.clone());
                 continue;
             }
             if let Some(rows) = outcome.outbox.get(&id) {
                 published.extend(rows.iter().cloned());
             }
             let status = w.entry.saga.status();
-            if w.base_version.is_none() {
-                created.insert(id, status);
+            if w.base_version.is_none()
+                && let Some(idem) = &w.idempotency
+            {
+                holders.insert(
+                    id,
+                    store::Existing {
+                        id,
+                        status,
+                        request_hash: Some(idem.request_hash.clone()),
+                    },
+                );
             }
             for (request, answer) in w.requests.drain(..).zip(w.answers.drain(..)) {
                 match (request, answer) {
@@ -245,17 +258,15 @@ impl Shard {
             }
         }
         for (r, first) in key_followers {
-            match created.get(&first) {
-                Some(status) => match r {
-                    Request::Start { reply, .. } => {
-                        let _ = reply.send(Ok(Started::Existing {
-                            id: first,
-                            status: *status,
-                        }));
-                    }
-                    Request::Apply { .. } => unreachable!("followers are starts"),
-                },
-                // The first start lost or failed: try again in the next round.
+            match holders.get(&first) {
+                Some(holder) => {
+                    let idem = match &r {
+                        Request::Start { new, .. } => new.idempotency.clone(),
+                        Request::Apply { .. } => unreachable!("followers are starts"),
+                    };
+                    answer_duplicate(r, idem.as_ref(), holder);
+                }
+                // The first start failed (it was answered with the error): try again.
                 None => retry.push(r),
             }
         }

@@ -1,0 +1,611 @@
+//! The checkout saga end to end: orchestrator, workers and simulator as separate processes, on
+//! the real PostgreSQL and NATS JetStream.
+
+use std::time::Duration;
+
+use e2e::{App, Options, order};
+use serde_json::{Value, json};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+async fn stock(app: &App, sku: &str) -> (i64, i64) {
+    let q = app
+        .count(&format!(
+            "SELECT quantity::bigint FROM inventory.variants WHERE sku = '{sku}'"
+        ))
+        .await;
+    let r = app
+        .count(&format!(
+            "SELECT reserved::bigint FROM inventory.variants WHERE sku = '{sku}'"
+        ))
+        .await;
+    (q, r)
+}
+
+fn order_id(saga: &Value) -> String {
+    saga["data"]["order_id"]
+        .as_str()
+        .expect("order id")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_checkout_completes_with_every_effect_in_place() {
+    let app = App::spawn().await;
+    let id = app.place(&order(&[("A", 2), ("B", 1)], "tok_visa")).await;
+    let saga = app.wait_terminal(&id, WITHIN).await;
+    assert_eq!(saga["status"], "completed", "{saga:#}");
+    let order = order_id(&saga);
+
+    // Steps, attempts and the event log are visible.
+    let steps: Vec<(&str, &str, i64)> = saga["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap(),
+                s["status"].as_str().unwrap(),
+                s["attempts"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("reserve_stock", "succeeded", 1),
+            ("charge_payment", "succeeded", 1),
+            ("create_shipment", "succeeded", 1)
+        ]
+    );
+    let kinds: Vec<&str> = saga["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "started",
+            "step_succeeded",
+            "step_succeeded",
+            "step_succeeded"
+        ]
+    );
+
+    // The order is confirmed, paid once, shipped once.
+    app.wait_for(
+        &format!(
+            "SELECT count(*) FROM orders.orders WHERE id = '{order}' AND status = 'confirmed'"
+        ),
+        1,
+        WITHIN,
+    )
+    .await;
+    assert_eq!(
+        app.count("SELECT total_minor FROM orders.orders").await,
+        2 * 1500 + 900
+    );
+    assert_eq!(app.count("SELECT count(*) FROM payments.charges WHERE status = 'succeeded' AND amount_minor = 3900").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM shipping.shipments WHERE status = 'created'")
+            .await,
+        1
+    );
+    let ledger = app.ledger().await;
+    assert_eq!(ledger["charges"].as_array().unwrap().len(), 1, "{ledger}");
+    assert_eq!(ledger["shipments"].as_array().unwrap().len(), 1, "{ledger}");
+
+    // The stock leaves the books once the inventory service sees OrderConfirmed.
+    app.wait_for(
+        &format!("SELECT count(*) FROM inventory.reservations WHERE order_id = '{order}' AND status = 'consumed'"),
+        1,
+        WITHIN,
+    )
+    .await;
+    assert_eq!(stock(&app, "A").await, (998, 0));
+    assert_eq!(stock(&app, "B").await, (999, 0));
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory.stock_movements WHERE kind = 'consume'")
+            .await,
+        2
+    );
+
+    // The customer is told.
+    app.wait_for(
+        "SELECT count(*) FROM notifications.sent WHERE kind = 'OrderConfirmed'",
+        1,
+        WITHIN,
+    )
+    .await;
+    // Nothing is left to publish, and no timer is armed for an ended saga.
+    app.wait_for("SELECT count(*) FROM orchestrator.outbox", 0, WITHIN)
+        .await;
+    assert_eq!(
+        app.count("SELECT count(*) FROM orchestrator.timers").await,
+        0
+    );
+    app.assert_logs_replay().await;
+}
+
+#[tokio::test]
+async fn a_declined_card_compensates_and_keeps_nothing() {
+    let app = App::spawn().await;
+    let id = app.place(&order(&[("A", 3)], "tok_decline")).await;
+    let saga = app.wait_terminal(&id, WITHIN).await;
+    assert_eq!(saga["status"], "compensated", "{saga:#}");
+    assert_eq!(saga["steps"][0]["status"], "compensated");
+    assert_eq!(saga["steps"][1]["status"], "rejected");
+    assert_eq!(saga["steps"][1]["last_error"]["code"], "card_declined");
+    assert_eq!(saga["steps"][2]["status"], "pending");
+    let order = order_id(&saga);
+
+    assert_eq!(
+        app.count(&format!("SELECT count(*) FROM inventory.reservations WHERE order_id = '{order}' AND status = 'released'")).await,
+        1
+    );
+    assert_eq!(stock(&app, "A").await, (1000, 0));
+    assert_eq!(
+        app.count("SELECT count(*) FROM payments.charges WHERE status IN ('succeeded', 'pending')")
+            .await,
+        0
+    );
+    assert!(app.ledger().await["charges"].as_array().unwrap().is_empty());
+    assert_eq!(
+        app.count("SELECT count(*) FROM shipping.shipments").await,
+        0
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM orders.orders WHERE id = '{order}' AND status = 'cancelled'"
+        ))
+        .await,
+        1
+    );
+    app.wait_for(
+        "SELECT count(*) FROM notifications.sent WHERE kind = 'OrderCancelled'",
+        1,
+        WITHIN,
+    )
+    .await;
+    app.assert_logs_replay().await;
+}
+
+#[tokio::test]
+async fn an_out_of_stock_line_fails_at_reservation_with_nothing_charged() {
+    let app = App::spawn().await;
+    // Two SCARCE exist; the order wants three (and some A, which must not stay reserved).
+    let id = app
+        .place(&order(&[("A", 1), ("SCARCE", 3)], "tok_visa"))
+        .await;
+    let saga = app.wait_terminal(&id, WITHIN).await;
+    assert_eq!(saga["status"], "compensated", "{saga:#}");
+    assert_eq!(saga["steps"][0]["status"], "rejected");
+    assert_eq!(saga["steps"][0]["last_error"]["code"], "out_of_stock");
+    assert_eq!(saga["steps"][1]["attempts"], 0, "payment never attempted");
+    assert_eq!(stock(&app, "SCARCE").await, (2, 0));
+    assert_eq!(stock(&app, "A").await, (1000, 0));
+    assert_eq!(app.count("SELECT count(*) FROM payments.charges").await, 0);
+    assert!(app.ledger().await["charges"].as_array().unwrap().is_empty());
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory.reservations WHERE status = 'rejected'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn one_idempotency_key_yields_one_saga_even_when_sent_concurrently() {
+    let app = App::spawn().await;
+    let body = order(&[("A", 1)], "tok_visa");
+    let first = app.checkout(&body, Some("order-42")).await;
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    let again = app.checkout(&body, Some("order-42")).await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first["saga_id"], again["saga_id"]);
+    assert_eq!(first["order_id"], again["order_id"]);
+
+    // Ten clients racing with one new key: one saga.
+    let racing =
+        futures::future::join_all((0..10).map(|_| app.checkout(&body, Some("order-43")))).await;
+    let mut ids = Vec::new();
+    for r in racing {
+        assert_eq!(r.status(), 202);
+        ids.push(r.json::<Value>().await.unwrap()["saga_id"].clone());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+
+    // The same key with another request is refused, and points at the first saga.
+    let other = app
+        .checkout(&order(&[("A", 2)], "tok_visa"), Some("order-42"))
+        .await;
+    assert_eq!(other.status(), 422);
+    let problem: Value = other.json().await.unwrap();
+    assert_eq!(problem["type"], "/problems/idempotency-key-reused");
+    assert_eq!(problem["saga_id"], first["saga_id"]);
+
+    assert_eq!(
+        app.count("SELECT count(*) FROM orchestrator.sagas").await,
+        2
+    );
+    app.wait_terminal(first["saga_id"].as_str().unwrap(), WITHIN)
+        .await;
+    app.wait_terminal(ids[0].as_str().unwrap(), WITHIN).await;
+    assert_eq!(app.ledger().await["charges"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_problem_and_writes_nothing() {
+    let app = App::spawn_with(Options {
+        workers: vec![],
+        ..Options::default()
+    })
+    .await;
+    let good = order(&[("A", 1)], "tok_visa");
+    let with = |path: &[&str], v: Value| {
+        let mut b = good.clone();
+        let mut cur = &mut b;
+        for p in &path[..path.len() - 1] {
+            cur = match p.parse::<usize>() {
+                Ok(i) => &mut cur[i],
+                Err(_) => &mut cur[*p],
+            };
+        }
+        cur[path[path.len() - 1]] = v;
+        b
+    };
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str, Option<&str>)> = vec![
+        (
+            "malformed JSON",
+            app.http
+                .post(format!("{}/checkout", app.base))
+                .header("content-type", "application/json")
+                .body("{\"customer\": "),
+            400,
+            "/problems/malformed-json",
+            None,
+        ),
+        (
+            "not JSON at all",
+            app.http
+                .post(format!("{}/checkout", app.base))
+                .header("content-type", "text/plain")
+                .body("hello"),
+            415,
+            "/problems/unsupported-media-type",
+            None,
+        ),
+        (
+            "empty cart",
+            app.http
+                .post(format!("{}/checkout", app.base))
+                .json(&with(&["items"], json!([]))),
+            422,
+            "/problems/invalid-request",
+            Some("/items"),
+        ),
+        (
+            "unknown SKU",
+            app.http
+                .post(format!("{}/checkout", app.base))
+                .json(&order(&[("A", 1), ("NOPE", 1)], "tok_visa")),
+            422,
+            "/problems/invalid-request",
+            Some("/items/1/sku"),
+        ),
+        (
+            "quantity zero",
+            app.http
+                .post(format!("{}/checkout", app.base))
+                .json(&order(&[("A", 0)], "tok_visa")),
+            422,
+            "/problems/invalid-request",
+            Some("/items/0/quantity"),
+        ),
+        (
+            "negative quantity",
+            app.http
+                .post(format!("{}/checkout", app.base))
+                .json(&order(&[("A", -3)], "tok_visa")),
+            422,
+            "/problems/invalid-request",
+            Some("/items/0/quantity"),
+        ),
+        (
+            "absurd quantity",
+            app.http
+                .post(format!("{}/checkout", app.base))
+                .json(&order(&[("A", 5_000_000)], "tok_visa")),
+            422,
+            "/problems/invalid-request",
+            Some("/items/0/quantity"),
+        ),
+        (
+            "quantity of the wrong type",
+            app.http
+                .post(format!("{}/checkout", app.base))
+                .json(&with(&["items", "0", "quantity"], json!("two"))),
+            422,
+            "/problems/invalid-request",
+            Some("/items/0/quantity"),
+        ),
+        (
+            "missing address",
+            app.http.post(format!("{}/checkout", app.base)).json(&{
+                let mut b = good.clone();
+                b.as_object_mut().unwrap().remove("shipping_address");
+                b
+            }),
+            422,
+            "/problems/invalid-request",
+            None,
+        ),
+        (
+            "oversized body",
+            app.http
+                .post(format!("{}/checkout", app.base))
+                .header("content-type", "application/json")
+                .body(format!("{{\"pad\": \"{}\"}}", "x".repeat(100_000))),
+            413,
+            "/problems/payload-too-large",
+            None,
+        ),
+        (
+            "bad idempotency key",
+            app.http
+                .post(format!("{}/checkout", app.base))
+                .header("Idempotency-Key", "")
+                .json(&good),
+            400,
+            "/problems/invalid-idempotency-key",
+            None,
+        ),
+    ];
+    for (name, request, status, problem_type, pointer) in cases {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{name}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{name}"
+        );
+        let p: Value = r.json().await.unwrap();
+        assert_eq!(p["type"], problem_type, "{name}: {p}");
+        assert_eq!(p["status"], status, "{name}");
+        assert!(
+            p["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{name}: {p}"
+        );
+        if let Some(pointer) = pointer {
+            let pointers: Vec<&str> = p["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["pointer"].as_str().unwrap())
+                .collect();
+            assert!(pointers.contains(&pointer), "{name}: {pointers:?}");
+        }
+    }
+    for table in [
+        "orchestrator.sagas",
+        "orchestrator.saga_events",
+        "orchestrator.outbox",
+        "orchestrator.timers",
+    ] {
+        assert_eq!(
+            app.count(&format!("SELECT count(*) FROM {table}")).await,
+            0,
+            "{table}"
+        );
+    }
+    // And the API's other edges.
+    let r = app
+        .http
+        .get(format!("{}/sagas/not-a-uuid", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = app
+        .http
+        .get(format!("{}/sagas/{}", app.base, uuid::Uuid::now_v7()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = app
+        .http
+        .delete(format!("{}/checkout", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let r = app
+        .http
+        .get(format!("{}/sagas?status=lost", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn a_cancel_compensates_the_step_in_flight_and_a_late_cancel_is_refused() {
+    // The processor stalls, so the charge is in flight when the cancel arrives.
+    let app = App::spawn().await;
+    app.control("processor", json!({"mode": "hang"})).await;
+    let id = app.place(&order(&[("A", 1)], "tok_visa")).await;
+    app.wait_for(
+        &format!(
+            "SELECT count(*) FROM payments.charges WHERE saga_id = '{id}' AND status = 'pending'"
+        ),
+        1,
+        WITHIN,
+    )
+    .await;
+    let r = app
+        .http
+        .post(format!("{}/sagas/{id}/cancel", app.base))
+        .json(&json!({"reason": "customer changed their mind"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    app.control("processor", json!({"mode": "normal"})).await;
+    let saga = app.wait_terminal(&id, WITHIN).await;
+    assert_eq!(saga["status"], "compensated", "{saga:#}");
+    assert_eq!(saga["cancel_reason"], "customer changed their mind");
+    assert_eq!(
+        saga["steps"][1]["status"], "compensated",
+        "the charge in flight was undone"
+    );
+    // Whatever the stalled charge did, no money is kept.
+    app.wait_for(
+        "SELECT count(*) FROM payments.charges WHERE status IN ('succeeded', 'pending')",
+        0,
+        WITHIN,
+    )
+    .await;
+    let ledger = app.ledger().await;
+    let charged = ledger["charges"].as_array().unwrap().len();
+    assert_eq!(
+        ledger["refunds"].as_array().unwrap().len(),
+        charged,
+        "{ledger}"
+    );
+    assert_eq!(stock(&app, "A").await, (1000, 0));
+
+    let r = app
+        .http
+        .post(format!("{}/sagas/{id}/cancel", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["type"],
+        "/problems/cannot-cancel"
+    );
+}
+
+#[tokio::test]
+async fn a_step_past_its_deadline_is_retried_then_compensated() {
+    let app = App::spawn_with(
+        Options::default()
+            .orchestrator(
+                "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__DEADLINE_MS",
+                "400",
+            )
+            .orchestrator(
+                "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__MAX_ATTEMPTS",
+                "2",
+            )
+            .orchestrator(
+                "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__BACKOFF_INITIAL_MS",
+                "50",
+            ),
+    )
+    .await;
+    let id = app.place(&order(&[("B", 2)], "tok_hang")).await;
+    let saga = app.wait_terminal(&id, WITHIN).await;
+    assert_eq!(saga["status"], "compensated", "{saga:#}");
+    assert_eq!(saga["steps"][1]["attempts"], 2);
+    assert_eq!(saga["steps"][1]["last_error"]["code"], "deadline_exceeded");
+    let kinds: Vec<&str> = saga["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "started",
+            "step_succeeded",
+            "timer_fired",
+            "timer_fired",
+            "timer_fired",
+            "step_succeeded",
+            "step_succeeded"
+        ],
+        "deadline, retry, deadline, then refund and release"
+    );
+    assert_eq!(stock(&app, "B").await, (1000, 0));
+    assert_eq!(
+        app.count("SELECT count(*) FROM payments.charges WHERE status IN ('succeeded', 'pending')")
+            .await,
+        0
+    );
+    app.assert_logs_replay().await;
+}
+
+#[tokio::test]
+async fn the_correlation_id_follows_the_request_through_every_process() {
+    let app = App::spawn().await;
+    let r = app
+        .http
+        .post(format!("{}/checkout", app.base))
+        .header("X-Correlation-Id", "trace-me-123")
+        .json(&order(&[("A", 1)], "tok_visa"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-correlation-id"], "trace-me-123");
+    let id = r.json::<Value>().await.unwrap()["saga_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let saga = app.wait_terminal(&id, WITHIN).await;
+    assert_eq!(saga["correlation_id"], "trace-me-123");
+    app.wait_for("SELECT count(*) FROM notifications.sent", 1, WITHIN)
+        .await;
+    for process in [
+        "orchestrator",
+        "inventory",
+        "payment",
+        "shipping",
+        "notification",
+    ] {
+        let log = std::fs::read_to_string(app.logs.join(format!("{process}.log"))).unwrap();
+        let tagged = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["span"]["correlation_id"] == "trace-me-123")
+            .count();
+        assert!(
+            tagged > 0,
+            "{process} logged nothing with the correlation id"
+        );
+    }
+}
+
+#[tokio::test]
+async fn readiness_reports_its_dependencies() {
+    let app = App::spawn_with(Options {
+        workers: vec![],
+        ..Options::default()
+    })
+    .await;
+    let r = app
+        .http
+        .get(format!("{}/readyz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["postgres"], "ok");
+    assert_eq!(body["jetstream"], "ok");
+    let r = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
