@@ -28,6 +28,7 @@ pub struct Settings {
     pub relay: Relay,
     pub replies: Replies,
     pub timers: Timers,
+    pub breakers: Breakers,
     pub checkout: Checkout,
     pub log: Log,
 }
@@ -109,6 +110,20 @@ pub struct Timers {
     pub max_batch: i64,
     /// A claimed timer that was not applied within this long is claimed again.
     pub lease_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Breakers {
+    /// Consecutive failures (retryable failures or deadlines) of a step that open its breaker.
+    pub failure_threshold: u32,
+    /// How long a breaker stays open the first time; doubled (with jitter) up to the max.
+    pub open_initial_ms: u64,
+    pub open_max_ms: u64,
+    /// A half-open probe whose outcome does not come within this long is sent again.
+    pub probe_timeout_ms: u64,
+    /// How often parked sagas are looked at (and operator overrides read).
+    pub unpark_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,11 +225,18 @@ impl Settings {
         if self.http.max_body_bytes < 1024 {
             return bad("http.max_body_bytes must be at least 1024".into());
         }
+        if self.breakers.failure_threshold == 0
+            || self.breakers.open_initial_ms == 0
+            || self.breakers.open_max_ms < self.breakers.open_initial_ms
+            || self.breakers.unpark_interval_ms == 0
+        {
+            return bad("breakers: failure_threshold and open_initial_ms must be positive, open_max_ms >= open_initial_ms, unpark_interval_ms positive".into());
+        }
         if self.checkout.max_lines == 0 {
             return bad("checkout.max_lines must be at least 1".into());
         }
-        if self.checkout.reservation_hold_seconds < 60 {
-            return bad("checkout.reservation_hold_seconds must be at least 60".into());
+        if self.checkout.reservation_hold_seconds == 0 {
+            return bad("checkout.reservation_hold_seconds must be at least 1".into());
         }
         if self.replies.concurrency == 0 || self.relay.max_batch == 0 || self.timers.max_batch < 1 {
             return bad(

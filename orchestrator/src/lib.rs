@@ -12,12 +12,14 @@
 // Problem (an HTTP error) is large by nature and built once per failed request.
 #![allow(clippy::result_large_err)]
 
+pub mod breakers;
 pub mod catalog;
 pub mod config;
 pub mod db;
 pub mod dead_letter;
 pub mod engine;
 pub mod http;
+pub mod metrics;
 pub mod nats;
 pub mod relay;
 pub mod replies;
@@ -25,3 +27,4 @@ pub mod startup;
 pub mod telemetry;
 pub mod timers;
 pub mod topology;
+pub mod unpark;

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config;
+use crate::metrics::Metrics;
 
 /// One committed outbox row.
 #[derive(Debug, Clone)]
@@ -52,10 +53,16 @@ pub struct Relay {
     pool: PgPool,
     rx: mpsc::Receiver<Vec<Message>>,
     settings: config::Relay,
+    metrics: Metrics,
 }
 
 impl Relay {
-    pub fn new(js: jetstream::Context, pool: PgPool, settings: config::Relay) -> (Handle, Relay) {
+    pub fn new(
+        js: jetstream::Context,
+        pool: PgPool,
+        settings: config::Relay,
+        metrics: Metrics,
+    ) -> (Handle, Relay) {
         let (tx, rx) = mpsc::channel(1024);
         (
             Handle { tx },
@@ -64,6 +71,7 @@ impl Relay {
                 pool,
                 rx,
                 settings,
+                metrics,
             },
         )
     }
@@ -139,6 +147,7 @@ impl Relay {
             .collect();
         let found = messages.len();
         let done = self.publish(&messages).await;
+        self.metrics.published(done.len(), found - done.len(), true);
         if !done.is_empty() {
             delete(&mut *tx, &done).await?;
         }
@@ -150,6 +159,8 @@ impl Relay {
 
     async fn publish_and_delete(&self, batch: Vec<Message>) {
         let done = self.publish(&batch).await;
+        self.metrics
+            .published(done.len(), batch.len() - done.len(), false);
         if done.is_empty() {
             return;
         }

@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::dead_letter::DeadLetters;
 use crate::engine::{self, Applied, Engine, Origin};
+use crate::metrics::Metrics;
 use crate::topology::{Topology, streams};
 
 pub struct ReplyConsumer {
@@ -26,6 +27,7 @@ pub struct ReplyConsumer {
     topology: Topology,
     dead_letters: DeadLetters,
     concurrency: usize,
+    metrics: Metrics,
 }
 
 /// What became of one reply message.
@@ -44,6 +46,7 @@ impl ReplyConsumer {
         js: jetstream::Context,
         topology: Topology,
         concurrency: usize,
+        metrics: Metrics,
     ) -> Self {
         let dead_letters = DeadLetters::new(js.clone(), topology.subjects().clone());
         Self {
@@ -52,6 +55,7 @@ impl ReplyConsumer {
             topology,
             dead_letters,
             concurrency,
+            metrics,
         }
     }
 
@@ -125,7 +129,7 @@ impl ReplyConsumer {
                     let saga = reply.saga_id;
                     let origin = Origin {
                         correlation_id: correlation_id.clone(),
-                        fired_timer: None,
+                        ..Default::default()
                     };
                     match self.engine.apply(saga, Input::Reply(reply), origin).await {
                         Ok(Applied::Applied { .. }) => Handled::Applied,
@@ -158,7 +162,10 @@ impl ReplyConsumer {
 
     async fn dead_letter(&self, msg: &jetstream::Message, reason: &str) -> Handled {
         match self.dead_letters.put("replies", msg, reason).await {
-            Ok(()) => Handled::DeadLettered,
+            Ok(()) => {
+                self.metrics.dead_letter("replies");
+                Handled::DeadLettered
+            }
             Err(e) => {
                 tracing::error!(error = %e, reason, "could not dead-letter a reply; it will be redelivered");
                 Handled::Retry

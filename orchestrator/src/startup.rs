@@ -9,14 +9,17 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::breakers::Breakers;
 use crate::catalog::Catalog;
 use crate::config::{self, Settings};
 use crate::engine::Engine;
 use crate::http::{self, AppState};
+use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::replies::ReplyConsumer;
 use crate::timers::TimerLoop;
 use crate::topology::Topology;
+use crate::unpark::Unparker;
 use crate::{db, nats};
 
 /// A built orchestrator, bound to its port, not yet serving.
@@ -44,11 +47,24 @@ impl Application {
         topology.declare(&js).await.context(
             "cannot declare the JetStream streams and consumers (is JetStream enabled?)",
         )?;
-        let (relay_handle, relay) = Relay::new(js.clone(), pool.clone(), settings.relay.clone());
+        let metrics = Metrics::new();
+        let breakers = Arc::new(Breakers::new(
+            &Breakers::steps(),
+            &settings.breakers,
+            metrics.clone(),
+        ));
+        let (relay_handle, relay) = Relay::new(
+            js.clone(),
+            pool.clone(),
+            settings.relay.clone(),
+            metrics.clone(),
+        );
         let (engine, shards) = Engine::spawn(
             pool.clone(),
             settings.subjects(),
             relay_handle,
+            breakers.clone(),
+            metrics.clone(),
             &settings.engine,
         );
         let listener = TcpListener::bind((settings.http.host.as_str(), settings.http.port))
@@ -73,6 +89,8 @@ impl Application {
                 js,
                 topology,
                 catalog,
+                breakers,
+                metrics,
                 settings,
             },
             relay,
@@ -110,14 +128,24 @@ impl Application {
             state.js.clone(),
             state.topology.clone(),
             state.settings.replies.concurrency,
+            state.metrics.clone(),
         );
         let replies = tokio::spawn(replies.run(shutdown.clone()));
         let timers = TimerLoop::new(
             state.pool.clone(),
             state.engine.clone(),
             state.settings.timers.clone(),
+            state.metrics.clone(),
         );
         let timers = tokio::spawn(timers.run(shutdown.clone()));
+        let unparker = Unparker::new(
+            state.pool.clone(),
+            state.engine.clone(),
+            state.breakers.clone(),
+            state.metrics.clone(),
+            state.settings.breakers.unpark_interval_ms,
+        );
+        let unparker = tokio::spawn(unparker.run(shutdown.clone()));
         tracing::info!(port, "orchestrator serving");
         let app = http::router(state);
         axum::serve(listener, app)
@@ -127,6 +155,7 @@ impl Application {
         tracing::info!("HTTP stopped; finishing replies and timers in hand");
         replies.await.ok();
         timers.await.ok();
+        unparker.await.ok();
         // Every engine handle is gone now: the shards commit what is queued and stop, which
         // drops the relay's hand-off, which makes the relay flush and stop.
         for shard in shards {

@@ -14,19 +14,22 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config;
 use crate::engine::{Engine, FiredTimer, Origin};
+use crate::metrics::Metrics;
 
 pub struct TimerLoop {
     pool: PgPool,
     engine: Engine,
     settings: config::Timers,
+    metrics: Metrics,
 }
 
 impl TimerLoop {
-    pub fn new(pool: PgPool, engine: Engine, settings: config::Timers) -> Self {
+    pub fn new(pool: PgPool, engine: Engine, settings: config::Timers, metrics: Metrics) -> Self {
         Self {
             pool,
             engine,
             settings,
+            metrics,
         }
     }
 
@@ -75,6 +78,7 @@ impl TimerLoop {
         .fetch_all(&self.pool)
         .await?;
         let claimed = rows.len();
+        self.metrics.timers_fired(claimed);
         let fired = rows.into_iter().filter_map(|row| {
             let saga = SagaId::from_uuid(row.get(0));
             let key: String = row.get(1);
@@ -91,8 +95,8 @@ impl TimerLoop {
         });
         join_all(fired.map(|(saga, timer, fired)| async move {
             let origin = Origin {
-                correlation_id: None,
                 fired_timer: Some(fired),
+                ..Default::default()
             };
             if let Err(e) = self.engine.apply(saga, Input::TimerFired(timer), origin).await {
                 tracing::warn!(saga_id = %saga, error = %e, "timer not applied; it fires again after its lease");

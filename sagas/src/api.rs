@@ -20,6 +20,8 @@ pub enum Input {
     TimerFired(Timer),
     /// A client or an operator asked to stop the saga and undo what it did.
     Cancel { reason: String },
+    /// The circuit breaker of a step lets calls through again: a saga parked on it goes on.
+    Resume { step: String },
 }
 
 impl Input {
@@ -37,6 +39,7 @@ impl Input {
             },
             Input::TimerFired(_) => "timer_fired",
             Input::Cancel { .. } => "cancel_requested",
+            Input::Resume { .. } => "resumed",
         }
     }
 }
@@ -52,6 +55,9 @@ pub enum Timer {
         step: String,
         phase: Phase,
         attempt: u32,
+        /// Which dispatch of the attempt this deadline is for (0 for the first).
+        #[serde(default)]
+        dispatch: u32,
     },
     /// The backoff between two attempts: when it fires, the next attempt is dispatched.
     StepRetry {
@@ -94,6 +100,8 @@ pub enum Status {
     Running,
     /// Undoing finished steps after a permanent failure or a cancel.
     Compensating,
+    /// Waiting for the circuit breaker of its next step to close; no attempt is spent.
+    Parked,
     /// Every step succeeded.
     Completed,
     /// Every finished step was undone.
@@ -114,6 +122,7 @@ impl Status {
         match self {
             Status::Running => "running",
             Status::Compensating => "compensating",
+            Status::Parked => "parked",
             Status::Completed => "completed",
             Status::Compensated => "compensated",
             Status::Failed => "failed",
@@ -124,12 +133,37 @@ impl Status {
         [
             Status::Running,
             Status::Compensating,
+            Status::Parked,
             Status::Completed,
             Status::Compensated,
             Status::Failed,
         ]
         .into_iter()
         .find(|x| x.as_str() == s)
+    }
+}
+
+/// What the engine knows of the world when it feeds an input: the time, and the steps whose
+/// circuit breaker is open. It is stored with the input in the event log, so a replay sees
+/// exactly what the machine saw.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Env {
+    pub now: Timestamp,
+    /// Steps that must not be dispatched now; a saga that reaches one parks on it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub blocked: std::collections::BTreeSet<String>,
+}
+
+impl Env {
+    pub fn at(now: Timestamp) -> Self {
+        Self {
+            now,
+            blocked: Default::default(),
+        }
+    }
+
+    pub fn is_blocked(&self, step: &str) -> bool {
+        self.blocked.contains(step)
     }
 }
 
@@ -154,8 +188,10 @@ pub enum Error {
 /// One live saga instance.
 pub trait Saga: Send + Sync + std::fmt::Debug {
     fn id(&self) -> SagaId;
-    /// Feed one input. `now` is the only source of time.
-    fn apply(&mut self, input: &Input, now: Timestamp) -> Verdict;
+    /// Feed one input. `env.now` is the only source of time.
+    fn apply(&mut self, input: &Input, env: &Env) -> Verdict;
+    /// The step this saga is parked on (its breaker was open), if any.
+    fn parked_on(&self) -> Option<&'static str>;
     /// The versioned snapshot to persist.
     fn snapshot(&self) -> serde_json::Value;
     fn status(&self) -> Status;
@@ -180,7 +216,7 @@ pub trait SagaType: Send + Sync + 'static {
         &self,
         id: SagaId,
         request: &serde_json::Value,
-        now: Timestamp,
+        env: &Env,
     ) -> Result<(Box<dyn Saga>, Vec<Effect>), Error>;
     /// Rebuild an instance from a snapshot written by [`Saga::snapshot`].
     fn restore(&self, snapshot: &serde_json::Value) -> Result<Box<dyn Saga>, Error>;

@@ -12,7 +12,7 @@ use crate::policy::{Backoff, Policy, StepPolicy};
 use crate::stepwise::{self, Definition, End, StepDef, StepKind};
 use crate::wire::{
     Action, Address, CommandBody, Currency, Customer, DomainEvent, Invalid, Line, Money, OrderId,
-    Phase, SagaId,
+    Phase, SagaId, StepOutput, Timestamp,
 };
 
 /// The name stored in `sagas.type`.
@@ -32,6 +32,7 @@ const FORWARD_BACKOFF: Backoff = Backoff {
 const COMPENSATION: Policy = Policy {
     max_attempts: 30,
     deadline_ms: 10_000,
+    redispatches: 1,
     backoff: Backoff {
         initial_ms: 500,
         max_ms: 60_000,
@@ -44,9 +45,15 @@ const fn forward(deadline_ms: u64) -> Policy {
     Policy {
         max_attempts: 3,
         deadline_ms,
+        // A missing reply is more often a lost message than a dead worker: send the command
+        // once more before the attempt counts as failed.
+        redispatches: 1,
         backoff: FORWARD_BACKOFF,
     }
 }
+
+/// The index of the reservation step.
+const RESERVE: usize = 0;
 
 static STEPS: [StepDef; 3] = [
     StepDef {
@@ -116,6 +123,9 @@ pub struct Order {
     pub payment_token: String,
     pub shipping_address: Address,
     pub reservation_hold_seconds: u32,
+    /// When the current stock reservation runs out (from the inventory's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation_expires_at: Option<Timestamp>,
 }
 
 impl Order {
@@ -175,6 +185,7 @@ impl Definition for Checkout {
             payment_token: start.payment_token,
             shipping_address: start.shipping_address,
             reservation_hold_seconds: start.reservation_hold_seconds,
+            reservation_expires_at: None,
         })
     }
 
@@ -210,6 +221,24 @@ impl Definition for Checkout {
             },
             Action::CancelShipment => CommandBody::CancelShipment { order_id },
         }
+    }
+
+    fn record(order: &mut Order, _step: &StepDef, output: &StepOutput) {
+        if let StepOutput::StockReserved { expires_at } = output {
+            order.reservation_expires_at = Some(*expires_at);
+        }
+    }
+
+    /// A reservation that expires (or is about to) before payment or shipment is renewed
+    /// first: the customer still gets the order if the stock is there, and nothing is charged
+    /// or shipped against stock the inventory service may already have released. If the stock
+    /// is gone, the renewal fails permanently and the saga compensates (refunding a charge that
+    /// was already taken).
+    fn must_redo(order: &Order, next: usize, now: Timestamp) -> Option<usize> {
+        let expires_at = order.reservation_expires_at?;
+        let hold = i64::from(order.reservation_hold_seconds);
+        let margin = chrono::Duration::seconds((hold / 4).clamp(1, 60));
+        (next > RESERVE && now + margin >= expires_at).then_some(RESERVE)
     }
 
     fn on_end(order: &Order, saga: SagaId, end: End<'_>) -> Vec<DomainEvent> {

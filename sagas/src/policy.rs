@@ -68,8 +68,13 @@ pub struct Policy {
     /// Attempts in all, the first included. A compensation that exhausts them leaves the saga
     /// `failed`, waiting for an operator.
     pub max_attempts: u32,
-    /// Start-to-close: how long one attempt may take before it counts as failed.
+    /// Start-to-close: how long the orchestrator waits for the reply to one dispatch.
     pub deadline_ms: u64,
+    /// When the deadline passes, send the same command (same id: the worker's idempotency
+    /// makes it safe) this many times before the attempt counts as failed. 0: a deadline is a
+    /// failed attempt at once.
+    #[serde(default)]
+    pub redispatches: u32,
     pub backoff: Backoff,
 }
 
@@ -83,6 +88,12 @@ impl Policy {
             return Err(Invalid(format!(
                 "{what}: max_attempts must be between 1 and 10000, got {}",
                 self.max_attempts
+            )));
+        }
+        if self.redispatches > 100 {
+            return Err(Invalid(format!(
+                "{what}: redispatches must be at most 100, got {}",
+                self.redispatches
             )));
         }
         if self.deadline_ms < 10 || self.deadline_ms > 86_400_000 {
@@ -111,6 +122,7 @@ pub struct StepPolicy {
 pub struct PolicyOverride {
     pub max_attempts: Option<u32>,
     pub deadline_ms: Option<u64>,
+    pub redispatches: Option<u32>,
     pub backoff_initial_ms: Option<u64>,
     pub backoff_max_ms: Option<u64>,
     pub backoff_factor: Option<f32>,
@@ -122,6 +134,7 @@ impl PolicyOverride {
         Policy {
             max_attempts: self.max_attempts.unwrap_or(base.max_attempts),
             deadline_ms: self.deadline_ms.unwrap_or(base.deadline_ms),
+            redispatches: self.redispatches.unwrap_or(base.redispatches),
             backoff: Backoff {
                 initial_ms: self.backoff_initial_ms.unwrap_or(base.backoff.initial_ms),
                 max_ms: self.backoff_max_ms.unwrap_or(base.backoff.max_ms),
@@ -193,6 +206,7 @@ mod tests {
         let mut p = Policy {
             max_attempts: 3,
             deadline_ms: 1_000,
+            redispatches: 1,
             backoff: backoff(true),
         };
         assert!(p.validate("x").is_ok());

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use statig::blocking::StateMachine;
 use statig::prelude::*;
 
-use crate::api::{self, Effect, Input, Status, Timer, Verdict};
+use crate::api::{self, Effect, Env, Input, Status, Timer, Verdict};
 use crate::policy::{self, Policy, StepPolicy, StepPolicyOverride};
 use crate::wire::{
     Action, Command, CommandBody, CommandId, DomainEvent, Event, EventId, Invalid, Phase, Reply,
@@ -93,6 +93,11 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
     fn command(data: &Self::Data, step: &StepDef, phase: Phase) -> CommandBody;
     /// Keep what a finished step handed back, if the definition needs it later.
     fn record(_data: &mut Self::Data, _step: &StepDef, _output: &StepOutput) {}
+    /// Before step `next` is dispatched: `Some(earlier)` to do an earlier, finished step again
+    /// first (for a checkout, to renew a stock reservation that is about to expire).
+    fn must_redo(_data: &Self::Data, _next: usize, _now: Timestamp) -> Option<usize> {
+        None
+    }
     /// The domain events to publish when the saga ends.
     fn on_end(data: &Self::Data, saga: SagaId, end: End<'_>) -> Vec<DomainEvent>;
 }
@@ -153,6 +158,8 @@ pub enum StepStatus {
     Running,
     /// Waiting for the backoff before the next forward attempt.
     Retrying,
+    /// Waiting for the step's circuit breaker to close; the attempt is not spent.
+    Parked,
     Succeeded,
     /// A worker answered a permanent failure: the effect did not and will not happen.
     Rejected,
@@ -161,6 +168,7 @@ pub enum StepStatus {
     Abandoned,
     Compensating,
     CompensationRetrying,
+    CompensationParked,
     Compensated,
     CompensationFailed,
 }
@@ -186,9 +194,27 @@ pub struct StepRecord {
     pub compensation_attempts: u32,
     pub last_error: Option<StepError>,
     pub output: Option<StepOutput>,
+    /// How often the step was done again because the definition asked (e.g. a stock
+    /// reservation renewed before it expired).
+    #[serde(default)]
+    pub renewals: u32,
+    /// The first forward attempt of the current round; attempts are counted from here.
+    #[serde(default = "one")]
+    pub round_start: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl StepRecord {
+    fn round_start(&self, phase: Phase) -> u32 {
+        match phase {
+            Phase::Forward => self.round_start,
+            Phase::Compensation => 1,
+        }
+    }
+
     fn needs_compensation(&self, def: &StepDef) -> bool {
         def.compensation.is_some()
             && matches!(self.status, StepStatus::Succeeded | StepStatus::Abandoned)
@@ -203,18 +229,20 @@ pub struct Failure {
     pub reason: String,
 }
 
-/// The statig context: where handlers put their effects.
+/// The statig context: what the handlers know of the world, and where they put their effects.
 #[derive(Debug)]
 pub struct Ctx {
     now: Timestamp,
+    blocked: std::collections::BTreeSet<String>,
     effects: Vec<Effect>,
     ignored: Option<String>,
 }
 
 impl Ctx {
-    fn new(now: Timestamp) -> Self {
+    fn new(env: &Env) -> Self {
         Self {
-            now,
+            now: env.now,
+            blocked: env.blocked.clone(),
             effects: Vec::new(),
             ignored: None,
         }
@@ -249,55 +277,22 @@ pub struct Stepwise<D: Definition> {
 }
 
 #[state_machine(
-    initial = "State::running(0, 1)",
+    initial = "State::running(0, 1, 0)",
     state(derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)),
     superstate(derive(Debug))
 )]
 impl<D: Definition> Stepwise<D> {
-    /// A forward attempt is in flight; its deadline timer is armed.
+    /// Dispatch `dispatch` of forward attempt `attempt` is in flight; its deadline is armed.
     #[state(superstate = "forward")]
     fn running(
         &mut self,
         step: &mut usize,
         attempt: &mut u32,
+        dispatch: &mut u32,
         context: &mut Ctx,
         event: &Input,
     ) -> Outcome<State> {
-        let (step, attempt) = (*step, *attempt);
-        match event {
-            Input::Reply(reply) => {
-                if let Some(why) = self.fence(reply, step, Phase::Forward, attempt) {
-                    context.ignore(why);
-                    return Handled;
-                }
-                match &reply.outcome {
-                    ReplyOutcome::Succeeded { output } => {
-                        self.step_succeeded(context, step, output)
-                    }
-                    ReplyOutcome::Failed {
-                        retryable,
-                        code,
-                        reason,
-                    } => self.forward_failed(context, step, attempt, *retryable, code, reason),
-                }
-            }
-            Input::TimerFired(Timer::StepDeadline {
-                step: s,
-                phase: Phase::Forward,
-                attempt: a,
-            }) if s == self.name(step) && *a == attempt => {
-                let reason = format!(
-                    "no reply within {} ms",
-                    self.policies[step].forward.deadline_ms
-                );
-                self.forward_failed(context, step, attempt, true, "deadline_exceeded", &reason)
-            }
-            Input::TimerFired(_) => {
-                context.ignore("stale timer");
-                Handled
-            }
-            Input::Cancel { .. } => Super,
-        }
+        self.awaiting(context, event, Phase::Forward, *step, *attempt, *dispatch)
     }
 
     /// Waiting for the backoff timer before forward attempt `attempt`.
@@ -309,49 +304,45 @@ impl<D: Definition> Stepwise<D> {
         context: &mut Ctx,
         event: &Input,
     ) -> Outcome<State> {
-        let (step, attempt) = (*step, *attempt);
-        match event {
-            Input::TimerFired(Timer::StepRetry {
-                step: s,
-                phase: Phase::Forward,
-                attempt: a,
-            }) if s == self.name(step) && *a == attempt => {
-                self.dispatch(context, step, Phase::Forward, attempt);
-                Transition(State::running(step, attempt))
-            }
-            Input::Reply(_) => {
-                context.ignore("reply to an earlier attempt while waiting to retry");
-                Handled
-            }
-            Input::TimerFired(_) => {
-                context.ignore("stale timer");
-                Handled
-            }
-            Input::Cancel { .. } => Super,
-        }
+        self.backing_off(context, event, Phase::Forward, *step, *attempt)
+    }
+
+    /// The breaker of the step is open: forward attempt `attempt` waits, unspent, for a resume.
+    #[state(superstate = "forward")]
+    fn parked(
+        &mut self,
+        step: &mut usize,
+        attempt: &mut u32,
+        context: &mut Ctx,
+        event: &Input,
+    ) -> Outcome<State> {
+        self.waiting_for_breaker(context, event, Phase::Forward, *step, *attempt)
     }
 
     /// What the forward states share: a cancel turns the saga around, unless the pivot passed.
     #[superstate]
     fn forward(&mut self, step: &mut usize, context: &mut Ctx, event: &Input) -> Outcome<State> {
         match event {
-            Input::Cancel { reason } if self.past_pivot => {
-                let _ = reason;
+            Input::Cancel { .. } if self.past_pivot => {
                 context.ignore("the pivot step has succeeded; the saga can only complete");
                 Handled
             }
             Input::Cancel { reason } => {
                 let step = *step;
                 self.cancel_reason = Some(reason.clone());
-                // An attempt in flight, or one that timed out before the backoff, may still take
-                // effect: the step is undone to be sure.
-                self.steps[step].status = StepStatus::Abandoned;
+                // An attempt in flight, or one that timed out before the backoff, may still
+                // take effect: a step that was ever dispatched is undone to be sure.
+                if self.steps[step].attempts > 0 {
+                    self.steps[step].status = StepStatus::Abandoned;
+                } else {
+                    self.steps[step].status = StepStatus::Pending;
+                }
                 self.failure = Some(Failure {
                     step: self.name(step).to_owned(),
                     code: "cancelled".into(),
                     reason: reason.clone(),
                 });
-                self.compensate_from(context, Some(step))
+                self.compensate_next(context)
             }
             _ => {
                 context.ignore("not meaningful while running");
@@ -360,51 +351,24 @@ impl<D: Definition> Stepwise<D> {
         }
     }
 
-    /// A compensation attempt is in flight; its deadline timer is armed.
+    /// Dispatch `dispatch` of compensation attempt `attempt` is in flight.
     #[state(superstate = "unwinding")]
     fn compensating(
         &mut self,
         step: &mut usize,
         attempt: &mut u32,
+        dispatch: &mut u32,
         context: &mut Ctx,
         event: &Input,
     ) -> Outcome<State> {
-        let (step, attempt) = (*step, *attempt);
-        match event {
-            Input::Reply(reply) => {
-                if let Some(why) = self.fence(reply, step, Phase::Compensation, attempt) {
-                    context.ignore(why);
-                    return Handled;
-                }
-                match &reply.outcome {
-                    ReplyOutcome::Succeeded { .. } => {
-                        self.steps[step].status = StepStatus::Compensated;
-                        self.compensate_from(context, step.checked_sub(1))
-                    }
-                    ReplyOutcome::Failed {
-                        retryable,
-                        code,
-                        reason,
-                    } => self.compensation_failed(context, step, attempt, *retryable, code, reason),
-                }
-            }
-            Input::TimerFired(Timer::StepDeadline {
-                step: s,
-                phase: Phase::Compensation,
-                attempt: a,
-            }) if s == self.name(step) && *a == attempt => {
-                let reason = format!(
-                    "no reply within {} ms",
-                    self.policies[step].compensation.deadline_ms
-                );
-                self.compensation_failed(context, step, attempt, true, "deadline_exceeded", &reason)
-            }
-            Input::TimerFired(_) => {
-                context.ignore("stale timer");
-                Handled
-            }
-            Input::Cancel { .. } => Super,
-        }
+        self.awaiting(
+            context,
+            event,
+            Phase::Compensation,
+            *step,
+            *attempt,
+            *dispatch,
+        )
     }
 
     /// Waiting for the backoff timer before compensation attempt `attempt`.
@@ -416,26 +380,19 @@ impl<D: Definition> Stepwise<D> {
         context: &mut Ctx,
         event: &Input,
     ) -> Outcome<State> {
-        let (step, attempt) = (*step, *attempt);
-        match event {
-            Input::TimerFired(Timer::StepRetry {
-                step: s,
-                phase: Phase::Compensation,
-                attempt: a,
-            }) if s == self.name(step) && *a == attempt => {
-                self.dispatch(context, step, Phase::Compensation, attempt);
-                Transition(State::compensating(step, attempt))
-            }
-            Input::Reply(_) => {
-                context.ignore("reply to an earlier attempt while waiting to retry");
-                Handled
-            }
-            Input::TimerFired(_) => {
-                context.ignore("stale timer");
-                Handled
-            }
-            Input::Cancel { .. } => Super,
-        }
+        self.backing_off(context, event, Phase::Compensation, *step, *attempt)
+    }
+
+    /// The breaker of the step is open: compensation attempt `attempt` waits for a resume.
+    #[state(superstate = "unwinding")]
+    fn compensation_parked(
+        &mut self,
+        step: &mut usize,
+        attempt: &mut u32,
+        context: &mut Ctx,
+        event: &Input,
+    ) -> Outcome<State> {
+        self.waiting_for_breaker(context, event, Phase::Compensation, *step, *attempt)
     }
 
     /// What the compensating states share: a cancel changes nothing, the saga is already undoing.
@@ -477,6 +434,144 @@ impl<D: Definition> Stepwise<D> {
         D::steps()[step].name
     }
 
+    /// An attempt is in flight: its reply or its deadline moves the saga.
+    fn awaiting(
+        &mut self,
+        ctx: &mut Ctx,
+        event: &Input,
+        phase: Phase,
+        step: usize,
+        attempt: u32,
+        dispatch: u32,
+    ) -> Outcome<State> {
+        match event {
+            Input::Reply(reply) => {
+                if let Some(why) = self.fence(reply, step, phase, attempt) {
+                    ctx.ignore(why);
+                    return Handled;
+                }
+                match (&reply.outcome, phase) {
+                    (ReplyOutcome::Succeeded { output }, Phase::Forward) => {
+                        self.step_succeeded(ctx, step, output)
+                    }
+                    (ReplyOutcome::Succeeded { .. }, Phase::Compensation) => {
+                        self.steps[step].status = StepStatus::Compensated;
+                        self.compensate_next(ctx)
+                    }
+                    (
+                        ReplyOutcome::Failed {
+                            retryable,
+                            code,
+                            reason,
+                        },
+                        _,
+                    ) => self.attempt_failed(ctx, phase, step, attempt, *retryable, code, reason),
+                }
+            }
+            Input::TimerFired(Timer::StepDeadline {
+                step: s,
+                phase: p,
+                attempt: a,
+                dispatch: d,
+            }) if s == self.name(step) && *p == phase && *a == attempt && *d == dispatch => {
+                let policy = self.policy(step, phase);
+                if dispatch < policy.redispatches {
+                    // The reply may be lost, or the command: send the same command again.
+                    self.dispatch(ctx, step, phase, attempt, dispatch + 1);
+                    return Transition(match phase {
+                        Phase::Forward => State::running(step, attempt, dispatch + 1),
+                        Phase::Compensation => State::compensating(step, attempt, dispatch + 1),
+                    });
+                }
+                let reason = format!(
+                    "no reply within {} ms ({} dispatches)",
+                    policy.deadline_ms,
+                    dispatch + 1
+                );
+                self.attempt_failed(
+                    ctx,
+                    phase,
+                    step,
+                    attempt,
+                    true,
+                    "deadline_exceeded",
+                    &reason,
+                )
+            }
+            Input::TimerFired(_) => {
+                ctx.ignore("stale timer");
+                Handled
+            }
+            Input::Resume { .. } => {
+                ctx.ignore("not parked");
+                Handled
+            }
+            Input::Cancel { .. } => Super,
+        }
+    }
+
+    /// Waiting for a retry timer.
+    fn backing_off(
+        &mut self,
+        ctx: &mut Ctx,
+        event: &Input,
+        phase: Phase,
+        step: usize,
+        attempt: u32,
+    ) -> Outcome<State> {
+        match event {
+            Input::TimerFired(Timer::StepRetry {
+                step: s,
+                phase: p,
+                attempt: a,
+            }) if s == self.name(step) && *p == phase && *a == attempt => match phase {
+                Phase::Forward => self.proceed(ctx, step),
+                Phase::Compensation => Transition(self.send(ctx, step, phase, attempt)),
+            },
+            Input::Reply(_) => {
+                ctx.ignore("reply to an earlier attempt while waiting to retry");
+                Handled
+            }
+            Input::TimerFired(_) => {
+                ctx.ignore("stale timer");
+                Handled
+            }
+            Input::Resume { .. } => {
+                ctx.ignore("not parked");
+                Handled
+            }
+            Input::Cancel { .. } => Super,
+        }
+    }
+
+    /// Parked on an open breaker.
+    fn waiting_for_breaker(
+        &mut self,
+        ctx: &mut Ctx,
+        event: &Input,
+        phase: Phase,
+        step: usize,
+        attempt: u32,
+    ) -> Outcome<State> {
+        match event {
+            Input::Resume { step: s } if s == self.name(step) => {
+                if ctx.blocked.contains(s) {
+                    ctx.ignore("the breaker is still open");
+                    return Handled;
+                }
+                match phase {
+                    Phase::Forward => self.proceed(ctx, step),
+                    Phase::Compensation => Transition(self.send(ctx, step, phase, attempt)),
+                }
+            }
+            Input::Cancel { .. } => Super,
+            _ => {
+                ctx.ignore("parked: waiting for the breaker");
+                Handled
+            }
+        }
+    }
+
     /// `Some(reason)` when a reply does not belong to the attempt the saga waits for.
     fn fence(&self, reply: &Reply, step: usize, phase: Phase, attempt: u32) -> Option<String> {
         let expected = CommandId::derive(self.id, self.name(step), phase, attempt);
@@ -506,8 +601,29 @@ impl<D: Definition> Stepwise<D> {
         }
     }
 
-    /// Send attempt `attempt` of `step` in `phase` and arm its deadline.
-    fn dispatch(&mut self, ctx: &mut Ctx, step: usize, phase: Phase, attempt: u32) {
+    /// Dispatch attempt `attempt` of `step` in `phase`, or park on the step when its breaker is
+    /// open (the attempt is not spent). Returns the state to move to.
+    fn send(&mut self, ctx: &mut Ctx, step: usize, phase: Phase, attempt: u32) -> State {
+        if ctx.blocked.contains(self.name(step)) {
+            self.steps[step].status = match phase {
+                Phase::Forward => StepStatus::Parked,
+                Phase::Compensation => StepStatus::CompensationParked,
+            };
+            ctx.effects.push(Effect::CancelTimer { key: "step".into() });
+            return match phase {
+                Phase::Forward => State::parked(step, attempt),
+                Phase::Compensation => State::compensation_parked(step, attempt),
+            };
+        }
+        self.dispatch(ctx, step, phase, attempt, 0);
+        match phase {
+            Phase::Forward => State::running(step, attempt, 0),
+            Phase::Compensation => State::compensating(step, attempt, 0),
+        }
+    }
+
+    /// Send the command of `attempt` of `step` in `phase` and arm its deadline.
+    fn dispatch(&mut self, ctx: &mut Ctx, step: usize, phase: Phase, attempt: u32, dispatch: u32) {
         let def = &D::steps()[step];
         let deadline = ctx.now + self.policy(step, phase).deadline();
         let record = &mut self.steps[step];
@@ -527,6 +643,7 @@ impl<D: Definition> Stepwise<D> {
             step: def.name.to_owned(),
             phase,
             attempt,
+            dispatch,
             deadline,
             body: D::command(&self.data, def, phase),
         }));
@@ -535,13 +652,14 @@ impl<D: Definition> Stepwise<D> {
                 step: def.name.to_owned(),
                 phase,
                 attempt,
+                dispatch,
             },
             at: deadline,
         });
     }
 
     /// Arm the backoff timer before attempt `next` of `step` in `phase`.
-    fn schedule_retry(&mut self, ctx: &mut Ctx, step: usize, phase: Phase, next: u32) {
+    fn schedule_retry(&mut self, ctx: &mut Ctx, step: usize, phase: Phase, next: u32) -> State {
         let name = self.name(step);
         let seed = policy::seed(&[
             self.id.as_uuid().as_bytes(),
@@ -549,7 +667,8 @@ impl<D: Definition> Stepwise<D> {
             phase.as_str().as_bytes(),
             &next.to_le_bytes(),
         ]);
-        let delay = self.policy(step, phase).backoff.delay(next - 2, seed);
+        let retry = next.saturating_sub(self.steps[step].round_start(phase) + 1);
+        let delay = self.policy(step, phase).backoff.delay(retry, seed);
         self.steps[step].status = match phase {
             Phase::Forward => StepStatus::Retrying,
             Phase::Compensation => StepStatus::CompensationRetrying,
@@ -562,24 +681,10 @@ impl<D: Definition> Stepwise<D> {
             },
             at: ctx.now + delay,
         });
-    }
-
-    fn record_error(
-        &mut self,
-        ctx: &Ctx,
-        step: usize,
-        phase: Phase,
-        attempt: u32,
-        code: &str,
-        reason: &str,
-    ) {
-        self.steps[step].last_error = Some(StepError {
-            phase,
-            attempt,
-            code: code.to_owned(),
-            reason: reason.to_owned(),
-            at: ctx.now,
-        });
+        match phase {
+            Phase::Forward => State::retrying(step, next),
+            Phase::Compensation => State::compensation_retrying(step, next),
+        }
     }
 
     fn step_succeeded(
@@ -596,87 +701,95 @@ impl<D: Definition> Stepwise<D> {
         if def.kind == StepKind::Pivot {
             self.past_pivot = true;
         }
-        let next = step + 1;
-        if next < D::steps().len() {
-            self.dispatch(ctx, next, Phase::Forward, 1);
-            Transition(State::running(next, 1))
-        } else {
-            self.end(ctx, End::Completed)
+        self.advance(ctx, step)
+    }
+
+    /// Move on to the first unfinished step after `after`, or end `completed`.
+    fn advance(&mut self, ctx: &mut Ctx, after: usize) -> Outcome<State> {
+        let n = D::steps().len();
+        match (after + 1..n).find(|&i| self.steps[i].status != StepStatus::Succeeded) {
+            Some(next) => self.proceed(ctx, next),
+            None => self.end(ctx, End::Completed),
         }
     }
 
-    fn forward_failed(
+    /// Dispatch the next forward attempt of `step`, unless the definition asks to do an earlier
+    /// step again first (a stock reservation about to expire): then renew that one, and come
+    /// back to `step` when it succeeded.
+    fn proceed(&mut self, ctx: &mut Ctx, step: usize) -> Outcome<State> {
+        if let Some(redo) = D::must_redo(&self.data, step, ctx.now)
+            && redo < step
+        {
+            let record = &mut self.steps[redo];
+            let attempt = record.attempts + 1;
+            record.renewals += 1;
+            record.round_start = attempt;
+            return Transition(self.send(ctx, redo, Phase::Forward, attempt));
+        }
+        let attempt = self.steps[step].attempts + 1;
+        Transition(self.send(ctx, step, Phase::Forward, attempt))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attempt_failed(
         &mut self,
         ctx: &mut Ctx,
+        phase: Phase,
         step: usize,
         attempt: u32,
         retryable: bool,
         code: &str,
         reason: &str,
     ) -> Outcome<State> {
-        self.record_error(ctx, step, Phase::Forward, attempt, code, reason);
-        let max = self.policies[step].forward.max_attempts;
-        if retryable && attempt < max {
-            self.schedule_retry(ctx, step, Phase::Forward, attempt + 1);
-            return Transition(State::retrying(step, attempt + 1));
+        self.steps[step].last_error = Some(StepError {
+            phase,
+            attempt,
+            code: code.to_owned(),
+            reason: reason.to_owned(),
+            at: ctx.now,
+        });
+        let policy = self.policy(step, phase);
+        let in_round = attempt + 1 - self.steps[step].round_start(phase);
+        if retryable && in_round < policy.max_attempts {
+            return Transition(self.schedule_retry(ctx, step, phase, attempt + 1));
+        }
+        let name = self.name(step);
+        if phase == Phase::Compensation {
+            self.steps[step].status = StepStatus::CompensationFailed;
+            let reason = if retryable {
+                format!("compensation of {name} gave up after {in_round} attempts: {reason}")
+            } else {
+                format!("compensation of {name} failed: {reason}")
+            };
+            return self.end(ctx, End::Failed { reason: &reason });
         }
         let (status, why) = if retryable {
             (
                 StepStatus::Abandoned,
-                format!("gave up after {attempt} attempts: {reason}"),
+                format!("gave up after {in_round} attempts: {reason}"),
             )
         } else {
             (StepStatus::Rejected, reason.to_owned())
         };
         self.steps[step].status = status;
         self.failure = Some(Failure {
-            step: self.name(step).to_owned(),
+            step: name.to_owned(),
             code: code.to_owned(),
             reason: why.clone(),
         });
         if self.past_pivot {
             // After the pivot there is nothing to undo and no way back: an operator decides.
-            let reason = format!("{} could not complete: {why}", self.name(step));
+            let reason = format!("{name} could not complete: {why}");
             return self.end(ctx, End::Failed { reason: &reason });
         }
-        self.compensate_from(ctx, Some(step))
+        self.compensate_next(ctx)
     }
 
-    fn compensation_failed(
-        &mut self,
-        ctx: &mut Ctx,
-        step: usize,
-        attempt: u32,
-        retryable: bool,
-        code: &str,
-        reason: &str,
-    ) -> Outcome<State> {
-        self.record_error(ctx, step, Phase::Compensation, attempt, code, reason);
-        let max = self.policies[step].compensation.max_attempts;
-        if retryable && attempt < max {
-            self.schedule_retry(ctx, step, Phase::Compensation, attempt + 1);
-            return Transition(State::compensation_retrying(step, attempt + 1));
-        }
-        self.steps[step].status = StepStatus::CompensationFailed;
-        let reason = if retryable {
-            format!(
-                "compensation of {} gave up after {attempt} attempts: {reason}",
-                self.name(step)
-            )
-        } else {
-            format!("compensation of {} failed: {reason}", self.name(step))
-        };
-        self.end(ctx, End::Failed { reason: &reason })
-    }
-
-    /// Compensate the highest step at or below `from` that needs it, or end `compensated`.
-    fn compensate_from(&mut self, ctx: &mut Ctx, from: Option<usize>) -> Outcome<State> {
-        if let Some(from) = from {
-            for step in (0..=from).rev() {
-                if self.steps[step].needs_compensation(&D::steps()[step]) {
-                    self.dispatch(ctx, step, Phase::Compensation, 1);
-                    return Transition(State::compensating(step, 1));
-                }
+    /// Compensate the highest step that needs it, or end `compensated`.
+    fn compensate_next(&mut self, ctx: &mut Ctx) -> Outcome<State> {
+        for step in (0..D::steps().len()).rev() {
+            if self.steps[step].needs_compensation(&D::steps()[step]) {
+                return Transition(self.send(ctx, step, Phase::Compensation, 1));
             }
         }
         let reason = self.unwind_reason();
@@ -717,10 +830,34 @@ impl<D: Definition> Stepwise<D> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "snake_case")]
 pub enum StateSnapshot {
-    Running { step: usize, attempt: u32 },
-    Retrying { step: usize, attempt: u32 },
-    Compensating { step: usize, attempt: u32 },
-    CompensationRetrying { step: usize, attempt: u32 },
+    Running {
+        step: usize,
+        attempt: u32,
+        #[serde(default)]
+        dispatch: u32,
+    },
+    Retrying {
+        step: usize,
+        attempt: u32,
+    },
+    Parked {
+        step: usize,
+        attempt: u32,
+    },
+    Compensating {
+        step: usize,
+        attempt: u32,
+        #[serde(default)]
+        dispatch: u32,
+    },
+    CompensationRetrying {
+        step: usize,
+        attempt: u32,
+    },
+    CompensationParked {
+        step: usize,
+        attempt: u32,
+    },
     Completed,
     Compensated,
     Failed,
@@ -729,11 +866,31 @@ pub enum StateSnapshot {
 impl StateSnapshot {
     fn of(state: &State) -> Self {
         match *state {
-            State::Running { step, attempt } => Self::Running { step, attempt },
+            State::Running {
+                step,
+                attempt,
+                dispatch,
+            } => Self::Running {
+                step,
+                attempt,
+                dispatch,
+            },
             State::Retrying { step, attempt } => Self::Retrying { step, attempt },
-            State::Compensating { step, attempt } => Self::Compensating { step, attempt },
+            State::Parked { step, attempt } => Self::Parked { step, attempt },
+            State::Compensating {
+                step,
+                attempt,
+                dispatch,
+            } => Self::Compensating {
+                step,
+                attempt,
+                dispatch,
+            },
             State::CompensationRetrying { step, attempt } => {
                 Self::CompensationRetrying { step, attempt }
+            }
+            State::CompensationParked { step, attempt } => {
+                Self::CompensationParked { step, attempt }
             }
             State::Completed {} => Self::Completed,
             State::Compensated {} => Self::Compensated,
@@ -743,24 +900,37 @@ impl StateSnapshot {
 
     fn state(&self) -> State {
         match *self {
-            Self::Running { step, attempt } => State::running(step, attempt),
+            Self::Running {
+                step,
+                attempt,
+                dispatch,
+            } => State::running(step, attempt, dispatch),
             Self::Retrying { step, attempt } => State::retrying(step, attempt),
-            Self::Compensating { step, attempt } => State::compensating(step, attempt),
+            Self::Parked { step, attempt } => State::parked(step, attempt),
+            Self::Compensating {
+                step,
+                attempt,
+                dispatch,
+            } => State::compensating(step, attempt, dispatch),
             Self::CompensationRetrying { step, attempt } => {
                 State::compensation_retrying(step, attempt)
             }
+            Self::CompensationParked { step, attempt } => State::compensation_parked(step, attempt),
             Self::Completed => State::completed(),
             Self::Compensated => State::compensated(),
             Self::Failed => State::failed(),
         }
     }
 
-    fn step(&self) -> Option<usize> {
+    /// The step the saga is at, if it is not ended.
+    pub fn step(&self) -> Option<usize> {
         match *self {
             Self::Running { step, .. }
             | Self::Retrying { step, .. }
+            | Self::Parked { step, .. }
             | Self::Compensating { step, .. }
-            | Self::CompensationRetrying { step, .. } => Some(step),
+            | Self::CompensationRetrying { step, .. }
+            | Self::CompensationParked { step, .. } => Some(step),
             _ => None,
         }
     }
@@ -769,8 +939,10 @@ impl StateSnapshot {
         match self {
             Self::Running { .. } => "running",
             Self::Retrying { .. } => "retrying",
+            Self::Parked { .. } => "parked",
             Self::Compensating { .. } => "compensating",
             Self::CompensationRetrying { .. } => "compensation_retrying",
+            Self::CompensationParked { .. } => "compensation_parked",
             Self::Completed => "completed",
             Self::Compensated => "compensated",
             Self::Failed => "failed",
@@ -781,6 +953,7 @@ impl StateSnapshot {
         match self {
             Self::Running { .. } | Self::Retrying { .. } => Status::Running,
             Self::Compensating { .. } | Self::CompensationRetrying { .. } => Status::Compensating,
+            Self::Parked { .. } | Self::CompensationParked { .. } => Status::Parked,
             Self::Completed => Status::Completed,
             Self::Compensated => Status::Compensated,
             Self::Failed => Status::Failed,
@@ -840,8 +1013,9 @@ impl<D: Definition> Instance<D> {
     pub fn start(
         id: SagaId,
         request: &serde_json::Value,
-        now: Timestamp,
+        env: &Env,
     ) -> Result<(Self, Vec<Effect>), api::Error> {
+        let now = env.now;
         let request: StartRequest<D::Start> = serde_json::from_value(request.clone())
             .map_err(|e| api::Error::InvalidStart(e.to_string()))?;
         let data = D::init(request.start).map_err(|e| api::Error::InvalidStart(e.0))?;
@@ -884,6 +1058,8 @@ impl<D: Definition> Instance<D> {
                     compensation_attempts: 0,
                     last_error: None,
                     output: None,
+                    renewals: 0,
+                    round_start: 1,
                 })
                 .collect(),
             started_at: now,
@@ -892,9 +1068,9 @@ impl<D: Definition> Instance<D> {
             past_pivot: false,
             marker: PhantomData,
         };
-        let mut ctx = Ctx::new(now);
-        saga.dispatch(&mut ctx, 0, Phase::Forward, 1);
-        let instance = Self::assemble(saga, State::running(0, 1))?;
+        let mut ctx = Ctx::new(env);
+        let state = saga.send(&mut ctx, 0, Phase::Forward, 1);
+        let instance = Self::assemble(saga, state)?;
         Ok((instance, ctx.effects))
     }
 
@@ -951,8 +1127,8 @@ impl<D: Definition> Instance<D> {
     }
 
     /// Feed one input.
-    pub fn handle(&mut self, input: &Input, now: Timestamp) -> Verdict {
-        let mut ctx = Ctx::new(now);
+    pub fn handle(&mut self, input: &Input, env: &Env) -> Verdict {
+        let mut ctx = Ctx::new(env);
         self.machine.handle_with_context(input, &mut ctx);
         ctx.verdict()
     }
@@ -963,8 +1139,17 @@ impl<D: Definition> api::Saga for Instance<D> {
         self.machine.inner().id
     }
 
-    fn apply(&mut self, input: &Input, now: Timestamp) -> Verdict {
-        self.handle(input, now)
+    fn apply(&mut self, input: &Input, env: &Env) -> Verdict {
+        self.handle(input, env)
+    }
+
+    fn parked_on(&self) -> Option<&'static str> {
+        match self.state() {
+            StateSnapshot::Parked { step, .. } | StateSnapshot::CompensationParked { step, .. } => {
+                Some(D::steps()[step].name)
+            }
+            _ => None,
+        }
     }
 
     fn snapshot(&self) -> serde_json::Value {
@@ -1008,9 +1193,9 @@ impl<D: Definition> api::SagaType for Type<D> {
         &self,
         id: SagaId,
         request: &serde_json::Value,
-        now: Timestamp,
+        env: &Env,
     ) -> Result<(Box<dyn api::Saga>, Vec<Effect>), api::Error> {
-        let (instance, effects) = Instance::<D>::start(id, request, now)?;
+        let (instance, effects) = Instance::<D>::start(id, request, env)?;
         Ok((Box::new(instance), effects))
     }
 

@@ -57,9 +57,9 @@ id_type!(
     OrderId
 );
 id_type!(
-    /// One dispatch of one step attempt. Derived, never random: the same saga, step, phase and
-    /// attempt always give the same id, so a re-dispatch is deduplicated by JetStream
-    /// (`Nats-Msg-Id`) and recognised by the worker.
+    /// One attempt of one step. Derived, never random: the same saga, step, phase and attempt
+    /// always give the same id, so a republished command is deduplicated by JetStream
+    /// (`Nats-Msg-Id`) and a reply is matched to the attempt it answers.
     CommandId
 );
 id_type!(
@@ -378,6 +378,10 @@ pub struct Command {
     pub step: String,
     pub phase: Phase,
     pub attempt: u32,
+    /// How many times this same command was sent before: a command whose reply did not come by
+    /// its deadline is sent again, with the same id.
+    #[serde(default)]
+    pub dispatch: u32,
     /// After this instant the orchestrator no longer waits for the reply; a worker may skip the work.
     pub deadline: Timestamp,
     #[serde(flatten)]
@@ -385,6 +389,15 @@ pub struct Command {
 }
 
 impl Command {
+    /// The `Nats-Msg-Id` of this dispatch: the command id, suffixed for a re-dispatch so that
+    /// JetStream does not drop it as a duplicate of the first.
+    pub fn msg_id(&self) -> String {
+        match self.dispatch {
+            0 => self.id.to_string(),
+            n => format!("{}.{n}", self.id),
+        }
+    }
+
     /// The subject this command is published on.
     pub fn subject(&self, subjects: &Subjects) -> String {
         subjects.command(self.body.action().service())
@@ -646,6 +659,7 @@ mod tests {
             step: "reserve_stock".into(),
             phase: Phase::Forward,
             attempt: 1,
+            dispatch: 0,
             deadline: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             body: CommandBody::ReleaseStock {
                 order_id: OrderId::from_uuid(Uuid::from_u128(2)),

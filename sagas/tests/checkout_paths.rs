@@ -199,8 +199,16 @@ const CASES: &[Case] = &[
         events: &["OrderCancelled"],
     },
     Case {
-        name: "a deadline passes, the retry succeeds",
+        name: "a deadline passes: the command is sent again, then retried, and succeeds",
         steps: &[
+            (
+                Step::Fire,
+                &[
+                    "redispatch reserve_stock fwd #1.1",
+                    "deadline reserve_stock fwd #1.1 +10000ms",
+                ],
+                "running",
+            ),
             (Step::Fire, &["retry reserve_stock fwd #2"], "retrying"),
             (
                 Step::Fire,
@@ -238,6 +246,14 @@ const CASES: &[Case] = &[
     Case {
         name: "every deadline passes: the unknown step is undone",
         steps: &[
+            (
+                Step::Fire,
+                &[
+                    "redispatch reserve_stock fwd #1.1",
+                    "deadline reserve_stock fwd #1.1 +10000ms",
+                ],
+                "running",
+            ),
             (Step::Fire, &["retry reserve_stock fwd #2"], "retrying"),
             (
                 Step::Fire,
@@ -247,12 +263,28 @@ const CASES: &[Case] = &[
                 ],
                 "running",
             ),
+            (
+                Step::Fire,
+                &[
+                    "redispatch reserve_stock fwd #2.1",
+                    "deadline reserve_stock fwd #2.1 +10000ms",
+                ],
+                "running",
+            ),
             (Step::Fire, &["retry reserve_stock fwd #3"], "retrying"),
             (
                 Step::Fire,
                 &[
                     "dispatch reserve_stock fwd #3",
                     "deadline reserve_stock fwd #3 +10000ms",
+                ],
+                "running",
+            ),
+            (
+                Step::Fire,
+                &[
+                    "redispatch reserve_stock fwd #3.1",
+                    "deadline reserve_stock fwd #3.1 +10000ms",
                 ],
                 "running",
             ),
@@ -502,7 +534,16 @@ fn late_duplicate_and_foreign_replies_change_nothing() {
             .is_none()
     );
     let charge1 = h.command();
-    // Attempt 1 of the charge times out; attempt 2 is dispatched.
+    // Attempt 1 of the charge times out and is sent again, with the same id.
+    h.fire();
+    let resent = h.command();
+    assert_eq!((resent.id, resent.dispatch), (charge1.id, 1));
+    assert_ne!(
+        resent.msg_id(),
+        charge1.msg_id(),
+        "JetStream must not drop the resend"
+    );
+    // It times out again: attempt 2 is dispatched after the backoff.
     h.fire();
     h.fire();
     let charge2 = h.command();
@@ -551,28 +592,28 @@ fn bad_start_requests_are_refused() {
     empty["lines"] = serde_json::json!([]);
     assert!(
         sagas::checkout::TYPE
-            .start(id, &empty, support::t0())
+            .start(id, &empty, &sagas::api::Env::at(support::t0()))
             .is_err()
     );
     let mut dup = support::start_request();
     dup["lines"][1]["sku"] = "TSHIRT-M".into();
     assert!(
         sagas::checkout::TYPE
-            .start(id, &dup, support::t0())
+            .start(id, &dup, &sagas::api::Env::at(support::t0()))
             .is_err()
     );
     let mut policy = support::start_request();
     policy["policies"] = serde_json::json!({"no_such_step": {"forward": {"max_attempts": 2}}});
     assert!(
         sagas::checkout::TYPE
-            .start(id, &policy, support::t0())
+            .start(id, &policy, &sagas::api::Env::at(support::t0()))
             .is_err()
     );
     let mut zero = support::start_request();
     zero["policies"] = serde_json::json!({"charge_payment": {"forward": {"max_attempts": 0}}});
     assert!(
         sagas::checkout::TYPE
-            .start(id, &zero, support::t0())
+            .start(id, &zero, &sagas::api::Env::at(support::t0()))
             .is_err()
     );
 }
@@ -616,4 +657,165 @@ fn the_definition_follows_the_rules() {
         <sagas::checkout::Checkout as sagas::stepwise::Definition>::steps(),
     )
     .unwrap();
+}
+
+#[test]
+fn an_open_breaker_parks_the_saga_without_spending_an_attempt() {
+    let mut h = Harness::start();
+    h.blocked.insert("charge_payment".into());
+    // The reservation succeeds, but the payment breaker is open: park, no command, no timer.
+    let effects = h.ok().unwrap();
+    assert_eq!(describe(&effects, h.now), ["cancel timer step"]);
+    assert_eq!(h.state(), "parked");
+    assert_eq!(h.status(), Status::Parked);
+    assert_eq!(h.saga.parked_on(), Some("charge_payment"));
+    // A resume while the breaker is still open changes nothing.
+    assert!(
+        h.feed(Input::Resume {
+            step: "charge_payment".into()
+        })
+        .is_none()
+    );
+    // Nor does a resume for another step.
+    h.blocked.clear();
+    assert!(
+        h.feed(Input::Resume {
+            step: "create_shipment".into()
+        })
+        .is_none()
+    );
+    // The breaker closes: attempt 1 (not 2) goes out.
+    let effects = h
+        .feed(Input::Resume {
+            step: "charge_payment".into(),
+        })
+        .unwrap();
+    assert_eq!(
+        describe(&effects, h.now),
+        [
+            "dispatch charge_payment fwd #1",
+            "deadline charge_payment fwd #1 +15000ms"
+        ]
+    );
+    h.ok();
+    h.ok();
+    assert_eq!(h.status(), Status::Completed);
+    assert_eq!(h.replayed_snapshot(), h.saga.snapshot());
+}
+
+#[test]
+fn a_retry_that_meets_an_open_breaker_parks_and_keeps_its_attempt() {
+    let mut h = Harness::start();
+    h.ok();
+    h.fail(true, "processor_unavailable");
+    h.blocked.insert("charge_payment".into());
+    h.fire();
+    assert_eq!(h.state(), "parked");
+    h.blocked.clear();
+    let effects = h
+        .feed(Input::Resume {
+            step: "charge_payment".into(),
+        })
+        .unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch charge_payment fwd #2"
+    );
+    // A cancel while parked undoes what was done (the first attempt may have charged).
+    h.blocked.insert("charge_payment".into());
+    h.fail(true, "processor_unavailable");
+    h.fire();
+    assert_eq!(h.state(), "parked");
+    h.blocked.clear();
+    let effects = h.cancel().unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch refund_payment comp #1"
+    );
+}
+
+#[test]
+fn compensations_park_too() {
+    let mut h = Harness::start();
+    h.ok();
+    h.blocked.insert("reserve_stock".into());
+    h.fail(false, "card_declined");
+    assert_eq!(h.state(), "compensation_parked");
+    assert_eq!(h.status(), Status::Parked);
+    h.blocked.clear();
+    let effects = h
+        .feed(Input::Resume {
+            step: "reserve_stock".into(),
+        })
+        .unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch release_stock comp #1"
+    );
+    h.ok();
+    assert_eq!(h.status(), Status::Compensated);
+}
+
+/// Answer the reservation in flight: held for `secs` from now.
+fn reserve_for(h: &mut Harness, secs: i64) -> Option<Vec<sagas::api::Effect>> {
+    let expires_at = h.now + chrono::Duration::seconds(secs);
+    let cmd = h.command();
+    h.feed(Harness::reply(
+        &cmd,
+        ReplyOutcome::Succeeded {
+            output: sagas::wire::StepOutput::StockReserved { expires_at },
+        },
+    ))
+}
+
+#[test]
+fn a_reservation_about_to_expire_is_renewed_before_the_payment() {
+    let mut req = support::start_request();
+    req["reservation_hold_seconds"] = 120.into();
+    let mut h = Harness::start_with(req);
+    reserve_for(&mut h, 120);
+    assert_eq!(h.command().step, "charge_payment");
+    // The charge fails retryably and the retry comes 100 s later: less than the margin (a
+    // quarter of the hold) is left, so the stock is reserved again first.
+    h.fail(true, "processor_unavailable");
+    h.now += chrono::Duration::seconds(100);
+    let effects = h.fire().unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch reserve_stock fwd #2"
+    );
+    assert_eq!(h.saga.snapshot()["steps"][0]["renewals"], 1);
+    // Renewed: the charge goes on with the attempt it was about to make.
+    let effects = reserve_for(&mut h, 120).unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch charge_payment fwd #2"
+    );
+    h.ok();
+    h.ok();
+    assert_eq!(h.status(), Status::Completed);
+    assert_eq!(h.replayed_snapshot(), h.saga.snapshot());
+}
+
+#[test]
+fn a_renewal_that_finds_no_stock_refunds_what_was_charged() {
+    let mut req = support::start_request();
+    req["reservation_hold_seconds"] = 120.into();
+    let mut h = Harness::start_with(req);
+    reserve_for(&mut h, 120);
+    // The charge is slow: it succeeds 110 s later, just before the shipment is booked.
+    h.now += chrono::Duration::seconds(110);
+    let effects = h.ok().unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch reserve_stock fwd #2"
+    );
+    // The stock was sold meanwhile: refund the charge; the reservation holds nothing.
+    let effects = h.fail(false, "out_of_stock").unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch refund_payment comp #1"
+    );
+    h.ok();
+    assert_eq!(h.status(), Status::Compensated);
 }

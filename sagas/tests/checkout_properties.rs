@@ -50,6 +50,8 @@ struct Script {
     reloads: Vec<bool>,
     /// Before which answers a stale reply (of an earlier command) is delivered.
     stale: Vec<bool>,
+    /// Which breakers are open before each answer (bit per step).
+    breakers: Vec<u8>,
 }
 
 fn script() -> impl Strategy<Value = Script> {
@@ -58,12 +60,14 @@ fn script() -> impl Strategy<Value = Script> {
         prop::option::of(0usize..12),
         prop::collection::vec(any::<bool>(), 200),
         prop::collection::vec(prop::bool::weighted(0.2), 200),
+        prop::collection::vec(prop_oneof![4 => Just(0u8), 1 => 0u8..8], 200),
     )
-        .prop_map(|(answers, cancel_at, reloads, stale)| Script {
+        .prop_map(|(answers, cancel_at, reloads, stale, breakers)| Script {
             answers,
             cancel_at,
             reloads,
             stale,
+            breakers,
         })
 }
 
@@ -114,6 +118,20 @@ proptest! {
             }
             if h.status().is_terminal() {
                 break;
+            }
+            // Breakers open and close at random; a parked saga is resumed once its breaker
+            // closed, and must then go on with the attempt it had not spent.
+            h.blocked = ["reserve_stock", "charge_payment", "create_shipment"]
+                .iter()
+                .enumerate()
+                .filter(|(b, _)| script.breakers[i] & (1 << b) != 0)
+                .map(|(_, s)| (*s).to_owned())
+                .collect();
+            if let Some(step) = h.saga.parked_on() {
+                h.blocked.clear();
+                prop_assert!(h.feed(Input::Resume { step: step.to_owned() }).is_some(), "a resume applies");
+                i += 1;
+                continue;
             }
             if h.state().ends_with("retrying") {
                 h.fire();

@@ -2,7 +2,7 @@
 //! `hold` (compensatable) -> `commit` (pivot) -> `notify` (retriable-only).
 
 use chrono::DateTime;
-use sagas::api::{Effect, Input, Saga, SagaType, Status, Timer, Verdict};
+use sagas::api::{Effect, Env, Input, Saga, SagaType, Status, Timer, Verdict};
 use sagas::policy::{Backoff, Policy, StepPolicy};
 use sagas::stepwise::{self, Definition, End, StepDef, StepKind, validate_definition};
 use sagas::wire::{
@@ -14,6 +14,7 @@ use uuid::Uuid;
 const P: Policy = Policy {
     max_attempts: 2,
     deadline_ms: 1_000,
+    redispatches: 0,
     backoff: Backoff {
         initial_ms: 100,
         max_ms: 1_000,
@@ -99,7 +100,7 @@ impl H {
             .start(
                 id,
                 &serde_json::json!({"order_id": Uuid::from_u128(6)}),
-                now,
+                &Env::at(now),
             )
             .unwrap();
         let mut h = Self {
@@ -122,7 +123,7 @@ impl H {
     }
     fn feed(&mut self, input: Input) -> bool {
         let now = DateTime::from_timestamp(100, 0).unwrap();
-        match self.saga.apply(&input, now) {
+        match self.saga.apply(&input, &Env::at(now)) {
             Verdict::Applied(e) => {
                 self.track(&e);
                 true

@@ -11,11 +11,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sagas::api::{Input, Verdict};
 use sagas::wire::SagaId;
 use serde_json::{Value, json};
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Row};
 
 /// The admin database URL the test databases are created from.
 pub fn admin_url() -> String {
@@ -392,45 +391,20 @@ impl App {
 
     /// Replay every saga's event log through its machine and compare with the stored snapshot.
     pub async fn assert_logs_replay(&self) {
-        let sagas = sqlx::query("SELECT id, saga_type, snapshot FROM orchestrator.sagas")
+        let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM orchestrator.sagas")
             .fetch_all(&self.pool)
             .await
             .expect("sagas");
-        let types = sagas::types();
-        for row in sagas {
-            let id = SagaId::from_uuid(row.get(0));
-            let saga_type: String = row.get(1);
-            let stored: Value = row.get(2);
-            let t = types
-                .iter()
-                .find(|t| t.name() == saga_type)
-                .expect("known type");
-            let events = sqlx::query(
-                "SELECT seq, input, at FROM orchestrator.saga_events WHERE saga_id = $1 ORDER BY seq",
-            )
-            .bind(id.as_uuid())
-            .fetch_all(&self.pool)
-            .await
-            .expect("events");
-            let mut events = events.into_iter();
-            let first = events.next().expect("a started event");
-            let (mut saga, _) = t
-                .start(id, &first.get::<Value, _>(1), first.get(2))
-                .expect("replayed start");
-            for (i, e) in events.enumerate() {
-                let seq: i32 = e.get(0);
-                assert_eq!(seq as usize, i + 2, "saga {id}: event log has a gap");
-                let input: Input = serde_json::from_value(e.get(1)).expect("input decodes");
-                match saga.apply(&input, e.get(2)) {
-                    Verdict::Applied(_) => {}
-                    Verdict::Ignored(why) => {
-                        panic!("saga {id}: logged input {seq} ignored on replay: {why}")
-                    }
-                }
-            }
+        for id in ids {
+            let id = SagaId::from_uuid(id);
+            let (record, events) = orchestrator::engine::load_record(&self.pool, id)
+                .await
+                .expect("load")
+                .expect("exists");
+            let replayed = orchestrator::engine::replay(&record.saga_type, id, &events)
+                .unwrap_or_else(|e| panic!("saga {id}: {e}"));
             assert_eq!(
-                saga.snapshot(),
-                stored,
+                replayed, record.snapshot,
                 "saga {id}: replay differs from the stored snapshot"
             );
         }

@@ -527,13 +527,14 @@ async fn a_step_past_its_deadline_is_retried_then_compensated() {
         [
             "started",
             "step_succeeded",
-            "timer_fired",
-            "timer_fired",
-            "timer_fired",
+            "timer_fired", // deadline of attempt 1: the command is sent again
+            "timer_fired", // deadline again: attempt 1 failed, back off
+            "timer_fired", // backoff over: attempt 2
+            "timer_fired", // deadline of attempt 2: sent again
+            "timer_fired", // deadline again: out of attempts, compensate
             "step_succeeded",
             "step_succeeded"
         ],
-        "deadline, retry, deadline, then refund and release"
     );
     assert_eq!(stock(&app, "B").await, (1000, 0));
     assert_eq!(

@@ -198,8 +198,11 @@ pub async fn serve_commands<H: Handler>(
     service: Service,
     handler: H,
     concurrency: usize,
+    faults: crate::config::Faults,
     shutdown: CancellationToken,
 ) {
+    let swallow = std::sync::atomic::AtomicU32::new(faults.swallow);
+    let swallow = &swallow;
     let stream = subjects.stream("COMMANDS");
     let origin = format!("cmd-{service}");
     let handler = &handler;
@@ -223,6 +226,14 @@ pub async fn serve_commands<H: Handler>(
                 if cmd.body.action().service() != service {
                     let why = format!("{} is not a {service} command", cmd.body.action().as_str());
                     return dead_letter(js_ref, subjects_ref, origin_ref, &msg, &why).await;
+                }
+                if swallow
+                    .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    tracing::warn!(saga_id = %cmd.saga_id, step = %cmd.step, "fault injection: command swallowed");
+                    let _ = msg.ack().await;
+                    return;
                 }
                 let outcome = match handler.handle(&cmd).await {
                     Ok(o) => o,

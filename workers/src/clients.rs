@@ -23,15 +23,25 @@ struct ErrorBody {
     message: String,
 }
 
+type Breaker = failsafe::StateMachine<
+    failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::EqualJittered>,
+    (),
+>;
+
 #[derive(Clone)]
 struct Remote {
     http: reqwest::Client,
     base: String,
     name: &'static str,
+    /// Consecutive unavailability opens it; while open, calls fail fast (retryable) instead of
+    /// piling up on a party that is down.
+    breaker: Breaker,
 }
 
 impl Remote {
     fn new(name: &'static str, base: &str, timeout: Duration) -> Self {
+        let backoff =
+            failsafe::backoff::equal_jittered(Duration::from_secs(1), Duration::from_secs(30));
         Self {
             http: reqwest::Client::builder()
                 .timeout(timeout)
@@ -39,11 +49,48 @@ impl Remote {
                 .expect("an HTTP client builds"),
             base: base.trim_end_matches('/').to_owned(),
             name,
+            breaker: failsafe::Config::new()
+                .failure_policy(failsafe::failure_policy::consecutive_failures(5, backoff))
+                .build(),
         }
     }
 
-    /// `Ok(None)` when the party answers 404.
+    /// Run a call through the breaker: only unavailability counts against the party.
+    async fn guarded<T, F>(&self, call: F) -> Result<T, CallError>
+    where
+        F: std::future::Future<Output = Result<T, CallError>>,
+    {
+        if !self.breaker.is_call_permitted() {
+            return Err(CallError::Unavailable(format!(
+                "{} circuit open",
+                self.name
+            )));
+        }
+        let result = call.await;
+        match &result {
+            Err(CallError::Unavailable(_)) => self.breaker.on_error(),
+            _ => self.breaker.on_success(),
+        }
+        result
+    }
+
     async fn get<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<Option<T>, CallError> {
+        self.guarded(self.get_unguarded(path)).await
+    }
+
+    async fn post<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<T, CallError> {
+        self.guarded(self.post_unguarded(path, body)).await
+    }
+
+    /// `Ok(None)` when the party answers 404.
+    async fn get_unguarded<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+    ) -> Result<Option<T>, CallError> {
         let url = format!("{}{path}", self.base);
         let response = self
             .http
@@ -68,7 +115,7 @@ impl Remote {
             .map_err(|e| CallError::Unavailable(format!("{}: unreadable answer: {e}", self.name)))
     }
 
-    async fn post<T: for<'de> Deserialize<'de>>(
+    async fn post_unguarded<T: for<'de> Deserialize<'de>>(
         &self,
         path: &str,
         body: serde_json::Value,

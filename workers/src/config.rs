@@ -29,7 +29,19 @@ pub struct Settings {
     pub processor: Remote,
     pub carrier: Remote,
     pub inventory: Inventory,
+    #[serde(default)]
+    pub faults: Faults,
     pub log: Log,
+}
+
+/// Fault injection, for tests and drills only: off by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// Acknowledge the first `swallow` commands this process receives without doing anything
+    /// or replying, as a worker that lost them would.
+    #[serde(default)]
+    pub swallow: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -125,12 +125,48 @@ impl Inventory {
         .fetch_optional(&mut *tx)
         .await?;
         if claimed.is_none() {
-            let held = Self::held(&mut tx, order, false).await?;
-            tx.rollback().await?;
-            return Ok(held.map_or_else(
-                || refused("cancelled", "the reservation vanished"),
-                |h| Self::answer(&h),
-            ));
+            let held = Self::held(&mut tx, order, true).await?;
+            match held {
+                // The hold ran out before the saga was done with it and the saga asks again
+                // (a renewal): take the stock again if it is still there.
+                Some(h) if h.status == "expired" => {
+                    sqlx::query(
+                        "UPDATE inventory.reservations
+                            SET status = 'active', expires_at = $2, reason = 'renewed', updated_at = $3
+                          WHERE order_id = $1",
+                    )
+                    .bind(order.as_uuid())
+                    .bind(expires_at)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                // Still held: a renewal holds it longer; a repeated reserve answers the same.
+                Some(h) if h.status == "active" => {
+                    let renewed = h.expires_at.max(expires_at);
+                    sqlx::query(
+                        "UPDATE inventory.reservations SET expires_at = $2, updated_at = $3 WHERE order_id = $1",
+                    )
+                    .bind(order.as_uuid())
+                    .bind(renewed)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    return Ok(ReplyOutcome::Succeeded {
+                        output: StepOutput::StockReserved {
+                            expires_at: renewed,
+                        },
+                    });
+                }
+                other => {
+                    tx.rollback().await?;
+                    return Ok(other.map_or_else(
+                        || refused("cancelled", "the reservation vanished"),
+                        |h| Self::answer(&h),
+                    ));
+                }
+            }
         }
         // Lock every variant of the order in SKU order, then check availability.
         let mut wanted: BTreeMap<&str, i32> = BTreeMap::new();
@@ -205,7 +241,13 @@ impl Inventory {
                 "already_consumed",
                 "the order was confirmed and its stock consumed",
             )),
-            // Released, expired or rejected: nothing is held.
+            "expired" => {
+                // Nothing is held; mark it released so that a late renewal does nothing.
+                set_status(&mut tx, order, "released", "released after it expired", now).await?;
+                tx.commit().await?;
+                Ok(released)
+            }
+            // Released or rejected: nothing is held.
             _ => Ok(released),
         }
     }
@@ -261,6 +303,71 @@ impl Inventory {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Expire the reservations whose hold ran out, until `shutdown`.
+    pub async fn expire_loop(
+        &self,
+        every: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            match self.expire_due(100).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(reservations = n, "expired reservations handled"),
+                Err(e) => tracing::warn!(error = %e, "reservation expiry failed"),
+            }
+        }
+    }
+
+    /// Release up to `limit` reservations past their expiry, with an `expire` stock movement.
+    /// A reservation whose order was confirmed (its `OrderConfirmed` event not consumed yet,
+    /// or lost) is consumed instead: the Order service is asked before stock is put back.
+    /// Returns how many were handled. One step of the sweeper, callable on its own.
+    pub async fn expire_due(&self, limit: i64) -> Result<usize, Unavailable> {
+        let now = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT r.order_id, r.lines, coalesce(o.status, 'unknown')
+               FROM inventory.reservations r
+               LEFT JOIN orders.orders o ON o.id = r.order_id
+              WHERE r.status = 'active' AND r.expires_at <= $1
+              ORDER BY r.expires_at LIMIT $2
+              FOR UPDATE OF r SKIP LOCKED",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &rows {
+            let order = OrderId::from_uuid(row.get(0));
+            let lines: Vec<Line> = serde_json::from_value(row.get(1)).unwrap_or_default();
+            let order_status: String = row.get(2);
+            let (skus, qtys) = totals(&lines);
+            lock_variants(&mut tx, &skus).await?;
+            if order_status == "confirmed" {
+                move_stock(&mut tx, &skus, &qtys, -1, -1, "consume", order, now).await?;
+                set_status(
+                    &mut tx,
+                    order,
+                    "consumed",
+                    "order confirmed (found at expiry)",
+                    now,
+                )
+                .await?;
+            } else {
+                move_stock(&mut tx, &skus, &qtys, 0, -1, "expire", order, now).await?;
+                set_status(&mut tx, order, "expired", "the hold ran out", now).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(rows.len())
     }
 
     /// Handle a domain event from the events stream.

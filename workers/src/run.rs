@@ -75,7 +75,16 @@ pub async fn run(
     tracing::info!(worker = %name, mode = ?settings.worker.mode, concurrency = n, "worker starting");
     match (kind.service(), settings.worker.mode) {
         (Some(service), Mode::Noop) => {
-            bus::serve_commands(js, subjects, service, Noop, n, shutdown).await;
+            bus::serve_commands(
+                js,
+                subjects,
+                service,
+                Noop,
+                n,
+                settings.faults.clone(),
+                shutdown,
+            )
+            .await;
         }
         (None, Mode::Noop) => {
             // Nothing to notify about in the noop variant: events are acknowledged and dropped.
@@ -92,6 +101,7 @@ pub async fn run(
         (Some(Service::Inventory), Mode::Real) => {
             let inventory = Inventory::new(connect_db(&settings.database).await?);
             let events = inventory.clone();
+            let sweeper = inventory.clone();
             tokio::join!(
                 bus::serve_commands(
                     js.clone(),
@@ -99,6 +109,11 @@ pub async fn run(
                     Service::Inventory,
                     inventory,
                     n,
+                    settings.faults.clone(),
+                    shutdown.clone()
+                ),
+                sweeper.expire_loop(
+                    config::ms(settings.inventory.expiry_sweep_interval_ms),
                     shutdown.clone()
                 ),
                 bus::serve_events(
@@ -120,7 +135,16 @@ pub async fn run(
                 config::ms(settings.processor.timeout_ms),
             );
             let payment = Payment::new(connect_db(&settings.database).await?, processor);
-            bus::serve_commands(js, subjects, Service::Payment, payment, n, shutdown).await;
+            bus::serve_commands(
+                js,
+                subjects,
+                Service::Payment,
+                payment,
+                n,
+                settings.faults.clone(),
+                shutdown,
+            )
+            .await;
         }
         (Some(Service::Shipping), Mode::Real) => {
             let carrier = Carrier::new(
@@ -128,7 +152,16 @@ pub async fn run(
                 config::ms(settings.carrier.timeout_ms),
             );
             let shipping = Shipping::new(connect_db(&settings.database).await?, carrier);
-            bus::serve_commands(js, subjects, Service::Shipping, shipping, n, shutdown).await;
+            bus::serve_commands(
+                js,
+                subjects,
+                Service::Shipping,
+                shipping,
+                n,
+                settings.faults.clone(),
+                shutdown,
+            )
+            .await;
         }
         (None, Mode::Real) => {
             let notification = Notification::new(connect_db(&settings.database).await?);

@@ -23,7 +23,9 @@ use sagas::wire::{SagaId, Subjects};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::breakers::Breakers;
 use crate::config;
+use crate::metrics::Metrics;
 use crate::relay;
 
 pub use store::{EventRow, SagaRecord, list_records, load_record};
@@ -103,6 +105,8 @@ pub struct FiredTimer {
 pub struct Origin {
     pub correlation_id: Option<String>,
     pub fired_timer: Option<FiredTimer>,
+    /// Apply the input as if this step's breaker were closed: the half-open probe.
+    pub unblock: Option<String>,
 }
 
 enum Request {
@@ -189,6 +193,8 @@ impl Engine {
         pool: sqlx::PgPool,
         subjects: Subjects,
         relay: relay::Handle,
+        breakers: Arc<Breakers>,
+        metrics: Metrics,
         settings: &config::Engine,
     ) -> (Engine, Vec<JoinHandle<()>>) {
         let registry: Arc<HashMap<&'static str, &'static dyn sagas::api::SagaType>> =
@@ -206,6 +212,8 @@ impl Engine {
                 subjects.clone(),
                 relay.clone(),
                 watchers.clone(),
+                breakers.clone(),
+                metrics.clone(),
                 settings.max_batch,
                 settings.cache_capacity,
             );
@@ -256,4 +264,43 @@ impl Engine {
     pub fn watchers(&self) -> &Watchers {
         &self.watchers
     }
+}
+
+/// Replay a saga's event log through its machine and return the snapshot it gives; the stored
+/// snapshot must be equal (an invariant the tests check for every saga, and an operator can
+/// check with `GET /sagas/{id}/verify`).
+pub fn replay(
+    saga_type: &str,
+    id: SagaId,
+    events: &[EventRow],
+) -> Result<serde_json::Value, String> {
+    use sagas::api::{Env, Verdict};
+    let t = sagas::types()
+        .into_iter()
+        .find(|t| t.name() == saga_type)
+        .ok_or_else(|| format!("unknown saga type {saga_type:?}"))?;
+    let env = |e: &EventRow| -> Result<Env, String> {
+        Ok(Env {
+            now: e.at,
+            blocked: match &e.blocked {
+                Some(b) => serde_json::from_value(b.clone()).map_err(|e| e.to_string())?,
+                None => Default::default(),
+            },
+        })
+    };
+    let (first, rest) = events.split_first().ok_or("the event log is empty")?;
+    let (mut saga, _) = t
+        .start(id, &first.input, &env(first)?)
+        .map_err(|e| format!("event 1 (start): {e}"))?;
+    for (i, e) in rest.iter().enumerate() {
+        if e.seq as usize != i + 2 {
+            return Err(format!("the event log has a gap before seq {}", e.seq));
+        }
+        let input: Input = serde_json::from_value(e.input.clone())
+            .map_err(|err| format!("event {}: {err}", e.seq))?;
+        if let Verdict::Ignored(why) = saga.apply(&input, &env(e)?) {
+            return Err(format!("event {} was ignored on replay: {why}", e.seq));
+        }
+    }
+    Ok(saga.snapshot())
 }

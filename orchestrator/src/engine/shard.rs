@@ -4,13 +4,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chrono::{SubsecRound, Utc};
-use sagas::api::{Effect, Input, Saga, SagaType, Verdict};
+use sagas::api::{Effect, Env, Input, Saga, SagaType, Timer, Verdict};
 use sagas::wire::{SagaId, Subjects};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::store::{self, Batch, EventRow, NewSagaRow, OutboxRow, TimerOp, UpdateRow};
 use super::{Applied, Error, FiredTimer, Request, Started, Watchers};
+use crate::breakers::Breakers;
+use crate::metrics::Metrics;
 use crate::relay;
 
 /// How often a batch is re-run for the sagas that lost an optimistic-lock race.
@@ -53,6 +55,8 @@ pub(super) struct Shard {
     subjects: Subjects,
     relay: relay::Handle,
     watchers: Arc<Watchers>,
+    breakers: Arc<Breakers>,
+    metrics: Metrics,
     max_batch: usize,
     cache_capacity: usize,
     cache: HashMap<SagaId, Entry>,
@@ -67,6 +71,8 @@ impl Shard {
         subjects: Subjects,
         relay: relay::Handle,
         watchers: Arc<Watchers>,
+        breakers: Arc<Breakers>,
+        metrics: Metrics,
         max_batch: usize,
         cache_capacity: usize,
     ) -> Self {
@@ -77,6 +83,8 @@ impl Shard {
             subjects,
             relay,
             watchers,
+            breakers,
+            metrics,
             max_batch,
             cache_capacity,
             cache: HashMap::new(),
@@ -114,7 +122,11 @@ impl Shard {
     async fn round(&mut self, requests: Vec<Request>) -> Vec<Request> {
         // The machine gets the time at PostgreSQL's precision, so that what the event log
         // stores is exactly what the machine saw, and a replay gives the same snapshot.
-        let now = Utc::now().trunc_subsecs(6);
+        let env = Env {
+            now: Utc::now().trunc_subsecs(6),
+            blocked: self.breakers.blocked(),
+        };
+        let inputs = requests.len();
         if let Err(e) = self.load_missing(&requests).await {
             for r in requests {
                 r.fail(e.clone());
@@ -135,7 +147,7 @@ impl Shard {
                         key_followers.push((Request::Start { id, new, reply }, first));
                         continue;
                     }
-                    match self.start(id, &new, now) {
+                    match self.start(id, &new, &env) {
                         Ok(mut w) => {
                             if let Some(idem) = &new.idempotency {
                                 keys.insert(idem.key.clone(), id);
@@ -167,7 +179,21 @@ impl Shard {
                             }
                         },
                     };
-                    let answer = w.apply(&self.subjects, &input, &origin, now);
+                    let answer = if let Some(step) = &origin.unblock {
+                        // The half-open probe goes through the breaker it probes.
+                        let mut probe = env.clone();
+                        probe.blocked.remove(step);
+                        w.apply(&self.subjects, &input, &origin, &probe)
+                    } else {
+                        w.apply(&self.subjects, &input, &origin, &env)
+                    };
+                    if let Applied::Applied { .. } = answer
+                        && let Some((step, ok)) = breaker_outcome(&input)
+                    {
+                        self.breakers.record(step, ok);
+                    }
+                    self.metrics
+                        .input(input.kind(), matches!(answer, Applied::Applied { .. }));
                     w.answers.push(Answer::Applied(answer));
                     w.requests.push(Request::Apply {
                         id,
@@ -179,10 +205,13 @@ impl Shard {
             }
         }
 
-        let batch = Batch::build(&work, now);
+        let batch = Batch::build(&work, env.now);
+        let started = std::time::Instant::now();
         let result = store::commit(&self.pool, batch).await;
+        self.metrics.batch(inputs, started.elapsed().as_secs_f64());
         match result {
             Err(e) => {
+                self.metrics.commit_failed();
                 tracing::error!(error = %e, sagas = work.len(), "batch commit failed");
                 let e = Error::from(e);
                 for (_, w) in work {
@@ -210,6 +239,7 @@ impl Shard {
         let mut published = Vec::new();
         // Who holds each idempotency key started in this batch, for the followers.
         let mut holders: HashMap<SagaId, store::Existing> = HashMap::new();
+        self.metrics.conflicts(outcome.conflicted.len());
         for (id, mut w) in work {
             if outcome.conflicted.contains(&id) {
                 tracing::debug!(saga_id = %id, "version conflict; reloading");
@@ -251,7 +281,11 @@ impl Shard {
                     _ => unreachable!("answers follow their requests"),
                 }
             }
+            if w.base_version.is_none() {
+                self.metrics.started(1);
+            }
             if w.changed && status.is_terminal() {
+                self.metrics.ended(status.as_str());
                 self.watchers.ended(id, status);
             } else {
                 self.cache.insert(id, w.entry);
@@ -287,12 +321,7 @@ impl Shard {
         }
     }
 
-    fn start(
-        &self,
-        id: SagaId,
-        new: &super::NewSaga,
-        now: chrono::DateTime<Utc>,
-    ) -> Result<Work, Error> {
+    fn start(&self, id: SagaId, new: &super::NewSaga, env: &Env) -> Result<Work, Error> {
         let saga_type = self
             .registry
             .get_key_value(new.saga_type.as_str())
@@ -300,7 +329,7 @@ impl Shard {
             .ok_or_else(|| Error::UnknownType(new.saga_type.clone()))?;
         let (saga, effects) = saga_type
             .1
-            .start(id, &new.request, now)
+            .start(id, &new.request, env)
             .map_err(|e| Error::InvalidStart(e.to_string()))?;
         let entry = Entry {
             saga,
@@ -316,7 +345,7 @@ impl Shard {
             "started",
             new.request.clone(),
             &effects,
-            now,
+            env,
         );
         Ok(w)
     }
@@ -401,7 +430,7 @@ impl Work {
         subjects: &Subjects,
         input: &Input,
         origin: &super::Origin,
-        now: chrono::DateTime<Utc>,
+        env: &Env,
     ) -> Applied {
         let id = self.entry.saga.id();
         if let Some(fired) = &origin.fired_timer {
@@ -413,7 +442,7 @@ impl Work {
             correlation_id = %origin.correlation_id.as_deref().unwrap_or(&self.entry.correlation_id)
         )
         .entered();
-        match self.entry.saga.apply(input, now) {
+        match self.entry.saga.apply(input, env) {
             Verdict::Ignored(why) => {
                 tracing::info!(input = input.kind(), reason = %why, "input ignored");
                 Applied::Ignored(why)
@@ -422,7 +451,7 @@ impl Work {
                 self.entry.version += 1;
                 self.changed = true;
                 let value = serde_json::to_value(input).expect("inputs serialize");
-                self.record(subjects, input.kind(), value, &effects, now);
+                self.record(subjects, input.kind(), value, &effects, env);
                 let status = self.entry.saga.status();
                 tracing::debug!(
                     input = input.kind(),
@@ -445,14 +474,14 @@ impl Work {
         kind: &str,
         input: serde_json::Value,
         effects: &[Effect],
-        now: chrono::DateTime<Utc>,
+        env: &Env,
     ) {
         let id = self.entry.saga.id();
         for effect in effects {
             match effect {
                 Effect::Dispatch(cmd) => self.outbox.push(OutboxRow {
                     saga_id: id,
-                    msg_id: cmd.id.to_string(),
+                    msg_id: cmd.msg_id(),
                     subject: cmd.subject(subjects),
                     correlation_id: self.entry.correlation_id.clone(),
                     payload: serde_json::to_vec(cmd).expect("commands serialize"),
@@ -485,7 +514,9 @@ impl Work {
             input,
             effects: serde_json::to_value(effects).expect("effects serialize"),
             state_after: self.entry.saga.state_name().to_owned(),
-            at: now,
+            at: env.now,
+            blocked: (!env.blocked.is_empty())
+                .then(|| serde_json::to_value(&env.blocked).expect("sets serialize")),
         });
     }
 }
@@ -507,6 +538,7 @@ impl Batch {
                     state: saga.state_name().to_owned(),
                     status: status.as_str().to_owned(),
                     snapshot: saga.snapshot(),
+                    parked_on: saga.parked_on().map(str::to_owned),
                     version: w.entry.version,
                     correlation_id: w.entry.correlation_id.clone(),
                     idempotency_key: w.idempotency.as_ref().map(|i| i.key.clone()),
@@ -520,6 +552,7 @@ impl Batch {
                     state: saga.state_name().to_owned(),
                     status: status.as_str().to_owned(),
                     snapshot: saga.snapshot(),
+                    parked_on: saga.parked_on().map(str::to_owned),
                     at: now,
                 }),
             }
@@ -530,5 +563,24 @@ impl Batch {
             }
         }
         batch
+    }
+}
+
+/// What an applied input says about the health of a step: a reply is a success for the
+/// breaker unless it is a retryable failure; a deadline is a failure.
+fn breaker_outcome(input: &Input) -> Option<(&str, bool)> {
+    match input {
+        Input::Reply(r) => Some((
+            r.step.as_str(),
+            !matches!(
+                r.outcome,
+                sagas::wire::ReplyOutcome::Failed {
+                    retryable: true,
+                    ..
+                }
+            ),
+        )),
+        Input::TimerFired(Timer::StepDeadline { step, .. }) => Some((step.as_str(), false)),
+        _ => None,
     }
 }

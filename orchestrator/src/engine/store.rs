@@ -21,6 +21,7 @@ pub(super) struct NewSagaRow {
     pub state: String,
     pub status: String,
     pub snapshot: serde_json::Value,
+    pub parked_on: Option<String>,
     pub version: i64,
     pub correlation_id: String,
     pub idempotency_key: Option<String>,
@@ -36,6 +37,7 @@ pub(super) struct UpdateRow {
     pub state: String,
     pub status: String,
     pub snapshot: serde_json::Value,
+    pub parked_on: Option<String>,
     pub at: DateTime<Utc>,
 }
 
@@ -49,6 +51,9 @@ pub struct EventRow {
     pub effects: serde_json::Value,
     pub state_after: String,
     pub at: DateTime<Utc>,
+    /// The steps whose breaker was open when the input was applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,12 +124,12 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
         let inserted: HashSet<Uuid> = sqlx::query(
             "INSERT INTO orchestrator.sagas
                  (id, saga_type, state, status, snapshot, version, correlation_id,
-                  idempotency_key, request_hash, created_at, updated_at)
+                  idempotency_key, request_hash, created_at, parked_on, updated_at)
              SELECT u.*, u.at FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
                                           $5::jsonb[], $6::bigint[], $7::text[], $8::text[],
-                                          $9::bytea[], $10::timestamptz[])
+                                          $9::bytea[], $10::timestamptz[], $11::text[])
                  AS u(id, saga_type, state, status, snapshot, version, correlation_id,
-                      idempotency_key, request_hash, at)
+                      idempotency_key, request_hash, at, parked_on)
              ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING id",
         )
@@ -146,6 +151,7 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
         )
         .bind(n.iter().map(|r| r.request_hash.clone()).collect::<Vec<_>>())
         .bind(n.iter().map(|r| r.at).collect::<Vec<_>>())
+        .bind(n.iter().map(|r| r.parked_on.clone()).collect::<Vec<_>>())
         .fetch_all(&mut *tx)
         .await?
         .iter()
@@ -198,10 +204,10 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
         let updated: HashSet<Uuid> = sqlx::query(
             "UPDATE orchestrator.sagas s
                 SET state = u.state, status = u.status, snapshot = u.snapshot,
-                    version = u.new_version, updated_at = u.at
+                    version = u.new_version, updated_at = u.at, parked_on = u.parked_on
                FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
-                           $6::jsonb[], $7::timestamptz[])
-                 AS u(id, old_version, new_version, state, status, snapshot, at)
+                           $6::jsonb[], $7::timestamptz[], $8::text[])
+                 AS u(id, old_version, new_version, state, status, snapshot, at, parked_on)
               WHERE s.id = u.id AND s.version = u.old_version
           RETURNING s.id",
         )
@@ -212,6 +218,7 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
         .bind(u.iter().map(|r| r.status.clone()).collect::<Vec<_>>())
         .bind(u.iter().map(|r| r.snapshot.clone()).collect::<Vec<_>>())
         .bind(u.iter().map(|r| r.at).collect::<Vec<_>>())
+        .bind(u.iter().map(|r| r.parked_on.clone()).collect::<Vec<_>>())
         .fetch_all(&mut *tx)
         .await?
         .iter()
@@ -230,9 +237,9 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
     let events: Vec<&EventRow> = batch.events.iter().filter(|e| keep(&e.saga_id)).collect();
     if !events.is_empty() {
         sqlx::query(
-            "INSERT INTO orchestrator.saga_events (saga_id, seq, kind, input, effects, state_after, at)
+            "INSERT INTO orchestrator.saga_events (saga_id, seq, kind, input, effects, state_after, at, blocked)
              SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::jsonb[],
-                                  $6::text[], $7::timestamptz[])",
+                                  $6::text[], $7::timestamptz[], $8::jsonb[])",
         )
         .bind(uuids(events.iter().map(|e| &e.saga_id)))
         .bind(events.iter().map(|e| e.seq).collect::<Vec<_>>())
@@ -241,6 +248,7 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
         .bind(events.iter().map(|e| e.effects.clone()).collect::<Vec<_>>())
         .bind(events.iter().map(|e| e.state_after.clone()).collect::<Vec<_>>())
         .bind(events.iter().map(|e| e.at).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.blocked.clone()).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
     }
@@ -420,7 +428,7 @@ pub async fn load_record(
         return Ok(None);
     };
     let events = sqlx::query(
-        "SELECT saga_id, seq, kind, input, effects, state_after, at
+        "SELECT saga_id, seq, kind, input, effects, state_after, at, blocked
            FROM orchestrator.saga_events WHERE saga_id = $1 ORDER BY seq",
     )
     .bind(id.as_uuid())
@@ -435,6 +443,7 @@ pub async fn load_record(
         effects: r.get(4),
         state_after: r.get(5),
         at: r.get(6),
+        blocked: r.get(7),
     })
     .collect();
     Ok(Some((record(&row), events)))

@@ -1,6 +1,7 @@
 //! The HTTP API. Handlers parse and validate, call the engine or read the database, and map
 //! every error to a problem (RFC 9457) in [`problem`].
 
+pub mod breakers;
 pub mod checkout;
 pub mod health;
 pub mod problem;
@@ -18,9 +19,11 @@ use axum::routing::{get, post};
 use sqlx::PgPool;
 use tracing::Instrument;
 
+use crate::breakers::Breakers;
 use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::engine::Engine;
+use crate::metrics::Metrics;
 use crate::topology::Topology;
 use problem::Problem;
 
@@ -32,6 +35,8 @@ pub struct AppState {
     pub js: jetstream::Context,
     pub topology: Topology,
     pub catalog: Arc<Catalog>,
+    pub breakers: Arc<Breakers>,
+    pub metrics: Metrics,
     pub settings: Arc<Settings>,
 }
 
@@ -48,6 +53,10 @@ pub fn router(state: AppState) -> Router {
         .route("/sagas", get(sagas::list))
         .route("/sagas/{id}", get(sagas::get))
         .route("/sagas/{id}/cancel", post(sagas::cancel))
+        .route("/sagas/{id}/verify", get(sagas::verify))
+        .route("/breakers", get(breakers::list))
+        .route("/breakers/{step}", axum::routing::put(breakers::force))
+        .route("/metrics", get(breakers::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/problems/{slug}", get(problem_doc))

@@ -171,7 +171,7 @@ pub async fn cancel(
     let reason: String = reason.chars().take(500).collect();
     let origin = Origin {
         correlation_id: Some(correlation_id),
-        fired_timer: None,
+        ..Default::default()
     };
     match state
         .engine
@@ -191,4 +191,26 @@ pub async fn cancel(
         )),
         Applied::NotFound => Err(Problem::not_found(format!("no saga {id}"))),
     }
+}
+
+/// Replay the saga's event log through its machine and compare with the stored snapshot.
+pub async fn verify(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, Problem> {
+    let id = parse_id(&raw)?;
+    let Some((record, events)) = engine::load_record(&state.pool, id).await? else {
+        return Err(Problem::not_found(format!("no saga {id}")));
+    };
+    let body = match engine::replay(&record.saga_type, id, &events) {
+        Ok(replayed) if replayed == record.snapshot => {
+            serde_json::json!({ "saga_id": id, "consistent": true, "events": events.len() })
+        }
+        Ok(_) => serde_json::json!({ "saga_id": id, "consistent": false, "events": events.len(),
+                                     "detail": "the replayed snapshot differs from the stored one" }),
+        Err(e) => {
+            serde_json::json!({ "saga_id": id, "consistent": false, "events": events.len(), "detail": e })
+        }
+    };
+    Ok(axum::Json(body).into_response())
 }

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use chrono::{DateTime, Duration};
-use sagas::api::{Effect, Input, Saga, SagaType, Status, Timer, Verdict};
+use sagas::api::{Effect, Env, Input, Saga, SagaType, Status, Timer, Verdict};
 use sagas::checkout;
 use sagas::wire::{Command, Phase, ReplyOutcome, SagaId, StepOutput, Timestamp};
 use serde_json::json;
@@ -26,11 +26,11 @@ pub fn start_request() -> serde_json::Value {
     })
 }
 
-/// Every input fed so far, with its time: what the engine writes to the event log.
+/// Every input fed so far, with its environment: what the engine writes to the event log.
 #[derive(Clone)]
 pub struct Logged {
     pub input: Input,
-    pub at: Timestamp,
+    pub env: Env,
 }
 
 pub struct Harness {
@@ -43,6 +43,10 @@ pub struct Harness {
     pub timer: Option<(Timer, Timestamp)>,
     pub log: Vec<Logged>,
     pub events: Vec<String>,
+    /// Steps whose breaker is open, as the engine would pass them.
+    pub blocked: std::collections::BTreeSet<String>,
+    /// The start request, for replays.
+    pub request: serde_json::Value,
 }
 
 impl Harness {
@@ -52,7 +56,9 @@ impl Harness {
 
     pub fn start_with(request: serde_json::Value) -> Self {
         let id = SagaId::from_uuid(Uuid::from_u128(0x0191_d0a0_0000_7000_8000_0000_0000_0042));
-        let (saga, effects) = checkout::TYPE.start(id, &request, t0()).expect("starts");
+        let (saga, effects) = checkout::TYPE
+            .start(id, &request, &Env::at(t0()))
+            .expect("starts");
         let mut h = Self {
             saga,
             now: t0(),
@@ -61,6 +67,8 @@ impl Harness {
             timer: None,
             log: Vec::new(),
             events: Vec::new(),
+            blocked: Default::default(),
+            request,
         };
         h.track(&effects);
         h
@@ -78,14 +86,19 @@ impl Harness {
     }
 
     /// Feed an input; returns the effects, or `None` when it was ignored.
+    pub fn env(&self) -> Env {
+        Env {
+            now: self.now,
+            blocked: self.blocked.clone(),
+        }
+    }
+
     pub fn feed(&mut self, input: Input) -> Option<Vec<Effect>> {
-        let verdict = self.saga.apply(&input, self.now);
+        let env = self.env();
+        let verdict = self.saga.apply(&input, &env);
         match verdict {
             Verdict::Applied(effects) => {
-                self.log.push(Logged {
-                    input,
-                    at: self.now,
-                });
+                self.log.push(Logged { input, env });
                 self.track(&effects);
                 Some(effects)
             }
@@ -142,10 +155,10 @@ impl Harness {
     /// Replay the log through a fresh machine and compare snapshots.
     pub fn replayed_snapshot(&self) -> serde_json::Value {
         let (mut saga, _) = checkout::TYPE
-            .start(self.saga.id(), &start_request(), t0())
+            .start(self.saga.id(), &self.request, &Env::at(t0()))
             .unwrap();
         for l in &self.log {
-            match saga.apply(&l.input, l.at) {
+            match saga.apply(&l.input, &l.env) {
                 Verdict::Applied(_) => {}
                 Verdict::Ignored(why) => panic!("replayed input ignored: {why}"),
             }
@@ -186,6 +199,13 @@ pub fn describe(effects: &[Effect], now: Timestamp) -> Vec<String> {
     effects
         .iter()
         .map(|e| match e {
+            Effect::Dispatch(c) if c.dispatch > 0 => format!(
+                "redispatch {} {} #{}.{}",
+                c.body.action().as_str(),
+                phase(c.phase),
+                c.attempt,
+                c.dispatch
+            ),
             Effect::Dispatch(c) => format!(
                 "dispatch {} {} #{}",
                 c.body.action().as_str(),
@@ -199,7 +219,17 @@ pub fn describe(effects: &[Effect], now: Timestamp) -> Vec<String> {
                         step,
                         phase: p,
                         attempt,
+                        dispatch: 0,
                     } => format!("deadline {step} {} #{attempt} +{ms}ms", phase(*p)),
+                    Timer::StepDeadline {
+                        step,
+                        phase: p,
+                        attempt,
+                        dispatch,
+                    } => format!(
+                        "deadline {step} {} #{attempt}.{dispatch} +{ms}ms",
+                        phase(*p)
+                    ),
                     Timer::StepRetry {
                         step,
                         phase: p,

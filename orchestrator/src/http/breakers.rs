@@ -1,0 +1,106 @@
+//! `GET /breakers`, `PUT /breakers/{step}`: see and force the circuit breakers.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use super::AppState;
+use super::problem::{FieldError, JsonBody, Problem};
+use crate::breakers::{Force, View};
+
+#[derive(Serialize)]
+struct Listed {
+    #[serde(flatten)]
+    view: View,
+    /// Sagas parked on the step now (all orchestrators).
+    parked: i64,
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Response, Problem> {
+    let parked: std::collections::HashMap<String, i64> = sqlx::query(
+        "SELECT parked_on, count(*) FROM orchestrator.sagas WHERE parked_on IS NOT NULL GROUP BY parked_on",
+    )
+    .fetch_all(&state.pool)
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let breakers: Vec<Listed> = state
+        .breakers
+        .views()
+        .into_iter()
+        .map(|view| Listed {
+            parked: parked.get(view.step).copied().unwrap_or(0),
+            view,
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({ "breakers": breakers })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForceRequest {
+    /// `"open"`, `"closed"`, or `null` to let the breaker decide again.
+    pub force: Option<String>,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Force a breaker open or closed for every orchestrator, or hand it back (`force: null`).
+pub async fn force(
+    State(state): State<AppState>,
+    Path(step): Path<String>,
+    JsonBody(req): JsonBody<ForceRequest>,
+) -> Result<Response, Problem> {
+    if !state.breakers.has(&step) {
+        return Err(Problem::not_found(format!("no breaker for step {step:?}")));
+    }
+    let force = match req.force.as_deref() {
+        None => None,
+        Some(s) => Some(Force::parse(s).ok_or_else(|| {
+            Problem::invalid(vec![FieldError::new(
+                "/force",
+                "must be \"open\", \"closed\" or null",
+            )])
+        })?),
+    };
+    match force {
+        Some(f) => {
+            sqlx::query(
+                "INSERT INTO orchestrator.breaker_overrides (step, force, reason, set_at) VALUES ($1, $2, $3, now())
+                 ON CONFLICT (step) DO UPDATE SET force = excluded.force, reason = excluded.reason, set_at = now()",
+            )
+            .bind(&step)
+            .bind(f.as_str())
+            .bind(req.reason.chars().take(500).collect::<String>())
+            .execute(&state.pool)
+            .await?;
+        }
+        None => {
+            sqlx::query("DELETE FROM orchestrator.breaker_overrides WHERE step = $1")
+                .bind(&step)
+                .execute(&state.pool)
+                .await?;
+        }
+    }
+    // Apply it here at once; the other orchestrators read it within a second.
+    state
+        .breakers
+        .set_forced(crate::unpark::load_overrides(&state.pool).await?);
+    tracing::warn!(step, ?force, reason = %req.reason, "breaker override set");
+    let view = state.breakers.views().into_iter().find(|v| v.step == step);
+    Ok((StatusCode::OK, axum::Json(view)).into_response())
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
