@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use failsafe::backoff::EqualJittered;
 use failsafe::failure_policy::ConsecutiveFailures;
+use sagas::policy::{Backoff, Delays};
 use serde::{Deserialize, Serialize};
 
 use crate::config;
@@ -106,7 +106,7 @@ impl failsafe::Instrument for Recorder {
     }
 }
 
-type Machine = failsafe::StateMachine<ConsecutiveFailures<EqualJittered>, Recorder>;
+type Machine = failsafe::StateMachine<ConsecutiveFailures<Delays>, Recorder>;
 
 struct Breaker {
     machine: Machine,
@@ -144,10 +144,14 @@ impl Breakers {
                     metrics: metrics.clone(),
                 };
                 recorder.set(State::Closed);
-                let backoff = failsafe::backoff::equal_jittered(
-                    config::ms(settings.open_initial_ms),
-                    config::ms(settings.open_max_ms),
-                );
+                // How long the breaker stays open: backon's exponential backoff with jitter.
+                let backoff = Backoff {
+                    initial_ms: settings.open_initial_ms,
+                    max_ms: settings.open_max_ms,
+                    factor: 2.0,
+                    jitter: true,
+                }
+                .delays(step.len() as u64);
                 let machine = failsafe::Config::new()
                     .failure_policy(failsafe::failure_policy::consecutive_failures(
                         settings.failure_threshold,

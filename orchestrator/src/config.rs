@@ -13,10 +13,15 @@ use serde::Deserialize;
 /// The defaults, also the reference of every setting (see the README).
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
 
-/// The top-level sections of this process's settings.
-const SECTIONS: &[&str] = &[
-    "http", "database", "nats", "engine", "relay", "replies", "timers", "checkout", "log",
-];
+/// The top-level sections of this process's settings: the tables of [`DEFAULTS`] (every
+/// section has defaults, so this list cannot drift from the settings).
+fn sections() -> Vec<&'static str> {
+    DEFAULTS
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
+        .filter(|t| !t.contains('.'))
+        .collect()
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -177,6 +182,7 @@ impl Settings {
         }
         // Several processes share the SAGA_ namespace: each reads its own sections (and
         // refuses unknown keys inside them) and leaves the others' alone.
+        let sections = sections();
         let saga_env: config::Map<String, String> = env
             .iter()
             .filter(|(k, _)| {
@@ -184,7 +190,7 @@ impl Settings {
                     return false;
                 };
                 let section = rest.split("__").next().unwrap_or("").to_ascii_lowercase();
-                SECTIONS.contains(&section.as_str())
+                sections.contains(&section.as_str())
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -344,5 +350,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("max_attempts"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod section_tests {
+    #[test]
+    fn every_section_has_defaults() {
+        let s = super::sections();
+        for name in [
+            "http", "database", "nats", "engine", "relay", "replies", "timers", "breakers",
+            "checkout", "log",
+        ] {
+            assert!(s.contains(&name), "{name} missing from {s:?}");
+        }
     }
 }

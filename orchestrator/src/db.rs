@@ -25,6 +25,8 @@ pub enum Error {
 /// Connect, retrying for a while (PostgreSQL may still be starting), and migrate.
 pub async fn connect(settings: &config::Database) -> Result<PgPool, Error> {
     let options: PgConnectOptions = settings.url.parse().map_err(Error::Url)?;
+    // Named, so that an operator (or a fault test) can tell its sessions apart.
+    let options = options.application_name("saga-orchestrator");
     let retry = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(2))

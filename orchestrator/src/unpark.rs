@@ -91,7 +91,7 @@ impl Unparker {
 
     async fn parked(&self, step: &str, limit: i64) -> Result<Vec<SagaId>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT id FROM orchestrator.sagas WHERE parked_on = $1 ORDER BY created_at LIMIT $2",
+            "SELECT id FROM orchestrator.sagas WHERE parked_on = $1 ORDER BY updated_at LIMIT $2",
         )
         .bind(step)
         .bind(limit)

@@ -44,6 +44,16 @@ impl Backoff {
             .unwrap_or(Duration::from_millis(self.max_ms))
     }
 
+    /// The delays one after the other, as an endless iterator (for circuit breakers' open
+    /// periods). Cloning it starts over.
+    pub fn delays(&self, seed: u64) -> Delays {
+        Delays {
+            backoff: self.clone(),
+            seed,
+            next: 0,
+        }
+    }
+
     fn validate(&self, what: &str) -> Result<(), Invalid> {
         if self.initial_ms == 0 || self.max_ms < self.initial_ms {
             return Err(Invalid(format!(
@@ -58,6 +68,26 @@ impl Backoff {
             )));
         }
         Ok(())
+    }
+}
+
+/// The delays of a [`Backoff`], one after the other.
+#[derive(Clone, Debug)]
+pub struct Delays {
+    backoff: Backoff,
+    seed: u64,
+    next: u32,
+}
+
+impl Iterator for Delays {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let d = self
+            .backoff
+            .delay(self.next, self.seed.wrapping_add(u64::from(self.next)));
+        self.next = self.next.saturating_add(1);
+        Some(d)
     }
 }
 
@@ -199,6 +229,14 @@ mod tests {
             assert!(a >= base && a <= base * 2, "{a:?} outside [{base:?}, 2x]");
         }
         assert_ne!(b.delay(0, 1), b.delay(0, 2));
+    }
+
+    #[test]
+    fn delays_iterate_and_start_over_when_cloned() {
+        let d = backoff(false).delays(7);
+        let first: Vec<u128> = d.clone().take(4).map(|x| x.as_millis()).collect();
+        assert_eq!(first, vec![100, 200, 400, 800]);
+        assert_eq!(d.clone().next(), Some(Duration::from_millis(100)));
     }
 
     #[test]

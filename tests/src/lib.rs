@@ -478,3 +478,380 @@ pub fn order(items: &[(&str, i64)], token: &str) -> Value {
                              "postal_code": "28001", "country": "ES"}
     })
 }
+
+/// A nats-server of the test's own, on a free port with its own store, that the test can kill
+/// and restart (the shared one must never be stopped).
+pub struct Nats {
+    pub port: u16,
+    dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+fn nats_server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return p.into();
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = PathBuf::from(dir).join("nats-server");
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from("/usr/sbin/nats-server")
+}
+
+impl Nats {
+    pub async fn start() -> Nats {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "saga-nats-{port}-{}",
+            uuid::Uuid::now_v7().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("nats store dir");
+        let log = dir.join("nats-server.log");
+        let mut nats = Nats {
+            port,
+            dir,
+            log,
+            child: None,
+        };
+        nats.spawn().await;
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(nats_server_binary())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.join("store"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("nats-server starts (install it: deploy/test does)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start; see {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL the server, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kill it and start it again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A checkout placed by [`place_many`].
+#[derive(Debug, Clone)]
+pub struct Placed {
+    pub index: usize,
+    pub saga_id: String,
+}
+
+/// Place `n` checkouts with `concurrency` clients, each with its own Idempotency-Key, retrying
+/// a checkout (same key, so never twice) until it is accepted: the orchestrator may be down.
+pub async fn place_many(
+    base: String,
+    n: usize,
+    concurrency: usize,
+    body: impl Fn(usize) -> Value + Send + Sync + 'static,
+    within: Duration,
+) -> Vec<Placed> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let body = std::sync::Arc::new(body);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let deadline = Instant::now() + within;
+    let clients = (0..concurrency).map(|_| {
+        let (http, body, next, base, run) = (
+            http.clone(),
+            body.clone(),
+            next.clone(),
+            base.to_owned(),
+            run.clone(),
+        );
+        tokio::spawn(async move {
+            let mut placed = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return placed;
+                }
+                loop {
+                    let r = http
+                        .post(format!("{base}/checkout"))
+                        .header("Idempotency-Key", format!("{run}-{i}"))
+                        .json(&body(i))
+                        .send()
+                        .await;
+                    if let Ok(r) = r
+                        && r.status() == 202
+                        && let Ok(v) = r.json::<Value>().await
+                    {
+                        placed.push(Placed {
+                            index: i,
+                            saga_id: v["saga_id"].as_str().unwrap_or_default().to_owned(),
+                        });
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "checkout {i} never accepted");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        })
+    });
+    let mut all = Vec::new();
+    for c in futures::future::join_all(clients).await {
+        all.extend(c.expect("client task"));
+    }
+    all.sort_by_key(|p| p.index);
+    all
+}
+
+impl App {
+    /// Wait until every saga ended, then check that nothing was lost or done twice:
+    /// - every completed saga kept exactly one charge, one consumed reservation, one shipment;
+    /// - every compensated saga kept no charge, holds no stock, keeps no shipment;
+    /// - the third parties agree (charges refunded, shipments cancelled where they must be);
+    /// - each SKU's stock is its start value minus the completed orders, nothing reserved, and
+    ///   its audited movements add up to it;
+    /// - every saga's event log replays to its snapshot.
+    pub async fn assert_invariants(&self, expected_sagas: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let open = self
+                .count("SELECT count(*) FROM orchestrator.sagas WHERE status NOT IN ('completed', 'compensated', 'failed')")
+                .await;
+            if open == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                let stuck: Vec<(String, String, String)> = sqlx::query_as(
+                    "SELECT id::text, status, state FROM orchestrator.sagas
+                      WHERE status NOT IN ('completed', 'compensated', 'failed') LIMIT 5",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default();
+                panic!(
+                    "{open} sagas not terminal within {within:?}, e.g. {stuck:?}; logs in {}",
+                    self.logs.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            self.count("SELECT count(*) FROM orchestrator.sagas").await,
+            expected_sagas as i64,
+            "sagas"
+        );
+        assert_eq!(
+            self.count("SELECT count(*) FROM orchestrator.sagas WHERE status = 'failed'")
+                .await,
+            0,
+            "failed sagas"
+        );
+        // The inventory consumes reservations from OrderConfirmed events, eventually.
+        self.wait_for(
+            "SELECT count(*) FROM orders.orders o JOIN inventory.reservations r ON r.order_id = o.id
+              WHERE o.status = 'confirmed' AND r.status <> 'consumed'",
+            0,
+            within,
+        )
+        .await;
+        let checks = [
+            ("completed without exactly one kept charge",
+             "SELECT count(*) FROM orders.orders o WHERE o.status = 'confirmed' AND 1 <>
+                (SELECT count(*) FROM payments.charges c WHERE c.saga_id = o.saga_id AND c.status = 'succeeded')"),
+            ("completed without a consumed reservation",
+             "SELECT count(*) FROM orders.orders o WHERE o.status = 'confirmed' AND NOT EXISTS
+                (SELECT 1 FROM inventory.reservations r WHERE r.order_id = o.id AND r.status = 'consumed')"),
+            ("completed without exactly one shipment",
+             "SELECT count(*) FROM orders.orders o WHERE o.status = 'confirmed' AND 1 <>
+                (SELECT count(*) FROM shipping.shipments s WHERE s.order_id = o.id AND s.status = 'created')"),
+            ("compensated but a charge is kept",
+             "SELECT count(*) FROM orders.orders o JOIN payments.charges c ON c.saga_id = o.saga_id
+               WHERE o.status = 'cancelled' AND c.status IN ('succeeded', 'pending')"),
+            ("compensated but stock is held",
+             "SELECT count(*) FROM orders.orders o JOIN inventory.reservations r ON r.order_id = o.id
+               WHERE o.status = 'cancelled' AND r.status IN ('active', 'consumed')"),
+            ("compensated but a shipment is kept",
+             "SELECT count(*) FROM orders.orders o JOIN shipping.shipments s ON s.order_id = o.id
+               WHERE o.status = 'cancelled' AND s.status IN ('created', 'pending')"),
+            ("a refund without its charge refunded",
+             "SELECT count(*) FROM payments.refunds f JOIN payments.charges c ON c.id = f.charge_id
+               WHERE c.status <> 'refunded'"),
+        ];
+        for (what, sql) in checks {
+            assert_eq!(self.count(sql).await, 0, "{what}");
+        }
+        // What the processor and the carrier did, from their own ledger.
+        let statuses: BTreeMap<String, String> = sqlx::query_as::<_, (String, String)>(
+            "SELECT id::text, status FROM orchestrator.sagas",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .expect("statuses")
+        .into_iter()
+        .collect();
+        let orders: BTreeMap<String, String> =
+            sqlx::query_as::<_, (String, String)>("SELECT id::text, status FROM orders.orders")
+                .fetch_all(&self.pool)
+                .await
+                .expect("orders")
+                .into_iter()
+                .collect();
+        let ledger = self.ledger().await;
+        let refunded: std::collections::BTreeSet<&str> = ledger["refunds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["charge_id"].as_str().unwrap())
+            .collect();
+        let mut charged = std::collections::BTreeSet::new();
+        for c in ledger["charges"].as_array().unwrap() {
+            let key = c["idempotency_key"].as_str().unwrap();
+            let saga = key.split(':').next().unwrap();
+            let is_refunded = refunded.contains(c["id"].as_str().unwrap());
+            match statuses.get(saga).map(String::as_str) {
+                Some("completed") => {
+                    assert!(
+                        !is_refunded,
+                        "completed saga {saga} was refunded at the processor"
+                    );
+                    charged.insert(saga.to_owned());
+                }
+                Some("compensated") => assert!(
+                    is_refunded,
+                    "compensated saga {saga} kept its money at the processor"
+                ),
+                other => panic!("processor charge for saga {saga} in status {other:?}"),
+            }
+        }
+        let completed: Vec<&String> = statuses
+            .iter()
+            .filter(|(_, s)| *s == "completed")
+            .map(|(id, _)| id)
+            .collect();
+        for saga in &completed {
+            assert!(
+                charged.contains(*saga),
+                "completed saga {saga} has no charge at the processor"
+            );
+        }
+        let mut shipped = 0;
+        for s in ledger["shipments"].as_array().unwrap() {
+            let order = s["idempotency_key"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("shipment:");
+            let cancelled = s["cancelled"].as_bool().unwrap();
+            match orders.get(order).map(String::as_str) {
+                Some("confirmed") => {
+                    assert!(
+                        !cancelled,
+                        "confirmed order {order}'s shipment was cancelled"
+                    );
+                    shipped += 1;
+                }
+                Some("cancelled") => assert!(
+                    cancelled,
+                    "cancelled order {order} kept its shipment at the carrier"
+                ),
+                other => panic!("carrier shipment for order {order} in status {other:?}"),
+            }
+        }
+        assert_eq!(
+            shipped,
+            completed.len(),
+            "one shipment per completed order at the carrier"
+        );
+        // Stock: start minus what confirmed orders took, nothing reserved, movements add up.
+        for (sku, _, start) in CATALOGUE {
+            let sold = self
+                .count(&format!(
+                    "SELECT coalesce(sum(l.quantity), 0)::bigint FROM orders.order_lines l
+                       JOIN orders.orders o ON o.id = l.order_id WHERE o.status = 'confirmed' AND l.sku = '{sku}'"
+                ))
+                .await;
+            let q = self
+                .count(&format!(
+                    "SELECT quantity::bigint FROM inventory.variants WHERE sku = '{sku}'"
+                ))
+                .await;
+            let r = self
+                .count(&format!(
+                    "SELECT reserved::bigint FROM inventory.variants WHERE sku = '{sku}'"
+                ))
+                .await;
+            let audited = self
+                .count(&format!("SELECT coalesce(sum(quantity_delta), 0)::bigint FROM inventory.stock_movements WHERE sku = '{sku}'"))
+                .await;
+            let audited_reserved = self
+                .count(&format!("SELECT coalesce(sum(reserved_delta), 0)::bigint FROM inventory.stock_movements WHERE sku = '{sku}'"))
+                .await;
+            assert_eq!((q, r), (*start as i64 - sold, 0), "stock of {sku}");
+            assert_eq!(
+                (audited, audited_reserved),
+                (q, r),
+                "movements of {sku} add up"
+            );
+        }
+        self.assert_logs_replay().await;
+    }
+
+    /// Terminate the orchestrator's PostgreSQL sessions, as a database failover would.
+    pub async fn terminate_orchestrator_sessions(&self) -> i64 {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'saga-orchestrator'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .expect("terminate")
+    }
+}

@@ -24,7 +24,7 @@ struct ErrorBody {
 }
 
 type Breaker = failsafe::StateMachine<
-    failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::EqualJittered>,
+    failsafe::failure_policy::ConsecutiveFailures<sagas::policy::Delays>,
     (),
 >;
 
@@ -39,9 +39,19 @@ struct Remote {
 }
 
 impl Remote {
-    fn new(name: &'static str, base: &str, timeout: Duration) -> Self {
-        let backoff =
-            failsafe::backoff::equal_jittered(Duration::from_secs(1), Duration::from_secs(30));
+    fn new(name: &'static str, settings: &crate::config::Remote) -> Self {
+        let (base, timeout) = (
+            settings.url.as_str(),
+            Duration::from_millis(settings.timeout_ms),
+        );
+        // How long the breaker stays open: backon's exponential backoff with jitter.
+        let backoff = sagas::policy::Backoff {
+            initial_ms: settings.breaker_open_ms,
+            max_ms: settings.breaker_open_max_ms,
+            factor: 2.0,
+            jitter: true,
+        }
+        .delays(u64::from(std::process::id()));
         Self {
             http: reqwest::Client::builder()
                 .timeout(timeout)
@@ -50,7 +60,10 @@ impl Remote {
             base: base.trim_end_matches('/').to_owned(),
             name,
             breaker: failsafe::Config::new()
-                .failure_policy(failsafe::failure_policy::consecutive_failures(5, backoff))
+                .failure_policy(failsafe::failure_policy::consecutive_failures(
+                    settings.breaker_failures,
+                    backoff,
+                ))
                 .build(),
         }
     }
@@ -169,8 +182,8 @@ struct ShipmentCreated {
 pub struct Processor(Remote);
 
 impl Processor {
-    pub fn new(base: &str, timeout: Duration) -> Self {
-        Self(Remote::new("the card processor", base, timeout))
+    pub fn new(settings: &crate::config::Remote) -> Self {
+        Self(Remote::new("the card processor", settings))
     }
 
     /// Charge the card; returns the processor's charge id.
@@ -212,8 +225,8 @@ impl Processor {
 pub struct Carrier(Remote);
 
 impl Carrier {
-    pub fn new(base: &str, timeout: Duration) -> Self {
-        Self(Remote::new("the carrier", base, timeout))
+    pub fn new(settings: &crate::config::Remote) -> Self {
+        Self(Remote::new("the carrier", settings))
     }
 
     /// Book a shipment; returns the carrier's id and tracking number.

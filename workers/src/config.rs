@@ -9,16 +9,15 @@ use serde::Deserialize;
 
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
 
-/// The top-level sections of this process's settings.
-const SECTIONS: &[&str] = &[
-    "worker",
-    "database",
-    "nats",
-    "processor",
-    "carrier",
-    "inventory",
-    "log",
-];
+/// The top-level sections of this process's settings: the tables of [`DEFAULTS`] (every
+/// section has defaults, so this list cannot drift from the settings).
+fn sections() -> Vec<&'static str> {
+    DEFAULTS
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
+        .filter(|t| !t.contains('.'))
+        .collect()
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +85,11 @@ pub struct Nats {
 pub struct Remote {
     pub url: String,
     pub timeout_ms: u64,
+    /// Consecutive unavailable answers that open the breaker in front of the party.
+    pub breaker_failures: u32,
+    /// How long it stays open the first time; doubled (with jitter) up to the max.
+    pub breaker_open_ms: u64,
+    pub breaker_open_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +133,7 @@ impl Settings {
         }
         // Several processes share the SAGA_ namespace: each reads its own sections (and
         // refuses unknown keys inside them) and leaves the others' alone.
+        let sections = sections();
         let saga_env: config::Map<String, String> = env
             .iter()
             .filter(|(k, _)| {
@@ -136,7 +141,7 @@ impl Settings {
                     return false;
                 };
                 let section = rest.split("__").next().unwrap_or("").to_ascii_lowercase();
-                SECTIONS.contains(&section.as_str())
+                sections.contains(&section.as_str())
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -226,5 +231,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("carrier.url"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+
+    #[test]
+    fn faults_are_read_from_the_environment() {
+        let env: BTreeMap<String, String> =
+            [("SAGA_FAULTS__SWALLOW".to_string(), "2".to_string())].into();
+        assert_eq!(Settings::load_from(env).unwrap().faults.swallow, 2);
     }
 }

@@ -40,12 +40,14 @@ impl Kind {
     }
 }
 
-async fn connect_db(settings: &config::Database) -> anyhow::Result<PgPool> {
+async fn connect_db(settings: &config::Database, kind: Kind) -> anyhow::Result<PgPool> {
+    let options: sqlx::postgres::PgConnectOptions = settings.url.parse()?;
+    let options = options.application_name(&format!("saga-worker-{kind:?}").to_lowercase());
     let pool = (|| async {
         PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            .connect(&settings.url)
+            .connect_with(options.clone())
             .await
     })
     .retry(
@@ -99,7 +101,7 @@ pub async fn run(
             .await;
         }
         (Some(Service::Inventory), Mode::Real) => {
-            let inventory = Inventory::new(connect_db(&settings.database).await?);
+            let inventory = Inventory::new(connect_db(&settings.database, kind).await?);
             let events = inventory.clone();
             let sweeper = inventory.clone();
             tokio::join!(
@@ -130,11 +132,8 @@ pub async fn run(
             );
         }
         (Some(Service::Payment), Mode::Real) => {
-            let processor = Processor::new(
-                &settings.processor.url,
-                config::ms(settings.processor.timeout_ms),
-            );
-            let payment = Payment::new(connect_db(&settings.database).await?, processor);
+            let processor = Processor::new(&settings.processor);
+            let payment = Payment::new(connect_db(&settings.database, kind).await?, processor);
             bus::serve_commands(
                 js,
                 subjects,
@@ -147,11 +146,8 @@ pub async fn run(
             .await;
         }
         (Some(Service::Shipping), Mode::Real) => {
-            let carrier = Carrier::new(
-                &settings.carrier.url,
-                config::ms(settings.carrier.timeout_ms),
-            );
-            let shipping = Shipping::new(connect_db(&settings.database).await?, carrier);
+            let carrier = Carrier::new(&settings.carrier);
+            let shipping = Shipping::new(connect_db(&settings.database, kind).await?, carrier);
             bus::serve_commands(
                 js,
                 subjects,
@@ -164,7 +160,7 @@ pub async fn run(
             .await;
         }
         (None, Mode::Real) => {
-            let notification = Notification::new(connect_db(&settings.database).await?);
+            let notification = Notification::new(connect_db(&settings.database, kind).await?);
             bus::serve_events(
                 js,
                 subjects,

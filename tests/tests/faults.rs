@@ -1,0 +1,422 @@
+//! Faults: processes killed at random moments, NATS restarted, PostgreSQL sessions terminated,
+//! a third party down, commands swallowed, poison messages, SIGTERM under load. Whatever
+//! happens, every saga ends, no effect happens twice, and no money or stock is left behind
+//! (`App::assert_invariants`).
+
+use std::time::{Duration, Instant};
+
+use e2e::{App, Nats, Options, WORKERS, order, place_many};
+use serde_json::{Value, json};
+
+const SETTLE: Duration = Duration::from_secs(240);
+
+/// Short deadlines and quick recovery, so that faults resolve in seconds, not minutes.
+fn resilient(nats: Option<String>) -> Options {
+    let mut o = Options {
+        nats_url: nats,
+        ..Options::default()
+    };
+    for step in ["RESERVE_STOCK", "CHARGE_PAYMENT", "CREATE_SHIPMENT"] {
+        for phase in ["FORWARD", "COMPENSATION"] {
+            o = o.orchestrator(
+                &format!("SAGA_CHECKOUT__POLICIES__{step}__{phase}__DEADLINE_MS"),
+                "2000",
+            );
+            o = o.orchestrator(
+                &format!("SAGA_CHECKOUT__POLICIES__{step}__{phase}__BACKOFF_MAX_MS"),
+                "1000",
+            );
+        }
+        o = o.orchestrator(
+            &format!("SAGA_CHECKOUT__POLICIES__{step}__FORWARD__MAX_ATTEMPTS"),
+            "6",
+        );
+    }
+    o.orchestrator("SAGA_RELAY__SCAN_INTERVAL_MS", "300")
+        .orchestrator("SAGA_RELAY__SCAN_GRACE_MS", "500")
+        .orchestrator("SAGA_TIMERS__POLL_INTERVAL_MS", "50")
+        .orchestrator("SAGA_REPLIES__ACK_WAIT_MS", "5000")
+        .orchestrator("SAGA_BREAKERS__OPEN_INITIAL_MS", "500")
+        .orchestrator("SAGA_BREAKERS__OPEN_MAX_MS", "2000")
+}
+
+/// Order `i`: one or two lines; every tenth card is declined, some are flaky.
+fn workload(i: usize) -> Value {
+    let token = match i % 10 {
+        9 => "tok_decline",
+        5 => "tok_flaky",
+        _ => "tok_visa",
+    };
+    if i.is_multiple_of(3) {
+        order(&[("A", 1), ("B", 1)], token)
+    } else {
+        order(&[("B", 1)], token)
+    }
+}
+
+async fn sagas_created(app: &App) -> i64 {
+    app.count("SELECT count(*) FROM orchestrator.sagas").await
+}
+
+/// Wait until at least `n` sagas exist (the load is flowing), with a deadline.
+async fn until_created(app: &App, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sagas_created(app).await < n {
+        assert!(
+            Instant::now() < deadline,
+            "the load stopped before {n} sagas; logs in {}",
+            app.logs.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_checkouts_survive_killed_processes_and_a_nats_restart() {
+    let mut nats = Nats::start().await;
+    let mut app = App::spawn_with(resilient(Some(nats.url()))).await;
+    let n = 1000;
+    let load = tokio::spawn(place_many(app.base.clone(), n, 16, workload, SETTLE));
+    // Six rounds at growing points of the load: SIGKILL the orchestrator and one worker of
+    // each kind in turn; restart NATS in the middle of it all.
+    for round in 0..6 {
+        until_created(&app, 80 + round as i64 * 150).await;
+        app.kill("orchestrator");
+        let worker = WORKERS[round % WORKERS.len()];
+        app.kill(worker);
+        if round == 3 {
+            nats.restart().await;
+        }
+        app.start("orchestrator");
+        app.start(worker);
+        eprintln!(
+            "round {round}: killed the orchestrator and {worker}{}",
+            if round == 3 { ", restarted NATS" } else { "" }
+        );
+    }
+    let placed = load.await.expect("load");
+    assert_eq!(placed.len(), n);
+    app.assert_invariants(n, SETTLE).await;
+    let compensated = app
+        .count("SELECT count(*) FROM orchestrator.sagas WHERE status = 'compensated'")
+        .await;
+    eprintln!(
+        "{} completed, {compensated} compensated",
+        n as i64 - compensated
+    );
+    assert!(
+        compensated >= n as i64 / 10,
+        "the declined cards compensate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_checkouts_survive_terminated_database_sessions() {
+    let app = App::spawn_with(resilient(None)).await;
+    let n = 1000;
+    let load = tokio::spawn(place_many(app.base.clone(), n, 16, workload, SETTLE));
+    let mut terminated = 0;
+    for round in 0..6 {
+        until_created(&app, 80 + round * 150).await;
+        terminated += app.terminate_orchestrator_sessions().await;
+    }
+    assert!(terminated >= 6, "sessions were terminated ({terminated})");
+    let placed = load.await.expect("load");
+    assert_eq!(placed.len(), n);
+    app.assert_invariants(n, SETTLE).await;
+}
+
+async fn breaker(app: &App, step: &str) -> Value {
+    let all: Value = app
+        .http
+        .get(format!("{}/breakers", app.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    all["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["step"] == step)
+        .cloned()
+        .expect("a breaker per step")
+}
+
+async fn wait_breaker(app: &App, step: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let b = breaker(app, step).await;
+        if ok(&b) {
+            return b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "breaker of {step} never {what}: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_open_breaker_parks_sagas_until_the_processor_recovers() {
+    let mut options = Options::default()
+        .orchestrator("SAGA_BREAKERS__FAILURE_THRESHOLD", "3")
+        .orchestrator("SAGA_BREAKERS__OPEN_INITIAL_MS", "800")
+        .orchestrator("SAGA_BREAKERS__OPEN_MAX_MS", "1500")
+        .orchestrator(
+            "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__MAX_ATTEMPTS",
+            "3",
+        )
+        .orchestrator(
+            "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__BACKOFF_INITIAL_MS",
+            "100",
+        );
+    options
+        .worker_env
+        .push(("SAGA_PROCESSOR__BREAKER_OPEN_MAX_MS".into(), "1000".into()));
+    let app = App::spawn_with(options).await;
+    app.control("processor", json!({"mode": "fail"})).await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(app.place(&order(&[("A", 1)], "tok_visa")).await);
+    }
+    // The failures open the breaker; the sagas park instead of spending their attempts.
+    wait_breaker(&app, "charge_payment", "opened with sagas parked", |b| {
+        b["state"] != "closed" && b["parked"].as_i64().unwrap() >= 5
+    })
+    .await;
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("saga_breaker_opened_total{step=\"charge_payment\"}"),
+        "{metrics}"
+    );
+    // Half-open probes fail and open it again, while the outage lasts.
+    wait_breaker(
+        &app,
+        "charge_payment",
+        "re-opened after a failed probe",
+        |b| b["times_opened"].as_i64().unwrap() >= 3,
+    )
+    .await;
+    assert_eq!(
+        app.count("SELECT count(*) FROM orchestrator.sagas WHERE status IN ('compensating', 'compensated')").await,
+        0,
+        "no saga ran out of attempts while the breaker was open"
+    );
+    let attempts = app
+        .count("SELECT coalesce(max((snapshot -> 'steps' -> 1 ->> 'attempts')::int), 0)::bigint FROM orchestrator.sagas")
+        .await;
+    assert!(attempts <= 3, "attempts spent: {attempts}");
+    // The processor recovers: a probe succeeds, the breaker closes, every parked saga completes.
+    app.control("processor", json!({"mode": "normal"})).await;
+    for id in &ids {
+        let saga = app.wait_terminal(id, Duration::from_secs(90)).await;
+        assert_eq!(saga["status"], "completed", "{saga:#}");
+    }
+    wait_breaker(&app, "charge_payment", "closed", |b| b["state"] == "closed").await;
+    assert_eq!(
+        app.ledger().await["charges"].as_array().unwrap().len(),
+        10,
+        "one charge each"
+    );
+
+    // An operator forces a breaker open: new sagas park on it; handing it back lets them go.
+    let r = app
+        .http
+        .put(format!("{}/breakers/create_shipment", app.base))
+        .json(&json!({"force": "open", "reason": "carrier maintenance"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = app.place(&order(&[("B", 1)], "tok_visa")).await;
+    app.wait_for(
+        &format!("SELECT count(*) FROM orchestrator.sagas WHERE id = '{id}' AND parked_on = 'create_shipment'"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(breaker(&app, "create_shipment").await["forced"], "open");
+    let r = app
+        .http
+        .put(format!("{}/breakers/create_shipment", app.base))
+        .json(&json!({"force": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        app.wait_terminal(&id, Duration::from_secs(30)).await["status"],
+        "completed"
+    );
+    let r = app
+        .http
+        .put(format!("{}/breakers/no_such_step", app.base))
+        .json(&json!({"force": "open"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = app
+        .http
+        .put(format!("{}/breakers/create_shipment", app.base))
+        .json(&json!({"force": "ajar"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    app.assert_invariants(11, SETTLE).await;
+}
+
+#[tokio::test]
+async fn a_swallowed_command_is_sent_again_after_its_deadline() {
+    let mut options = Options::default();
+    for step in ["RESERVE_STOCK", "CHARGE_PAYMENT", "CREATE_SHIPMENT"] {
+        options = options.orchestrator(
+            &format!("SAGA_CHECKOUT__POLICIES__{step}__FORWARD__DEADLINE_MS"),
+            "1000",
+        );
+    }
+    // Every worker loses the first command it gets.
+    options
+        .worker_env
+        .push(("SAGA_FAULTS__SWALLOW".into(), "1".into()));
+    let app = App::spawn_with(options).await;
+    let id = app.place(&order(&[("A", 2)], "tok_visa")).await;
+    let saga = app.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(saga["status"], "completed", "{saga:#}");
+    for step in saga["steps"].as_array().unwrap() {
+        assert_eq!(step["attempts"], 1, "re-sent, not retried: {step}");
+    }
+    let resent = saga["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "timer_fired")
+        .count();
+    assert_eq!(resent, 3, "one deadline per step");
+    assert_eq!(app.ledger().await["charges"].as_array().unwrap().len(), 1);
+    assert_eq!(app.count("SELECT count(*) FROM payments.charges").await, 1);
+    app.assert_invariants(1, SETTLE).await;
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_the_system_keeps_serving() {
+    let app = App::spawn().await;
+    let client = async_nats::connect(&app.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let p = &app.name;
+    let unknown_saga = json!({
+        "command_id": uuid::Uuid::now_v7(), "saga_id": uuid::Uuid::now_v7(), "step": "charge_payment",
+        "phase": "forward", "attempt": 1, "outcome": "succeeded",
+        "output": {"kind": "payment_charged", "charge_id": uuid::Uuid::now_v7(), "processor_ref": "x"}
+    });
+    let poison: Vec<(String, Vec<u8>)> = vec![
+        (format!("{p}.cmd.payment"), b"\x00\xff not json".to_vec()),
+        (
+            format!("{p}.cmd.inventory"),
+            br#"{"hello": "world"}"#.to_vec(),
+        ),
+        (format!("{p}.reply.payment"), b"garbage".to_vec()),
+        (
+            format!("{p}.reply.shipping"),
+            br#"{"outcome": "succeeded"}"#.to_vec(),
+        ),
+        (
+            format!("{p}.reply.payment"),
+            serde_json::to_vec(&unknown_saga).unwrap(),
+        ),
+    ];
+    for (subject, payload) in &poison {
+        js.publish(subject.clone(), payload.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let dlq = js
+        .get_stream(format!("{}_DEAD_LETTERS", p.to_uppercase()))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut stream = dlq.clone();
+        if stream.info().await.unwrap().state.messages as usize >= poison.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "poison messages did not all reach the dead-letter stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut origins = Vec::new();
+    for seq in 1..=poison.len() as u64 {
+        let m = dlq.get_raw_message(seq).await.unwrap();
+        let reason = m
+            .headers
+            .get("Dead-Letter-Reason")
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        let origin = m
+            .headers
+            .get("Dead-Letter-Subject")
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        assert!(!reason.is_empty(), "dead letter {seq} has a reason");
+        assert!(
+            poison.iter().any(|(s, _)| *s == origin),
+            "dead letter {seq} names its subject: {origin}"
+        );
+        origins.push((origin, reason));
+    }
+    assert!(
+        origins.iter().any(|(_, r)| r.contains("unknown saga")),
+        "a reply for an unknown saga is dead-lettered: {origins:?}"
+    );
+    // And the consumers still serve.
+    let id = app.place(&order(&[("A", 1)], "tok_visa")).await;
+    assert_eq!(
+        app.wait_terminal(&id, Duration::from_secs(30)).await["status"],
+        "completed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_nothing_and_repeats_nothing() {
+    let mut app = App::spawn_with(resilient(None)).await;
+    let n = 300;
+    let load = tokio::spawn(place_many(app.base.clone(), n, 12, workload, SETTLE));
+    until_created(&app, 100).await;
+    // Every process stops gracefully, with exit code 0, while checkouts are in flight.
+    assert_eq!(
+        app.terminate("orchestrator", Duration::from_secs(30)).await,
+        Some(0)
+    );
+    for w in WORKERS {
+        assert_eq!(
+            app.terminate(w, Duration::from_secs(30)).await,
+            Some(0),
+            "{w}"
+        );
+    }
+    app.start("orchestrator");
+    app.wait_ready(Duration::from_secs(30)).await;
+    for w in WORKERS {
+        app.start(w);
+    }
+    let placed = load.await.expect("load");
+    assert_eq!(placed.len(), n);
+    app.assert_invariants(n, SETTLE).await;
+}
