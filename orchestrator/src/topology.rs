@@ -114,11 +114,16 @@ impl Topology {
         ack_wait: Duration,
         max_deliver: i64,
     ) -> pull::Config {
+        // Redeliveries of an unacknowledged message back off: ack_wait, then twice, four and
+        // eight times as long. (A message a consumer rejects on purpose is naked with its own
+        // delay, or dead-lettered.)
+        let backoff = (0..4).map(|i| ack_wait * (1 << i)).collect();
         pull::Config {
             durable_name: Some(name.to_owned()),
             filter_subject: filter,
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ack_wait,
+            backoff,
             max_deliver,
             max_ack_pending: 20_000,
             deliver_policy: jetstream::consumer::DeliverPolicy::All,

@@ -819,3 +819,28 @@ fn a_renewal_that_finds_no_stock_refunds_what_was_charged() {
     h.ok();
     assert_eq!(h.status(), Status::Compensated);
 }
+
+#[test]
+fn a_compensation_gives_up_only_past_its_configured_limit() {
+    let mut req = support::start_request();
+    req["policies"] = serde_json::json!({"reserve_stock": {"compensation": {"max_attempts": 3}}});
+    let mut h = Harness::start_with(req);
+    h.ok();
+    h.fail(false, "card_declined");
+    for attempt in 1..3 {
+        assert_eq!(h.command().attempt, attempt);
+        h.fail(true, "warehouse_offline");
+        assert_eq!(h.state(), "compensation_retrying");
+        h.fire();
+    }
+    let effects = h.fail(true, "warehouse_offline").unwrap();
+    assert_eq!(
+        describe(&effects, h.now),
+        ["cancel timer step", "emit OrderCancelled"]
+    );
+    assert_eq!(h.status(), Status::Failed);
+    assert_eq!(
+        h.saga.snapshot()["steps"][0]["status"],
+        "compensation_failed"
+    );
+}

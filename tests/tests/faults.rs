@@ -420,3 +420,90 @@ async fn sigterm_under_load_loses_nothing_and_repeats_nothing() {
     assert_eq!(placed.len(), n);
     app.assert_invariants(n, SETTLE).await;
 }
+
+#[tokio::test]
+async fn a_retry_scheduled_before_an_orchestrator_crash_happens_after_it() {
+    let mut app = App::spawn_with(
+        Options::default()
+            .orchestrator(
+                "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__BACKOFF_INITIAL_MS",
+                "1500",
+            )
+            .orchestrator(
+                "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__JITTER",
+                "false",
+            ),
+    )
+    .await;
+    // A flaky card fails its first charge: the retry waits 1.5 s in a durable timer.
+    let id = app.place(&order(&[("A", 1)], "tok_flaky")).await;
+    app.wait_for(
+        &format!(
+            "SELECT count(*) FROM orchestrator.sagas WHERE id = '{id}' AND state = 'retrying'"
+        ),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    app.kill("orchestrator");
+    assert_eq!(
+        app.count("SELECT count(*) FROM orchestrator.timers WHERE key = 'step'")
+            .await,
+        1
+    );
+    app.start("orchestrator");
+    app.wait_ready(Duration::from_secs(30)).await;
+    let saga = app.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(saga["status"], "completed", "{saga:#}");
+    assert_eq!(saga["steps"][1]["attempts"], 2);
+    app.assert_invariants(1, SETTLE).await;
+}
+
+#[tokio::test]
+async fn an_expired_reservation_is_released_and_renewed_before_shipping() {
+    let mut options = Options::default()
+        .orchestrator("SAGA_CHECKOUT__RESERVATION_HOLD_SECONDS", "2")
+        .orchestrator(
+            "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__DEADLINE_MS",
+            "60000",
+        );
+    options.worker_env.push((
+        "SAGA_INVENTORY__EXPIRY_SWEEP_INTERVAL_MS".into(),
+        "100".into(),
+    ));
+    options
+        .worker_env
+        .push(("SAGA_PROCESSOR__TIMEOUT_MS".into(), "60000".into()));
+    let app = App::spawn_with(options).await;
+    // The processor stalls, so the charge outlives the 2 s hold.
+    app.control("processor", json!({"mode": "hang"})).await;
+    let id = app.place(&order(&[("SCARCE", 2)], "tok_visa")).await;
+    app.wait_for(
+        "SELECT count(*) FROM inventory.reservations WHERE status = 'expired'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    // The sweeper put the stock back, with an audited movement.
+    assert_eq!(
+        app.count("SELECT reserved::bigint FROM inventory.variants WHERE sku = 'SCARCE'")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory.stock_movements WHERE kind = 'expire'")
+            .await,
+        1
+    );
+    // The charge goes through; before shipping, the saga renews the reservation.
+    app.control("processor", json!({"mode": "normal"})).await;
+    let saga = app.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(saga["status"], "completed", "{saga:#}");
+    assert_eq!(saga["steps"][0]["renewals"], 1);
+    app.assert_invariants(1, SETTLE).await;
+    assert_eq!(
+        app.count("SELECT quantity::bigint FROM inventory.variants WHERE sku = 'SCARCE'")
+            .await,
+        0
+    );
+}
