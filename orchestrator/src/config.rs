@@ -45,6 +45,8 @@ pub struct Http {
     pub port: u16,
     /// Larger request bodies are refused with 413.
     pub max_body_bytes: usize,
+    /// The longest `Prefer: wait` / `?wait` a client may ask for.
+    pub max_wait_seconds: u64,
 }
 
 #[derive(Clone, Deserialize)]

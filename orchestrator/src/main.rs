@@ -29,6 +29,9 @@ enum Command {
         #[command(subcommand)]
         command: CatalogCommand,
     },
+    /// Delete this deployment's JetStream streams (and their messages). For test and
+    /// benchmark resets; the next start declares them again.
+    DeleteStreams,
 }
 
 #[derive(Subcommand)]
@@ -73,6 +76,23 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Config => {
             println!("{settings:#?}");
+            Ok(())
+        }
+        Command::DeleteStreams => {
+            let (_client, js) =
+                orchestrator::nats::connect(&settings.nats.url, "orchestrator-admin").await?;
+            let topology = orchestrator::topology::Topology::new(
+                settings.subjects(),
+                settings.nats.replicas,
+                orchestrator::config::ms(settings.replies.ack_wait_ms),
+                settings.replies.max_deliver,
+            );
+            for stream in topology.streams() {
+                match js.delete_stream(&stream.name).await {
+                    Ok(_) => println!("deleted {}", stream.name),
+                    Err(e) => println!("{}: {e}", stream.name),
+                }
+            }
             Ok(())
         }
         Command::Catalog {

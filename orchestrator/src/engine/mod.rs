@@ -237,13 +237,76 @@ impl Engine {
     /// Start a saga. With an idempotency key, a second start with the same key returns the
     /// first saga and writes nothing.
     pub async fn start(&self, new: NewSaga) -> Result<Started, Error> {
+        self.start_watched(new, false).await.map(|(s, _)| s)
+    }
+
+    /// Start a saga and, with `watch`, get a receiver of its terminal status. The watch is set
+    /// before the saga exists, so no ending can be missed.
+    pub async fn start_watched(
+        &self,
+        new: NewSaga,
+        watch: bool,
+    ) -> Result<(Started, Option<oneshot::Receiver<Status>>), Error> {
         let id = SagaId::from_uuid(uuid::Uuid::now_v7());
+        let watched = watch.then(|| self.watchers.watch(id));
         let (reply, rx) = oneshot::channel();
-        self.shard(id)
+        let sent = self
+            .shard(id)
             .send(Request::Start { id, new, reply })
             .await
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)?
+            .map_err(|_| Error::Stopped);
+        let started = match sent {
+            Ok(()) => rx.await.map_err(|_| Error::Stopped).and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(s @ Started::Created { .. }) => Ok((s, watched)),
+            other => {
+                // No saga with this id will ever end: drop the watch.
+                drop(watched);
+                self.watchers.forget(id);
+                other.map(|s| (s, None))
+            }
+        }
+    }
+
+    /// Wait until saga `id` ended or `within` passed; the terminal status if it ended. Endings
+    /// committed by this process wake the waiter at once; the database is asked every second
+    /// too, for sagas another orchestrator finishes.
+    pub async fn wait_ended(
+        &self,
+        pool: &sqlx::PgPool,
+        id: SagaId,
+        within: std::time::Duration,
+        watch: Option<oneshot::Receiver<Status>>,
+    ) -> Result<Option<Status>, Error> {
+        let deadline = tokio::time::Instant::now() + within;
+        let fresh = watch.is_some();
+        let mut watch = watch.unwrap_or_else(|| self.watchers.watch(id));
+        let mut check_now = !fresh;
+        let result = loop {
+            if check_now
+                && let Some(status) = store::status(pool, id).await?
+                && status.is_terminal()
+            {
+                break Some(status);
+            }
+            check_now = true;
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break None;
+            }
+            let nap = (deadline - now).min(std::time::Duration::from_secs(1));
+            match tokio::time::timeout(nap, &mut watch).await {
+                Ok(Ok(status)) => break Some(status),
+                // The sender went away (its shard stopped): fall back to the database.
+                Ok(Err(_)) => watch = self.watchers.watch(id),
+                Err(_) => {}
+            }
+        };
+        drop(watch);
+        self.watchers.forget(id);
+        Ok(result)
     }
 
     /// Feed one input to a saga and wait until its effect is committed.

@@ -469,3 +469,13 @@ pub async fn list_records(
     .await?;
     Ok(rows.iter().map(record).collect())
 }
+
+/// The status of a saga, if it exists.
+pub(super) async fn status(pool: &PgPool, id: SagaId) -> Result<Option<Status>, sqlx::Error> {
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM orchestrator.sagas WHERE id = $1")
+            .bind(id.as_uuid())
+            .fetch_optional(pool)
+            .await?;
+    Ok(status.and_then(|s| Status::parse(&s)))
+}

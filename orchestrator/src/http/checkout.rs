@@ -202,6 +202,7 @@ pub async fn create(
     JsonBody(request): JsonBody<CheckoutRequest>,
 ) -> Result<Response, Problem> {
     let key = idempotency_key(&headers)?;
+    let wait = super::wait::preference(&headers, state.settings.http.max_wait_seconds)?;
     let valid = validate(&request, state.settings.checkout.max_lines)?;
     let skus: Vec<Sku> = valid.lines.iter().map(|l| l.sku.clone()).collect();
     let prices = state.catalog.prices(&skus).await?;
@@ -251,16 +252,19 @@ pub async fn create(
         request_hash: Sha256::digest(serde_json::to_vec(&request).expect("requests serialize"))
             .to_vec(),
     });
-    let started = state
+    let (started, watch) = state
         .engine
-        .start(NewSaga {
-            saga_type: checkout::NAME.to_owned(),
-            request: start,
-            correlation_id: correlation_id.clone(),
-            idempotency,
-        })
+        .start_watched(
+            NewSaga {
+                saga_type: checkout::NAME.to_owned(),
+                request: start,
+                correlation_id: correlation_id.clone(),
+                idempotency,
+            },
+            wait.is_some(),
+        )
         .await?;
-    let (id, status, order_id, replayed) = match started {
+    let (id, mut status, order_id, replayed) = match started {
         Started::Created { id, status } => (id, status, order_id.to_string(), false),
         Started::Existing { id, status } => {
             let order = super::sagas::order_id_of(&state.pool, id).await?;
@@ -276,6 +280,20 @@ pub async fn create(
             .with_extra(serde_json::json!({ "saga_id": id })));
         }
     };
+    if let Some(seconds) = wait
+        && !status.is_terminal()
+        && let Some(ended) = state
+            .engine
+            .wait_ended(
+                &state.pool,
+                id,
+                std::time::Duration::from_secs(seconds),
+                watch,
+            )
+            .await?
+    {
+        status = ended;
+    }
     let status_url = format!("/sagas/{id}");
     let body = Accepted {
         saga_id: id,
@@ -283,8 +301,18 @@ pub async fn create(
         status: status.as_str(),
         status_url: status_url.clone(),
     };
-    let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
+    // With `Prefer: wait`, a saga that ended in time is answered as done (200), with its
+    // outcome; otherwise the request is accepted (202) and the saga goes on.
+    let code = if status.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut response = (code, axum::Json(body)).into_response();
     let h = response.headers_mut();
+    if let Some(seconds) = wait {
+        h.insert("preference-applied", super::wait::applied(seconds));
+    }
     h.insert(
         header::LOCATION,
         HeaderValue::from_str(&status_url).expect("a path is a header value"),

@@ -6,6 +6,7 @@ pub mod checkout;
 pub mod health;
 pub mod problem;
 pub mod sagas;
+pub mod wait;
 
 use std::sync::Arc;
 

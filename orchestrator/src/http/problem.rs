@@ -290,6 +290,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
         "This Idempotency-Key was already used with a different request; `saga_id` names the saga it belongs to. Use a new key for a new request. Nothing was written.",
     ),
     ("invalid-saga-id", "The saga id in the path is not a UUID."),
+    (
+        "invalid-wait",
+        "A wait (`Prefer: wait=<seconds>` or `?wait=<seconds>`) must be a whole number of seconds from 0 to http.max_wait_seconds.",
+    ),
     ("invalid-query", "A query parameter is invalid."),
     ("not-found", "No such resource."),
     (

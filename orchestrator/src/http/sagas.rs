@@ -79,11 +79,33 @@ impl From<&SagaRecord> for Summary {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetQuery {
+    /// Long poll: answer when the saga ended, or after this many seconds.
+    pub wait: Option<String>,
+}
+
 pub async fn get(
     State(state): State<AppState>,
     Path(raw): Path<String>,
+    query: Result<Query<GetQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let id = parse_id(&raw)?;
+    let Query(q) =
+        query.map_err(|e| Problem::bad_request("invalid-query", "Invalid query", e.body_text()))?;
+    if let Some(raw) = q.wait {
+        let seconds = super::wait::parse(&raw, state.settings.http.max_wait_seconds)?;
+        state
+            .engine
+            .wait_ended(
+                &state.pool,
+                id,
+                std::time::Duration::from_secs(seconds),
+                None,
+            )
+            .await?;
+    }
     let Some((record, events)) = engine::load_record(&state.pool, id).await? else {
         return Err(Problem::not_found(format!("no saga {id}")));
     };

@@ -89,19 +89,23 @@ impl Client {
         })
     }
 
-    /// Place checkout `i` and wait for its saga to end. Returns the latency in ms.
+    /// Place checkout `i` and wait for its saga to end: `Prefer: wait` answers with the
+    /// outcome when the saga ends in time; otherwise a long poll (`?wait`) follows. Returns the
+    /// latency in ms.
     async fn run_one(&self, i: usize) -> (f64, Outcome) {
         let started = Instant::now();
         let deadline = started + Duration::from_secs(self.cli.saga_timeout_secs);
+        let wait = self.cli.saga_timeout_secs.min(60);
         let r = self
             .http
             .post(format!("{}/checkout", self.cli.url))
+            .header("Prefer", format!("wait={wait}"))
             .json(&self.body(i))
             .send()
             .await;
-        let id = match r {
-            Ok(r) if r.status().as_u16() == 202 => match r.json::<Value>().await {
-                Ok(v) => v["saga_id"].as_str().unwrap_or_default().to_owned(),
+        let mut v = match r {
+            Ok(r) if matches!(r.status().as_u16(), 200 | 202) => match r.json::<Value>().await {
+                Ok(v) => v,
                 Err(_) => return (0.0, Outcome::Error),
             },
             Ok(r) => {
@@ -113,28 +117,20 @@ impl Client {
                 return (0.0, Outcome::Error);
             }
         };
-        let mut pause = Duration::from_millis(2);
+        let id = v["saga_id"].as_str().unwrap_or_default().to_owned();
         loop {
-            if let Ok(r) = self
-                .http
-                .get(format!("{}/sagas/{id}", self.cli.url))
-                .send()
-                .await
-                && let Ok(v) = r.json::<Value>().await
-            {
-                let outcome = match v["status"].as_str() {
-                    Some("completed") => Some(Outcome::Completed),
-                    Some("compensated") => Some(Outcome::Compensated),
-                    Some("failed") => Some(Outcome::Error),
-                    _ => None,
-                };
-                if let Some(o) = outcome {
-                    let ms = started.elapsed().as_secs_f64() * 1000.0;
-                    if self.cli.verbose {
-                        eprintln!("saga {id} {:?} in {ms:.1} ms", o);
-                    }
-                    return (ms, o);
+            let outcome = match v["status"].as_str() {
+                Some("completed") => Some(Outcome::Completed),
+                Some("compensated") => Some(Outcome::Compensated),
+                Some("failed") => Some(Outcome::Error),
+                _ => None,
+            };
+            if let Some(o) = outcome {
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                if self.cli.verbose {
+                    eprintln!("saga {id} {o:?} in {ms:.1} ms");
                 }
+                return (ms, o);
             }
             if Instant::now() > deadline {
                 eprintln!(
@@ -143,10 +139,34 @@ impl Client {
                 );
                 return (0.0, Outcome::Error);
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
+            v = match self
+                .http
+                .get(format!("{}/sagas/{id}?wait={wait}", self.cli.url))
+                .send()
+                .await
+            {
+                Ok(r) => r.json::<Value>().await.unwrap_or_default(),
+                Err(_) => Value::Null,
+            };
         }
     }
+}
+
+/// This process's CPU seconds and peak RSS (KiB), from /proc.
+fn own_usage() -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((ticks / 100.0, hwm))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -283,6 +303,12 @@ async fn main() {
                 );
             }
         }
+    }
+    if let Some((cpu, rss_kib)) = own_usage() {
+        eprintln!(
+            "loadgen: cpu={cpu:.2}s peak_rss={:.1}MiB",
+            rss_kib as f64 / 1024.0
+        );
     }
     let throughput = n as f64 / elapsed.as_secs_f64();
     println!(
