@@ -85,6 +85,9 @@ pub struct Engine {
     pub shards: usize,
     /// At most this many inputs are applied in one transaction.
     pub max_batch: usize,
+    /// Transactions a shard may have committing at once (under heavy load; each holds other
+    /// sagas).
+    pub pipeline: usize,
     /// Live sagas kept in memory per shard, to skip reading them back.
     pub cache_capacity: usize,
 }
@@ -226,6 +229,12 @@ impl Settings {
         }
         if self.engine.max_batch == 0 {
             return bad("engine.max_batch must be at least 1".into());
+        }
+        if self.engine.pipeline == 0 || self.engine.pipeline > 16 {
+            return bad(format!(
+                "engine.pipeline must be 1 to 16, got {}",
+                self.engine.pipeline
+            ));
         }
         if self.database.max_connections < 2 {
             return bad("database.max_connections must be at least 2".into());

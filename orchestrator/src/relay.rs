@@ -87,6 +87,10 @@ impl Relay {
         let mut tick = tokio::time::interval(config::ms(self.settings.scan_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buffer = Vec::new();
+        // Acknowledged rows are deleted in bulk: while more hand-offs are queued, their ids
+        // wait here (a row published but not yet deleted is only published again by a scan,
+        // and JetStream drops the duplicate).
+        let mut acked: Vec<i64> = Vec::new();
         loop {
             tokio::select! {
                 n = self.rx.recv_many(&mut buffer, 64) => {
@@ -94,13 +98,20 @@ impl Relay {
                         break;
                     }
                     let batch: Vec<Message> = buffer.drain(..).flatten().collect();
-                    self.publish_and_delete(batch).await;
+                    let done = self.publish(&batch).await;
+                    self.metrics.published(done.len(), batch.len() - done.len(), false);
+                    acked.extend(done);
+                    if self.rx.is_empty() || acked.len() >= self.settings.max_batch * 4 {
+                        self.delete_acked(&mut acked).await;
+                    }
                 }
                 _ = tick.tick() => {
+                    self.delete_acked(&mut acked).await;
                     self.scan(config::ms(self.settings.scan_grace_ms)).await;
                 }
             }
         }
+        self.delete_acked(&mut acked).await;
         self.scan(Duration::ZERO).await;
         tracing::info!("relay stopped");
     }
@@ -157,18 +168,16 @@ impl Relay {
         Ok(if done.is_empty() { 0 } else { found })
     }
 
-    async fn publish_and_delete(&self, batch: Vec<Message>) {
-        let done = self.publish(&batch).await;
-        self.metrics
-            .published(done.len(), batch.len() - done.len(), false);
-        if done.is_empty() {
+    async fn delete_acked(&self, acked: &mut Vec<i64>) {
+        if acked.is_empty() {
             return;
         }
-        if let Err(e) = delete(&self.pool, &done).await {
+        if let Err(e) = delete(&self.pool, acked).await {
             // Published but still in the table: the scan publishes them again, JetStream drops
             // the duplicates.
-            tracing::warn!(error = %e, rows = done.len(), "could not delete published outbox rows");
+            tracing::warn!(error = %e, rows = acked.len(), "could not delete published outbox rows");
         }
+        acked.clear();
     }
 
     /// Publish all, then await all acks. Returns the ids JetStream acknowledged.

@@ -194,6 +194,14 @@ pub trait Saga: Send + Sync + std::fmt::Debug {
     fn parked_on(&self) -> Option<&'static str>;
     /// The versioned snapshot to persist.
     fn snapshot(&self) -> serde_json::Value;
+    /// The same snapshot as JSON text (what the engine writes, without building a value tree).
+    fn snapshot_json(&self) -> String {
+        self.snapshot().to_string()
+    }
+    /// The business entity the saga runs for (an order id), if its type has one.
+    fn subject(&self) -> Option<String> {
+        None
+    }
     fn status(&self) -> Status;
     /// The name of the current leaf state, for the API and the dashboard.
     fn state_name(&self) -> &'static str;

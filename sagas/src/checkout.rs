@@ -241,6 +241,10 @@ impl Definition for Checkout {
         (next > RESERVE && now + margin >= expires_at).then_some(RESERVE)
     }
 
+    fn subject(order: &Order) -> Option<String> {
+        Some(order.order_id.to_string())
+    }
+
     fn on_end(order: &Order, saga: SagaId, end: End<'_>) -> Vec<DomainEvent> {
         vec![match end {
             End::Completed => DomainEvent::OrderConfirmed {

@@ -100,6 +100,11 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
     }
     /// The domain events to publish when the saga ends.
     fn on_end(data: &Self::Data, saga: SagaId, end: End<'_>) -> Vec<DomainEvent>;
+    /// The business entity the saga runs for (for a checkout, its order id): stored and
+    /// indexed with the saga so it can be found by it.
+    fn subject(_data: &Self::Data) -> Option<String> {
+        None
+    }
 }
 
 /// Checks the rules a definition must follow; run by each definition's tests.
@@ -189,18 +194,30 @@ pub struct StepRecord {
     pub name: String,
     pub status: StepStatus,
     /// Forward attempts dispatched so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
     /// Compensation attempts dispatched so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub compensation_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<StepError>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<StepOutput>,
     /// How often the step was done again because the definition asked (e.g. a stock
     /// reservation renewed before it expired).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub renewals: u32,
     /// The first forward attempt of the current round; attempts are counted from here.
-    #[serde(default = "one")]
+    #[serde(default = "one", skip_serializing_if = "is_one")]
     pub round_start: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 fn one() -> u32 {
@@ -266,11 +283,17 @@ impl Ctx {
 pub struct Stepwise<D: Definition> {
     pub id: SagaId,
     pub data: D::Data,
-    pub policies: Vec<StepPolicy>,
+    /// Per-step overrides of the definition's policies, fixed when the saga started (most sagas
+    /// have none: the snapshot stays small).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policies: BTreeMap<String, StepPolicyOverride>,
     pub steps: Vec<StepRecord>,
     pub started_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub past_pivot: bool,
     #[serde(skip)]
     marker: PhantomData<fn() -> D>,
@@ -594,10 +617,19 @@ impl<D: Definition> Stepwise<D> {
         }
     }
 
-    fn policy(&self, step: usize, phase: Phase) -> &Policy {
+    /// The policy of `step` in `phase`: the definition's, with this saga's overrides.
+    fn policy(&self, step: usize, phase: Phase) -> Policy {
+        let def = &D::steps()[step];
+        let o = self.policies.get(def.name);
         match phase {
-            Phase::Forward => &self.policies[step].forward,
-            Phase::Compensation => &self.policies[step].compensation,
+            Phase::Forward => match o {
+                Some(o) => o.forward.apply(&def.policy.forward),
+                None => def.policy.forward.clone(),
+            },
+            Phase::Compensation => match o {
+                Some(o) => o.compensation.apply(&def.policy.compensation),
+                None => def.policy.compensation.clone(),
+            },
         }
     }
 
@@ -976,6 +1008,16 @@ impl<D: Definition> Snapshot<D> {
     pub const FORMAT: u32 = 1;
 }
 
+/// [`Snapshot`] by reference, for writing it without copying the saga.
+#[derive(Serialize)]
+#[serde(bound = "")]
+struct SnapshotRef<'a, D: Definition> {
+    format: u32,
+    state: StateSnapshot,
+    #[serde(flatten)]
+    saga: &'a Stepwise<D>,
+}
+
 /// The start request of any step-by-step saga: the definition's own fields plus optional
 /// per-step policy overrides (from the orchestrator's configuration).
 #[derive(Deserialize)]
@@ -1029,22 +1071,24 @@ impl<D: Definition> Instance<D> {
                 "policy for unknown step {unknown:?}"
             )));
         }
-        let mut policies = Vec::with_capacity(steps.len());
         for def in steps {
-            let policy = match request.policies.get(def.name) {
-                Some(o) => StepPolicy {
+            if let Some(o) = request.policies.get(def.name) {
+                let policy = StepPolicy {
                     forward: o.forward.apply(&def.policy.forward),
                     compensation: o.compensation.apply(&def.policy.compensation),
-                },
-                None => def.policy.clone(),
-            };
-            policy
-                .forward
-                .validate(def.name)
-                .and_then(|()| policy.compensation.validate(def.name))
-                .map_err(|e| api::Error::InvalidStart(e.0))?;
-            policies.push(policy);
+                };
+                policy
+                    .forward
+                    .validate(def.name)
+                    .and_then(|()| policy.compensation.validate(def.name))
+                    .map_err(|e| api::Error::InvalidStart(e.0))?;
+            }
         }
+        let policies = request
+            .policies
+            .into_iter()
+            .filter(|(_, o)| *o != StepPolicyOverride::default())
+            .collect();
         let mut saga = Stepwise::<D> {
             id,
             data,
@@ -1085,7 +1129,7 @@ impl<D: Definition> Instance<D> {
             )));
         }
         let n = D::steps().len();
-        if snapshot.saga.steps.len() != n || snapshot.saga.policies.len() != n {
+        if snapshot.saga.steps.len() != n {
             return Err(api::Error::Snapshot(format!(
                 "snapshot has {} steps, the definition {n}",
                 snapshot.saga.steps.len()
@@ -1116,6 +1160,15 @@ impl<D: Definition> Instance<D> {
 
     pub fn state(&self) -> StateSnapshot {
         StateSnapshot::of(self.machine.state())
+    }
+
+    /// The snapshot, borrowing the machine's storage (no copy).
+    fn snapshot_ref(&self) -> SnapshotRef<'_, D> {
+        SnapshotRef {
+            format: Snapshot::<D>::FORMAT,
+            state: self.state(),
+            saga: self.machine.inner(),
+        }
     }
 
     pub fn to_snapshot(&self) -> Snapshot<D> {
@@ -1153,7 +1206,15 @@ impl<D: Definition> api::Saga for Instance<D> {
     }
 
     fn snapshot(&self) -> serde_json::Value {
-        serde_json::to_value(self.to_snapshot()).expect("a snapshot always serializes")
+        serde_json::to_value(self.snapshot_ref()).expect("a snapshot always serializes")
+    }
+
+    fn snapshot_json(&self) -> String {
+        serde_json::to_string(&self.snapshot_ref()).expect("a snapshot always serializes")
+    }
+
+    fn subject(&self) -> Option<String> {
+        D::subject(&self.machine.inner().data)
     }
 
     fn status(&self) -> Status {

@@ -215,6 +215,7 @@ impl Engine {
                 breakers.clone(),
                 metrics.clone(),
                 settings.max_batch,
+                settings.pipeline,
                 settings.cache_capacity,
             );
             tasks.push(tokio::spawn(shard.run(rx)));

@@ -1,15 +1,19 @@
 //! One shard: a single writer for the sagas whose id maps to it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use chrono::{SubsecRound, Utc};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use sagas::api::{Effect, Env, Input, Saga, SagaType, Timer, Verdict};
 use sagas::wire::{SagaId, Subjects};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::store::{self, Batch, EventRow, NewSagaRow, OutboxRow, TimerOp, UpdateRow};
+use super::store::{
+    self, Batch, EventWrite, NewSagaRow, OutboxRow, TimerOp, TimerWrite, UpdateRow,
+};
 use super::{Applied, Error, FiredTimer, Request, Started, Watchers};
 use crate::breakers::Breakers;
 use crate::metrics::Metrics;
@@ -17,6 +21,10 @@ use crate::relay;
 
 /// How often a batch is re-run for the sagas that lost an optimistic-lock race.
 const MAX_ROUNDS: usize = 5;
+
+/// A second transaction starts while one commits only when at least this many inputs wait:
+/// below that, waiting for the first makes a bigger (cheaper per input) batch.
+const PIPELINE_MIN: usize = 8;
 
 type Registry = HashMap<&'static str, &'static dyn SagaType>;
 
@@ -28,12 +36,20 @@ struct Entry {
     correlation_id: String,
 }
 
+/// A batch applied in memory, ready to commit.
+struct Prepared {
+    work: HashMap<SagaId, Work>,
+    followers: Vec<(Request, SagaId)>,
+    batch: Batch,
+    inputs: usize,
+}
+
 /// What one round does to one saga.
 struct Work {
     entry: Entry,
     /// The version in the database before this round; `None` for a saga created in it.
     base_version: Option<i64>,
-    events: Vec<EventRow>,
+    events: Vec<EventWrite>,
     outbox: Vec<OutboxRow>,
     timers: BTreeMap<String, TimerOp>,
     fired: Vec<FiredTimer>,
@@ -58,6 +74,7 @@ pub(super) struct Shard {
     breakers: Arc<Breakers>,
     metrics: Metrics,
     max_batch: usize,
+    pipeline: usize,
     cache_capacity: usize,
     cache: HashMap<SagaId, Entry>,
 }
@@ -74,6 +91,7 @@ impl Shard {
         breakers: Arc<Breakers>,
         metrics: Metrics,
         max_batch: usize,
+        pipeline: usize,
         cache_capacity: usize,
     ) -> Self {
         Self {
@@ -86,17 +104,84 @@ impl Shard {
             breakers,
             metrics,
             max_batch,
+            pipeline,
             cache_capacity,
             cache: HashMap::new(),
         }
     }
 
+    /// The shard's loop. Requests gather while a batch commits, so batches grow with the load
+    /// (group commit). Under heavy load a second batch of *other* sagas is applied and
+    /// committed while the first one is still committing (`pipeline` commits at most at once);
+    /// a request for a saga whose batch is in flight waits for it. Batches in flight never
+    /// share a saga, so one failing never affects another.
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let span = tracing::info_span!("shard", shard = self.index);
         async move {
-            let mut batch = Vec::with_capacity(self.max_batch);
-            while rx.recv_many(&mut batch, self.max_batch).await > 0 {
-                self.process(std::mem::take(&mut batch)).await;
+            let mut pending: VecDeque<(Request, usize)> = VecDeque::new();
+            let mut in_flight: HashSet<SagaId> = HashSet::new();
+            let mut commits = FuturesUnordered::new();
+            let mut buffer = Vec::with_capacity(self.max_batch);
+            let mut closed = false;
+            loop {
+                // Start a batch when nothing commits, or when enough waits to be worth a
+                // second transaction.
+                let room = commits.len() < self.pipeline
+                    && (commits.is_empty() || pending.len() >= PIPELINE_MIN);
+                if room && !pending.is_empty() {
+                    let mut batch = Vec::new();
+                    let mut deferred = VecDeque::new();
+                    while let Some((r, round)) = pending.pop_front() {
+                        if in_flight.contains(&r.saga_id()) || batch.len() >= self.max_batch {
+                            deferred.push_back((r, round));
+                        } else {
+                            batch.push((r, round));
+                        }
+                    }
+                    pending = deferred;
+                    if !batch.is_empty() {
+                        let rounds: HashMap<SagaId, usize> =
+                            batch.iter().map(|(r, n)| (r.saga_id(), *n)).collect();
+                        let requests = batch.into_iter().map(|(r, _)| r).collect();
+                        if let Some(prepared) = self.prepare(requests).await {
+                            in_flight.extend(prepared.work.keys().copied());
+                            let pool = self.pool.clone();
+                            commits.push(async move {
+                                let started = std::time::Instant::now();
+                                let result = store::commit(&pool, prepared.batch).await;
+                                (prepared.work, prepared.followers, prepared.inputs, rounds, started, result)
+                            });
+                        }
+                        continue;
+                    }
+                }
+                if closed && commits.is_empty() && pending.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    Some((work, followers, inputs, rounds, started, result)) = commits.next(), if !commits.is_empty() => {
+                        self.metrics.batch(inputs, started.elapsed().as_secs_f64());
+                        for id in work.keys() {
+                            in_flight.remove(id);
+                        }
+                        for r in self.finish(work, followers, result) {
+                            let id = r.saga_id();
+                            let round = rounds.get(&id).copied().unwrap_or(0) + 1;
+                            if round >= MAX_ROUNDS {
+                                r.fail(Error::Contention(id));
+                            } else {
+                                pending.push_front((r, round));
+                            }
+                        }
+                    }
+                    n = rx.recv_many(&mut buffer, self.max_batch), if !closed => {
+                        if n == 0 {
+                            closed = true;
+                        }
+                        pending.extend(buffer.drain(..).map(|r| (r, 0)));
+                    }
+                    else => {}
+                }
             }
             tracing::debug!("shard stopped");
         }
@@ -104,22 +189,9 @@ impl Shard {
         .await
     }
 
-    async fn process(&mut self, mut pending: Vec<Request>) {
-        for _ in 0..MAX_ROUNDS {
-            pending = self.round(pending).await;
-            if pending.is_empty() {
-                return;
-            }
-        }
-        for r in pending {
-            let id = r.saga_id();
-            r.fail(Error::Contention(id));
-        }
-    }
-
-    /// Apply a batch and commit it. Returns the requests of sagas that lost a version race, to
-    /// be applied again on a fresh copy.
-    async fn round(&mut self, requests: Vec<Request>) -> Vec<Request> {
+    /// Apply a batch in memory and turn it into rows. Requests that need no write (an invalid
+    /// start, an unknown saga) are answered here.
+    async fn prepare(&mut self, requests: Vec<Request>) -> Option<Prepared> {
         // The machine gets the time at PostgreSQL's precision, so that what the event log
         // stores is exactly what the machine saw, and a replay gives the same snapshot.
         let env = Env {
@@ -131,7 +203,7 @@ impl Shard {
             for r in requests {
                 r.fail(e.clone());
             }
-            return Vec::new();
+            return None;
         }
         let mut work: HashMap<SagaId, Work> = HashMap::new();
         // Keys started in this batch: a second start with one of them waits for the first.
@@ -205,10 +277,23 @@ impl Shard {
             }
         }
 
-        let batch = Batch::build(&work, env.now);
-        let started = std::time::Instant::now();
-        let result = store::commit(&self.pool, batch).await;
-        self.metrics.batch(inputs, started.elapsed().as_secs_f64());
+        let batch = Batch::build(&mut work, env.now);
+        Some(Prepared {
+            work,
+            followers: key_followers,
+            batch,
+            inputs,
+        })
+    }
+
+    /// Answer a committed (or failed) batch. Returns the requests of sagas that lost a version
+    /// race, to be applied again on a fresh copy.
+    fn finish(
+        &mut self,
+        work: HashMap<SagaId, Work>,
+        key_followers: Vec<(Request, SagaId)>,
+        result: Result<store::Outcome, sqlx::Error>,
+    ) -> Vec<Request> {
         match result {
             Err(e) => {
                 self.metrics.commit_failed();
@@ -343,7 +428,7 @@ impl Shard {
         w.record(
             &self.subjects,
             "started",
-            new.request.clone(),
+            new.request.to_string(),
             &effects,
             env,
         );
@@ -450,8 +535,8 @@ impl Work {
             Verdict::Applied(effects) => {
                 self.entry.version += 1;
                 self.changed = true;
-                let value = serde_json::to_value(input).expect("inputs serialize");
-                self.record(subjects, input.kind(), value, &effects, env);
+                let text = serde_json::to_string(input).expect("inputs serialize");
+                self.record(subjects, input.kind(), text, &effects, env);
                 let status = self.entry.saga.status();
                 tracing::debug!(
                     input = input.kind(),
@@ -472,7 +557,7 @@ impl Work {
         &mut self,
         subjects: &Subjects,
         kind: &str,
-        input: serde_json::Value,
+        input: String,
         effects: &[Effect],
         env: &Env,
     ) {
@@ -497,7 +582,7 @@ impl Work {
                     self.timers.insert(
                         timer.key().to_owned(),
                         TimerOp::Set {
-                            timer: serde_json::to_value(timer).expect("timers serialize"),
+                            timer: serde_json::to_string(timer).expect("timers serialize"),
                             at: *at,
                         },
                     );
@@ -507,25 +592,37 @@ impl Work {
                 }
             }
         }
-        self.events.push(EventRow {
+        self.events.push(EventWrite {
             saga_id: id,
             seq: self.entry.version as i32,
             kind: kind.to_owned(),
             input,
-            effects: serde_json::to_value(effects).expect("effects serialize"),
+            effects: serde_json::to_string(effects).expect("effects serialize"),
             state_after: self.entry.saga.state_name().to_owned(),
             at: env.now,
             blocked: (!env.blocked.is_empty())
-                .then(|| serde_json::to_value(&env.blocked).expect("sets serialize")),
+                .then(|| serde_json::to_string(&env.blocked).expect("sets serialize")),
         });
     }
 }
 
 impl Batch {
-    fn build(work: &HashMap<SagaId, Work>, now: chrono::DateTime<Utc>) -> Batch {
+    /// Turn the round's work into rows, moving what it recorded (the work keeps its entries
+    /// and requests for after the commit).
+    fn build(work: &mut HashMap<SagaId, Work>, now: chrono::DateTime<Utc>) -> Batch {
         let mut batch = Batch::default();
-        for (id, w) in work {
-            batch.fired.extend(w.fired.iter().map(|f| (*id, f.clone())));
+        for (id, w) in work.iter_mut() {
+            // A fired timer is consumed, unless the transition set or cancelled its key anyway.
+            for f in std::mem::take(&mut w.fired) {
+                if !w.timers.contains_key(&f.key) {
+                    batch.timers.push(TimerWrite::Delete {
+                        saga_id: *id,
+                        key: f.key,
+                        fire_at: Some(f.fire_at),
+                        requires_ok: w.changed,
+                    });
+                }
+            }
             if !w.changed {
                 continue;
             }
@@ -537,7 +634,8 @@ impl Batch {
                     saga_type: w.entry.saga_type.to_owned(),
                     state: saga.state_name().to_owned(),
                     status: status.as_str().to_owned(),
-                    snapshot: saga.snapshot(),
+                    snapshot: saga.snapshot_json(),
+                    subject: saga.subject(),
                     parked_on: saga.parked_on().map(str::to_owned),
                     version: w.entry.version,
                     correlation_id: w.entry.correlation_id.clone(),
@@ -551,15 +649,28 @@ impl Batch {
                     new_version: w.entry.version,
                     state: saga.state_name().to_owned(),
                     status: status.as_str().to_owned(),
-                    snapshot: saga.snapshot(),
+                    snapshot: saga.snapshot_json(),
                     parked_on: saga.parked_on().map(str::to_owned),
                     at: now,
                 }),
             }
-            batch.events.extend(w.events.iter().cloned());
-            batch.outbox.extend(w.outbox.iter().cloned());
-            for (key, op) in &w.timers {
-                batch.timers.push((*id, key.clone(), op.clone()));
+            batch.events.append(&mut w.events);
+            batch.outbox.append(&mut w.outbox);
+            for (key, op) in std::mem::take(&mut w.timers) {
+                batch.timers.push(match op {
+                    TimerOp::Set { timer, at } => TimerWrite::Set {
+                        saga_id: *id,
+                        key,
+                        at,
+                        timer,
+                    },
+                    TimerOp::Cancel => TimerWrite::Delete {
+                        saga_id: *id,
+                        key,
+                        fire_at: None,
+                        requires_ok: true,
+                    },
+                });
             }
         }
         batch

@@ -11,7 +11,6 @@ use serde::Serialize;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use super::FiredTimer;
 use crate::relay;
 
 #[derive(Debug, Clone)]
@@ -20,7 +19,9 @@ pub(super) struct NewSagaRow {
     pub saga_type: String,
     pub state: String,
     pub status: String,
-    pub snapshot: serde_json::Value,
+    /// JSON text, cast to jsonb by PostgreSQL.
+    pub snapshot: String,
+    pub subject: Option<String>,
     pub parked_on: Option<String>,
     pub version: i64,
     pub correlation_id: String,
@@ -36,12 +37,12 @@ pub(super) struct UpdateRow {
     pub new_version: i64,
     pub state: String,
     pub status: String,
-    pub snapshot: serde_json::Value,
+    pub snapshot: String,
     pub parked_on: Option<String>,
     pub at: DateTime<Utc>,
 }
 
-/// One row of the event log.
+/// One row of the event log, as the API reads it.
 #[derive(Debug, Clone, Serialize)]
 pub struct EventRow {
     pub saga_id: SagaId,
@@ -56,6 +57,19 @@ pub struct EventRow {
     pub blocked: Option<serde_json::Value>,
 }
 
+/// One row of the event log, as the engine writes it (JSON as text).
+#[derive(Debug, Clone)]
+pub(super) struct EventWrite {
+    pub saga_id: SagaId,
+    pub seq: i32,
+    pub kind: String,
+    pub input: String,
+    pub effects: String,
+    pub state_after: String,
+    pub at: DateTime<Utc>,
+    pub blocked: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct OutboxRow {
     pub saga_id: SagaId,
@@ -67,26 +81,41 @@ pub(super) struct OutboxRow {
 
 #[derive(Debug, Clone)]
 pub(super) enum TimerOp {
-    Set {
-        timer: serde_json::Value,
-        at: DateTime<Utc>,
-    },
+    Set { timer: String, at: DateTime<Utc> },
     Cancel,
+}
+
+/// One write to the timers table. At most one per saga and key in a batch.
+#[derive(Debug, Clone)]
+pub(super) enum TimerWrite {
+    Set {
+        saga_id: SagaId,
+        key: String,
+        at: DateTime<Utc>,
+        timer: String,
+    },
+    /// Delete the row; only if it still fires at `fire_at` when given (a consumed timer that
+    /// nothing replaced). With `requires_ok`, only if the saga's own write went through.
+    Delete {
+        saga_id: SagaId,
+        key: String,
+        fire_at: Option<DateTime<Utc>>,
+        requires_ok: bool,
+    },
 }
 
 #[derive(Debug, Default)]
 pub(super) struct Batch {
     pub new_sagas: Vec<NewSagaRow>,
     pub updates: Vec<UpdateRow>,
-    pub events: Vec<EventRow>,
+    pub events: Vec<EventWrite>,
     pub outbox: Vec<OutboxRow>,
-    pub timers: Vec<(SagaId, String, TimerOp)>,
-    pub fired: Vec<(SagaId, FiredTimer)>,
+    pub timers: Vec<TimerWrite>,
 }
 
 impl Batch {
     fn is_empty(&self) -> bool {
-        self.new_sagas.is_empty() && self.updates.is_empty() && self.fired.is_empty()
+        self.new_sagas.is_empty() && self.updates.is_empty() && self.timers.is_empty()
     }
 }
 
@@ -112,243 +141,245 @@ fn uuids<'a>(ids: impl Iterator<Item = &'a SagaId>) -> Vec<Uuid> {
     ids.map(|i| i.as_uuid()).collect()
 }
 
+/// The whole batch in ONE statement, hence one round trip and one implicit transaction:
+/// new sagas are inserted (unless their idempotency key is taken), changed ones updated if
+/// their version is still the one we read; the event-log, outbox and timer writes of a saga
+/// happen only if its own row was written (`ok`).
+const COMMIT: &str = "
+WITH ins AS (
+    INSERT INTO orchestrator.sagas
+        (id, saga_type, state, status, snapshot, version, correlation_id, idempotency_key,
+         request_hash, created_at, updated_at, parked_on, subject)
+    SELECT u.id, u.saga_type, u.state, u.status, u.snapshot::json, u.version, u.correlation_id,
+           u.idempotency_key, u.request_hash, u.at, u.at, u.parked_on, u.subject
+      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
+                  $7::text[], $8::text[], $9::bytea[], $10::timestamptz[], $11::text[], $12::text[])
+        AS u(id, saga_type, state, status, snapshot, version, correlation_id, idempotency_key,
+             request_hash, at, parked_on, subject)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id
+), upd AS (
+    UPDATE orchestrator.sagas s
+       SET state = u.state, status = u.status, snapshot = u.snapshot::json,
+           version = u.new_version, updated_at = u.at, parked_on = u.parked_on
+      FROM unnest($13::uuid[], $14::int8[], $15::int8[], $16::text[], $17::text[], $18::text[],
+                  $19::timestamptz[], $20::text[])
+        AS u(id, old_version, new_version, state, status, snapshot, at, parked_on)
+     WHERE s.id = u.id AND s.version = u.old_version
+    RETURNING s.id
+), ok AS (
+    SELECT id FROM ins UNION ALL SELECT id FROM upd
+), ev AS (
+    INSERT INTO orchestrator.saga_events (saga_id, seq, kind, input, effects, state_after, at, blocked)
+    SELECT e.saga_id, e.seq, e.kind, e.input::json, e.effects::json, e.state_after, e.at, e.blocked::json
+      FROM unnest($21::uuid[], $22::int4[], $23::text[], $24::text[], $25::text[], $26::text[],
+                  $27::timestamptz[], $28::text[])
+        AS e(saga_id, seq, kind, input, effects, state_after, at, blocked)
+     WHERE e.saga_id IN (SELECT id FROM ok)
+), ob AS (
+    INSERT INTO orchestrator.outbox (saga_id, msg_id, subject, correlation_id, payload, created_at)
+    SELECT o.saga_id, o.msg_id, o.subject, o.correlation_id, o.payload, $34
+      FROM unnest($29::uuid[], $30::text[], $31::text[], $32::text[], $33::bytea[])
+        AS o(saga_id, msg_id, subject, correlation_id, payload)
+     WHERE o.saga_id IN (SELECT id FROM ok)
+    RETURNING msg_id, id
+), tset AS (
+    INSERT INTO orchestrator.timers (saga_id, key, fire_at, timer)
+    SELECT t.saga_id, t.key, t.fire_at, t.timer::jsonb
+      FROM unnest($35::uuid[], $36::text[], $37::timestamptz[], $38::text[]) AS t(saga_id, key, fire_at, timer)
+     WHERE t.saga_id IN (SELECT id FROM ok)
+    ON CONFLICT (saga_id, key) DO UPDATE
+       SET fire_at = excluded.fire_at, timer = excluded.timer, leased_until = NULL
+), tdel AS (
+    DELETE FROM orchestrator.timers t
+     USING unnest($39::uuid[], $40::text[], $41::timestamptz[], $42::bool[])
+        AS d(saga_id, key, fire_at, requires_ok)
+     WHERE t.saga_id = d.saga_id AND t.key = d.key
+       AND (d.fire_at IS NULL OR t.fire_at = d.fire_at)
+       AND (NOT d.requires_ok OR d.saga_id IN (SELECT id FROM ok))
+)
+SELECT 0::int4, id::text, 0::int8 FROM ok
+UNION ALL
+SELECT 1::int4, msg_id, id FROM ob";
+
 pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx::Error> {
     let mut outcome = Outcome::default();
     if batch.is_empty() {
         return Ok(outcome);
     }
-    let mut tx = pool.begin().await?;
-
-    if !batch.new_sagas.is_empty() {
-        let n = &batch.new_sagas;
-        let inserted: HashSet<Uuid> = sqlx::query(
-            "INSERT INTO orchestrator.sagas
-                 (id, saga_type, state, status, snapshot, version, correlation_id,
-                  idempotency_key, request_hash, created_at, parked_on, updated_at)
-             SELECT u.*, u.at FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
-                                          $5::jsonb[], $6::bigint[], $7::text[], $8::text[],
-                                          $9::bytea[], $10::timestamptz[], $11::text[])
-                 AS u(id, saga_type, state, status, snapshot, version, correlation_id,
-                      idempotency_key, request_hash, at, parked_on)
-             ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING id",
-        )
+    let n = &batch.new_sagas;
+    let u = &batch.updates;
+    let e = &batch.events;
+    let o = &batch.outbox;
+    let mut set = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut del = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for t in &batch.timers {
+        match t {
+            TimerWrite::Set {
+                saga_id,
+                key,
+                at,
+                timer,
+            } => {
+                set.0.push(saga_id.as_uuid());
+                set.1.push(key.as_str());
+                set.2.push(*at);
+                set.3.push(timer.as_str());
+            }
+            TimerWrite::Delete {
+                saga_id,
+                key,
+                fire_at,
+                requires_ok,
+            } => {
+                del.0.push(saga_id.as_uuid());
+                del.1.push(key.as_str());
+                del.2.push(*fire_at);
+                del.3.push(*requires_ok);
+            }
+        }
+    }
+    let rows = sqlx::query(COMMIT)
         .bind(uuids(n.iter().map(|r| &r.id)))
-        .bind(n.iter().map(|r| r.saga_type.clone()).collect::<Vec<_>>())
-        .bind(n.iter().map(|r| r.state.clone()).collect::<Vec<_>>())
-        .bind(n.iter().map(|r| r.status.clone()).collect::<Vec<_>>())
-        .bind(n.iter().map(|r| r.snapshot.clone()).collect::<Vec<_>>())
+        .bind(n.iter().map(|r| r.saga_type.as_str()).collect::<Vec<_>>())
+        .bind(n.iter().map(|r| r.state.as_str()).collect::<Vec<_>>())
+        .bind(n.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+        .bind(n.iter().map(|r| r.snapshot.as_str()).collect::<Vec<_>>())
         .bind(n.iter().map(|r| r.version).collect::<Vec<_>>())
         .bind(
             n.iter()
-                .map(|r| r.correlation_id.clone())
+                .map(|r| r.correlation_id.as_str())
                 .collect::<Vec<_>>(),
         )
         .bind(
             n.iter()
-                .map(|r| r.idempotency_key.clone())
+                .map(|r| r.idempotency_key.as_deref())
                 .collect::<Vec<_>>(),
         )
-        .bind(n.iter().map(|r| r.request_hash.clone()).collect::<Vec<_>>())
-        .bind(n.iter().map(|r| r.at).collect::<Vec<_>>())
-        .bind(n.iter().map(|r| r.parked_on.clone()).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| r.get::<Uuid, _>(0))
-        .collect();
-        let lost: Vec<&NewSagaRow> = n
-            .iter()
-            .filter(|r| !inserted.contains(&r.id.as_uuid()))
-            .collect();
-        if !lost.is_empty() {
-            let keys: Vec<String> = lost
-                .iter()
-                .filter_map(|r| r.idempotency_key.clone())
-                .collect();
-            let rows = sqlx::query(
-                "SELECT idempotency_key, id, status, request_hash FROM orchestrator.sagas
-                 WHERE idempotency_key = ANY($1)",
-            )
-            .bind(&keys)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut by_key = HashMap::new();
-            for row in rows {
-                let status: String = row.get(2);
-                by_key.insert(
-                    row.get::<String, _>(0),
-                    Existing {
-                        id: SagaId::from_uuid(row.get(1)),
-                        status: Status::parse(&status).unwrap_or(Status::Running),
-                        request_hash: row.get(3),
-                    },
-                );
-            }
-            for r in lost {
-                let existing = r
-                    .idempotency_key
-                    .as_ref()
-                    .and_then(|k| by_key.get(k))
-                    .cloned()
-                    .ok_or_else(|| {
-                        sqlx::Error::Protocol(format!("saga {} was not inserted", r.id))
-                    })?;
-                outcome.duplicates.insert(r.id, existing);
-            }
-        }
-    }
-
-    if !batch.updates.is_empty() {
-        let u = &batch.updates;
-        let updated: HashSet<Uuid> = sqlx::query(
-            "UPDATE orchestrator.sagas s
-                SET state = u.state, status = u.status, snapshot = u.snapshot,
-                    version = u.new_version, updated_at = u.at, parked_on = u.parked_on
-               FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
-                           $6::jsonb[], $7::timestamptz[], $8::text[])
-                 AS u(id, old_version, new_version, state, status, snapshot, at, parked_on)
-              WHERE s.id = u.id AND s.version = u.old_version
-          RETURNING s.id",
+        .bind(
+            n.iter()
+                .map(|r| r.request_hash.as_deref())
+                .collect::<Vec<_>>(),
         )
+        .bind(n.iter().map(|r| r.at).collect::<Vec<_>>())
+        .bind(n.iter().map(|r| r.parked_on.as_deref()).collect::<Vec<_>>())
+        .bind(n.iter().map(|r| r.subject.as_deref()).collect::<Vec<_>>())
         .bind(uuids(u.iter().map(|r| &r.id)))
         .bind(u.iter().map(|r| r.old_version).collect::<Vec<_>>())
         .bind(u.iter().map(|r| r.new_version).collect::<Vec<_>>())
-        .bind(u.iter().map(|r| r.state.clone()).collect::<Vec<_>>())
-        .bind(u.iter().map(|r| r.status.clone()).collect::<Vec<_>>())
-        .bind(u.iter().map(|r| r.snapshot.clone()).collect::<Vec<_>>())
+        .bind(u.iter().map(|r| r.state.as_str()).collect::<Vec<_>>())
+        .bind(u.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+        .bind(u.iter().map(|r| r.snapshot.as_str()).collect::<Vec<_>>())
         .bind(u.iter().map(|r| r.at).collect::<Vec<_>>())
-        .bind(u.iter().map(|r| r.parked_on.clone()).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| r.get::<Uuid, _>(0))
-        .collect();
-        outcome.conflicted = u
-            .iter()
-            .filter(|r| !updated.contains(&r.id.as_uuid()))
-            .map(|r| r.id)
-            .collect();
-    }
-
-    let keep =
-        |id: &SagaId| !outcome.conflicted.contains(id) && !outcome.duplicates.contains_key(id);
-
-    let events: Vec<&EventRow> = batch.events.iter().filter(|e| keep(&e.saga_id)).collect();
-    if !events.is_empty() {
-        sqlx::query(
-            "INSERT INTO orchestrator.saga_events (saga_id, seq, kind, input, effects, state_after, at, blocked)
-             SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::jsonb[],
-                                  $6::text[], $7::timestamptz[], $8::jsonb[])",
+        .bind(u.iter().map(|r| r.parked_on.as_deref()).collect::<Vec<_>>())
+        .bind(uuids(e.iter().map(|r| &r.saga_id)))
+        .bind(e.iter().map(|r| r.seq).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.input.as_str()).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.effects.as_str()).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.state_after.as_str()).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.at).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.blocked.as_deref()).collect::<Vec<_>>())
+        .bind(uuids(o.iter().map(|r| &r.saga_id)))
+        .bind(o.iter().map(|r| r.msg_id.as_str()).collect::<Vec<_>>())
+        .bind(o.iter().map(|r| r.subject.as_str()).collect::<Vec<_>>())
+        .bind(
+            o.iter()
+                .map(|r| r.correlation_id.as_str())
+                .collect::<Vec<_>>(),
         )
-        .bind(uuids(events.iter().map(|e| &e.saga_id)))
-        .bind(events.iter().map(|e| e.seq).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.input.clone()).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.effects.clone()).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.state_after.clone()).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.at).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.blocked.clone()).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-    }
-
-    let outbox: Vec<&OutboxRow> = batch.outbox.iter().filter(|o| keep(&o.saga_id)).collect();
-    if !outbox.is_empty() {
-        let now = Utc::now();
-        let ids: HashMap<String, i64> = sqlx::query(
-            "INSERT INTO orchestrator.outbox (saga_id, msg_id, subject, correlation_id, payload, created_at)
-             SELECT u.*, $6 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[]) AS u
-             RETURNING msg_id, id",
-        )
-        .bind(uuids(outbox.iter().map(|o| &o.saga_id)))
-        .bind(outbox.iter().map(|o| o.msg_id.clone()).collect::<Vec<_>>())
-        .bind(outbox.iter().map(|o| o.subject.clone()).collect::<Vec<_>>())
-        .bind(outbox.iter().map(|o| o.correlation_id.clone()).collect::<Vec<_>>())
-        .bind(outbox.iter().map(|o| o.payload.clone()).collect::<Vec<_>>())
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
-        .collect();
-        for o in outbox {
-            let id = ids.get(&o.msg_id).copied().ok_or_else(|| {
-                sqlx::Error::Protocol(format!("outbox row {} was not inserted", o.msg_id))
-            })?;
-            outcome
-                .outbox
-                .entry(o.saga_id)
-                .or_default()
-                .push(relay::Message {
-                    id,
-                    subject: o.subject.clone(),
-                    msg_id: o.msg_id.clone(),
-                    correlation_id: o.correlation_id.clone(),
-                    payload: Bytes::from(o.payload.clone()),
-                });
-        }
-    }
-
-    // A fired timer is consumed, unless the transition set it again (the upsert below).
-    let fired: Vec<&(SagaId, FiredTimer)> = batch.fired.iter().filter(|(id, _)| keep(id)).collect();
-    if !fired.is_empty() {
-        sqlx::query(
-            "DELETE FROM orchestrator.timers t
-              USING unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS u(saga_id, key, fire_at)
-              WHERE t.saga_id = u.saga_id AND t.key = u.key AND t.fire_at = u.fire_at",
-        )
-        .bind(uuids(fired.iter().map(|(id, _)| id)))
-        .bind(fired.iter().map(|(_, f)| f.key.clone()).collect::<Vec<_>>())
-        .bind(fired.iter().map(|(_, f)| f.fire_at).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-    }
-
-    let mut set = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut cancel = (Vec::new(), Vec::new());
-    for (id, key, op) in batch.timers.iter().filter(|(id, _, _)| keep(id)) {
-        match op {
-            TimerOp::Set { timer, at } => {
-                set.0.push(id.as_uuid());
-                set.1.push(key.clone());
-                set.2.push(*at);
-                set.3.push(timer.clone());
-            }
-            TimerOp::Cancel => {
-                cancel.0.push(id.as_uuid());
-                cancel.1.push(key.clone());
-            }
-        }
-    }
-    if !set.0.is_empty() {
-        sqlx::query(
-            "INSERT INTO orchestrator.timers (saga_id, key, fire_at, timer)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::jsonb[])
-             ON CONFLICT (saga_id, key) DO UPDATE
-                SET fire_at = excluded.fire_at, timer = excluded.timer, leased_until = NULL",
-        )
+        .bind(o.iter().map(|r| r.payload.as_slice()).collect::<Vec<_>>())
+        .bind(Utc::now())
         .bind(&set.0)
         .bind(&set.1)
         .bind(&set.2)
         .bind(&set.3)
-        .execute(&mut *tx)
+        .bind(&del.0)
+        .bind(&del.1)
+        .bind(&del.2)
+        .bind(&del.3)
+        .fetch_all(pool)
         .await?;
+    let mut written: HashSet<Uuid> = HashSet::with_capacity(n.len() + u.len());
+    let mut outbox_ids: HashMap<String, i64> = HashMap::with_capacity(o.len());
+    for row in rows {
+        let kind: i32 = row.get(0);
+        let key: String = row.get(1);
+        if kind == 0 {
+            written.insert(key.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?);
+        } else {
+            outbox_ids.insert(key, row.get(2));
+        }
     }
-    if !cancel.0.is_empty() {
-        sqlx::query(
-            "DELETE FROM orchestrator.timers t
-              USING unnest($1::uuid[], $2::text[]) AS u(saga_id, key)
-              WHERE t.saga_id = u.saga_id AND t.key = u.key",
-        )
-        .bind(&cancel.0)
-        .bind(&cancel.1)
-        .execute(&mut *tx)
-        .await?;
+    outcome.conflicted = u
+        .iter()
+        .filter(|r| !written.contains(&r.id.as_uuid()))
+        .map(|r| r.id)
+        .collect();
+    let lost: Vec<&NewSagaRow> = n
+        .iter()
+        .filter(|r| !written.contains(&r.id.as_uuid()))
+        .collect();
+    if !lost.is_empty() {
+        outcome.duplicates = holders_of(pool, &lost).await?;
     }
-
-    tx.commit().await?;
+    for row in batch.outbox {
+        if let Some(id) = outbox_ids.get(&row.msg_id).copied() {
+            outcome
+                .outbox
+                .entry(row.saga_id)
+                .or_default()
+                .push(relay::Message {
+                    id,
+                    subject: row.subject,
+                    msg_id: row.msg_id,
+                    correlation_id: row.correlation_id,
+                    payload: Bytes::from(row.payload),
+                });
+        }
+    }
     Ok(outcome)
+}
+
+/// The sagas that hold the idempotency keys of new sagas that could not be inserted.
+async fn holders_of(
+    pool: &PgPool,
+    lost: &[&NewSagaRow],
+) -> Result<HashMap<SagaId, Existing>, sqlx::Error> {
+    let keys: Vec<&str> = lost
+        .iter()
+        .filter_map(|r| r.idempotency_key.as_deref())
+        .collect();
+    let rows = sqlx::query(
+        "SELECT idempotency_key, id, status, request_hash FROM orchestrator.sagas
+          WHERE idempotency_key = ANY($1)",
+    )
+    .bind(&keys)
+    .fetch_all(pool)
+    .await?;
+    let mut by_key = HashMap::new();
+    for row in rows {
+        let status: String = row.get(2);
+        by_key.insert(
+            row.get::<String, _>(0),
+            Existing {
+                id: SagaId::from_uuid(row.get(1)),
+                status: Status::parse(&status).unwrap_or(Status::Running),
+                request_hash: row.get(3),
+            },
+        );
+    }
+    let mut out = HashMap::new();
+    for r in lost {
+        let existing = r
+            .idempotency_key
+            .as_ref()
+            .and_then(|k| by_key.get(k))
+            .cloned()
+            .ok_or_else(|| sqlx::Error::Protocol(format!("saga {} was not inserted", r.id)))?;
+        out.insert(r.id, existing);
+    }
+    Ok(out)
 }
 
 /// A stored saga, as the engine restores it.

@@ -119,12 +119,30 @@ pub async fn get(
     let view = SagaView {
         record: Summary::from(&record),
         data: field("data"),
-        steps: field("steps"),
+        steps: complete_steps(field("steps")),
         failure: field("failure"),
         cancel_reason: field("cancel_reason"),
         events,
     };
     Ok(axum::Json(view).into_response())
+}
+
+/// Snapshots leave out what is zero or empty; the API shows every field of every step.
+fn complete_steps(mut steps: serde_json::Value) -> serde_json::Value {
+    if let Some(list) = steps.as_array_mut() {
+        for step in list.iter_mut().filter_map(|s| s.as_object_mut()) {
+            for (key, default) in [
+                ("attempts", serde_json::json!(0)),
+                ("compensation_attempts", serde_json::json!(0)),
+                ("renewals", serde_json::json!(0)),
+                ("last_error", serde_json::Value::Null),
+                ("output", serde_json::Value::Null),
+            ] {
+                step.entry(key).or_insert(default);
+            }
+        }
+    }
+    steps
 }
 
 #[derive(Debug, Deserialize)]

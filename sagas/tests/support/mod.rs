@@ -169,6 +169,11 @@ impl Harness {
     /// Restore the machine from its own snapshot, as the engine does after a cache miss.
     pub fn reload(&mut self) {
         let snapshot = self.saga.snapshot();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&self.saga.snapshot_json()).unwrap(),
+            snapshot,
+            "the text snapshot the engine writes is the snapshot"
+        );
         self.saga = checkout::TYPE.restore(&snapshot).expect("restores");
         assert_eq!(self.saga.snapshot(), snapshot, "restore is lossless");
     }

@@ -3,6 +3,11 @@ use std::time::Duration;
 use clap::Parser;
 use workers::simulator::Simulator;
 
+/// mimalloc: the saga hot path allocates many small, short-lived buffers (JSON, rows,
+/// messages); it spends markedly less CPU on them than glibc's allocator (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The simulated card processor and carrier (third parties outside the shop), with a control
 /// API to make them fail, stall and decline on purpose.
 #[derive(Parser)]
