@@ -1,25 +1,72 @@
 //! The inventory service (the Product aggregate's stock): reserves the lines of an order all
-//! or nothing, releases them, and turns a reservation into a stock movement when the order is
-//! confirmed.
+//! or nothing, releases them, turns a reservation into a stock movement when the order is
+//! confirmed, and releases reservations whose hold ran out.
 //!
 //! One row per order in `inventory.reservations` is both the reservation and the idempotency
 //! record: a repeated reserve or release answers from it and changes nothing. A release that
 //! comes before its reserve leaves a `released` tombstone, so the late reserve does nothing.
-//! Variants are locked in SKU order, so concurrent orders never deadlock.
+//!
+//! Every change goes through one writer task per process, which applies everything queued in
+//! one transaction: a popular SKU's row is locked and written once per batch instead of once
+//! per order (orders of a flash sale all want the same rows), and a batch costs a handful of
+//! statements whatever its size. Rows are locked reservations first, then variants in SKU
+//! order, so several processes never deadlock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
 use sagas::wire::{
     Command, CommandBody, DomainEvent, Event, Line, OrderId, ReplyOutcome, SagaId, StepOutput,
 };
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Row};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 use crate::bus::{Handler, Unavailable};
+
+/// What the writer is asked to do.
+#[derive(Debug, Clone)]
+enum Op {
+    Reserve {
+        saga: SagaId,
+        order: OrderId,
+        lines: Vec<Line>,
+        hold_seconds: u32,
+    },
+    Release {
+        saga: SagaId,
+        order: OrderId,
+    },
+    /// `OrderConfirmed`: the reserved stock leaves the warehouse's books.
+    Consume {
+        order: OrderId,
+    },
+    /// The hold of an active reservation ran out (checked again by the writer).
+    Expire {
+        order: OrderId,
+    },
+}
+
+impl Op {
+    fn order(&self) -> OrderId {
+        match self {
+            Op::Reserve { order, .. }
+            | Op::Release { order, .. }
+            | Op::Consume { order }
+            | Op::Expire { order } => *order,
+        }
+    }
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<ReplyOutcome, Unavailable>>,
+}
 
 #[derive(Clone)]
 pub struct Inventory {
     pool: PgPool,
+    jobs: mpsc::Sender<Job>,
 }
 
 fn refused(code: &str, reason: impl Into<String>) -> ReplyOutcome {
@@ -30,76 +77,110 @@ fn refused(code: &str, reason: impl Into<String>) -> ReplyOutcome {
     }
 }
 
+fn reserved(expires_at: DateTime<Utc>) -> ReplyOutcome {
+    ReplyOutcome::Succeeded {
+        output: StepOutput::StockReserved { expires_at },
+    }
+}
+
+fn released() -> ReplyOutcome {
+    ReplyOutcome::Succeeded {
+        output: StepOutput::StockReleased,
+    }
+}
+
 impl Handler for Inventory {
     async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, Unavailable> {
-        match &cmd.body {
+        let op = match &cmd.body {
             CommandBody::ReserveStock {
                 order_id,
                 lines,
                 hold_seconds,
-            } => {
-                self.reserve(cmd.saga_id, *order_id, lines, *hold_seconds)
-                    .await
+            } => Op::Reserve {
+                saga: cmd.saga_id,
+                order: *order_id,
+                lines: lines.clone(),
+                hold_seconds: *hold_seconds,
+            },
+            CommandBody::ReleaseStock { order_id } => Op::Release {
+                saga: cmd.saga_id,
+                order: *order_id,
+            },
+            other => {
+                return Ok(refused(
+                    "unsupported",
+                    format!("inventory does not {}", other.action().as_str()),
+                ));
             }
-            CommandBody::ReleaseStock { order_id } => self.release(cmd.saga_id, *order_id).await,
-            other => Ok(refused(
-                "unsupported",
-                format!("inventory does not {}", other.action().as_str()),
-            )),
-        }
+        };
+        self.submit(op).await
     }
 }
 
-/// What a reservation row says.
+/// A reservation row as the writer holds it during a batch.
+#[derive(Debug, Clone)]
 struct Held {
-    status: String,
+    saga: SagaId,
+    status: &'static str,
     lines: Vec<Line>,
     expires_at: DateTime<Utc>,
     reason: Option<String>,
+    /// Not in the table yet.
+    new: bool,
+    changed: bool,
+}
+
+fn status_of(s: &str) -> &'static str {
+    match s {
+        "active" => "active",
+        "released" => "released",
+        "consumed" => "consumed",
+        "expired" => "expired",
+        _ => "rejected",
+    }
+}
+
+/// One stock movement to write.
+struct Movement {
+    sku: String,
+    kind: &'static str,
+    quantity_delta: i32,
+    reserved_delta: i32,
+    order: OrderId,
+}
+
+/// A variant's stock during a batch.
+#[derive(Debug, Clone, Copy)]
+struct Stock {
+    quantity: i32,
+    reserved: i32,
+    changed: bool,
+}
+
+fn totals(lines: &[Line]) -> BTreeMap<String, i32> {
+    let mut by_sku: BTreeMap<String, i32> = BTreeMap::new();
+    for l in lines {
+        *by_sku.entry(l.sku.as_str().to_owned()).or_default() += l.quantity.get() as i32;
+    }
+    by_sku
 }
 
 impl Inventory {
+    /// Start the writer; it stops when every handle is dropped.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        let (jobs, rx) = mpsc::channel(4096);
+        tokio::spawn(writer(pool.clone(), rx));
+        Self { pool, jobs }
     }
 
-    async fn held(
-        tx: &mut Transaction<'_, Postgres>,
-        order: OrderId,
-        lock: bool,
-    ) -> Result<Option<Held>, sqlx::Error> {
-        let sql = if lock {
-            "SELECT status, lines, expires_at, reason FROM inventory.reservations WHERE order_id = $1 FOR UPDATE"
-        } else {
-            "SELECT status, lines, expires_at, reason FROM inventory.reservations WHERE order_id = $1"
-        };
-        let row = sqlx::query(sql)
-            .bind(order.as_uuid())
-            .fetch_optional(&mut **tx)
-            .await?;
-        Ok(row.map(|r| Held {
-            status: r.get(0),
-            lines: serde_json::from_value(r.get(1)).unwrap_or_default(),
-            expires_at: r.get(2),
-            reason: r.get(3),
-        }))
-    }
-
-    /// The answer a reserve gets from an existing reservation.
-    fn answer(held: &Held) -> ReplyOutcome {
-        match held.status.as_str() {
-            "active" | "consumed" => ReplyOutcome::Succeeded {
-                output: StepOutput::StockReserved {
-                    expires_at: held.expires_at,
-                },
-            },
-            "rejected" => refused(
-                "out_of_stock",
-                held.reason.clone().unwrap_or_else(|| "out of stock".into()),
-            ),
-            "expired" => refused("reservation_expired", "the reservation expired"),
-            _ => refused("cancelled", "the reservation was released"),
-        }
+    async fn submit(&self, op: Op) -> Result<ReplyOutcome, Unavailable> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| Unavailable("the inventory writer stopped".into()))?;
+        rx.await
+            .map_err(|_| Unavailable("the inventory writer stopped".into()))?
     }
 
     pub async fn reserve(
@@ -109,199 +190,24 @@ impl Inventory {
         lines: &[Line],
         hold_seconds: u32,
     ) -> Result<ReplyOutcome, Unavailable> {
-        let now = Utc::now();
-        let expires_at = now + Duration::seconds(i64::from(hold_seconds));
-        let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
-            "INSERT INTO inventory.reservations (order_id, saga_id, status, lines, expires_at, created_at, updated_at)
-             VALUES ($1, $2, 'active', $3, $4, $5, $5)
-             ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
-        )
-        .bind(order.as_uuid())
-        .bind(saga.as_uuid())
-        .bind(serde_json::to_value(lines).expect("lines serialize"))
-        .bind(expires_at)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if claimed.is_none() {
-            let held = Self::held(&mut tx, order, true).await?;
-            match held {
-                // The hold ran out before the saga was done with it and the saga asks again
-                // (a renewal): take the stock again if it is still there.
-                Some(h) if h.status == "expired" => {
-                    sqlx::query(
-                        "UPDATE inventory.reservations
-                            SET status = 'active', expires_at = $2, reason = 'renewed', updated_at = $3
-                          WHERE order_id = $1",
-                    )
-                    .bind(order.as_uuid())
-                    .bind(expires_at)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                // Still held: a renewal holds it longer; a repeated reserve answers the same.
-                Some(h) if h.status == "active" => {
-                    let renewed = h.expires_at.max(expires_at);
-                    sqlx::query(
-                        "UPDATE inventory.reservations SET expires_at = $2, updated_at = $3 WHERE order_id = $1",
-                    )
-                    .bind(order.as_uuid())
-                    .bind(renewed)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                    tx.commit().await?;
-                    return Ok(ReplyOutcome::Succeeded {
-                        output: StepOutput::StockReserved {
-                            expires_at: renewed,
-                        },
-                    });
-                }
-                other => {
-                    tx.rollback().await?;
-                    return Ok(other.map_or_else(
-                        || refused("cancelled", "the reservation vanished"),
-                        |h| Self::answer(&h),
-                    ));
-                }
-            }
-        }
-        // Lock every variant of the order in SKU order, then check availability.
-        let mut wanted: BTreeMap<&str, i32> = BTreeMap::new();
-        for l in lines {
-            *wanted.entry(l.sku.as_str()).or_default() += l.quantity.get() as i32;
-        }
-        let skus: Vec<String> = wanted.keys().map(|s| (*s).to_owned()).collect();
-        let available = lock_variants(&mut tx, &skus).await?;
-        let mut short = Vec::new();
-        for (sku, qty) in &wanted {
-            match available.get(*sku) {
-                None => short.push(format!("{sku} is not in the catalogue")),
-                Some(a) if a < qty => short.push(format!("{sku}: {a} available, {qty} asked")),
-                Some(_) => {}
-            }
-        }
-        if !short.is_empty() {
-            let reason = format!("not enough stock: {}", short.join("; "));
-            sqlx::query(
-                "UPDATE inventory.reservations SET status = 'rejected', reason = $2, updated_at = $3 WHERE order_id = $1",
-            )
-            .bind(order.as_uuid())
-            .bind(&reason)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            return Ok(refused("out_of_stock", reason));
-        }
-        let qtys: Vec<i32> = wanted.values().copied().collect();
-        move_stock(&mut tx, &skus, &qtys, 0, 1, "reserve", order, now).await?;
-        tx.commit().await?;
-        Ok(ReplyOutcome::Succeeded {
-            output: StepOutput::StockReserved { expires_at },
+        self.submit(Op::Reserve {
+            saga,
+            order,
+            lines: lines.to_vec(),
+            hold_seconds,
         })
+        .await
     }
 
     pub async fn release(&self, saga: SagaId, order: OrderId) -> Result<ReplyOutcome, Unavailable> {
-        let now = Utc::now();
-        let mut tx = self.pool.begin().await?;
-        // A release before its reserve leaves a tombstone: the late reserve then does nothing.
-        let tombstone = sqlx::query(
-            "INSERT INTO inventory.reservations (order_id, saga_id, status, lines, expires_at, reason, created_at, updated_at)
-             VALUES ($1, $2, 'released', '[]', $3, 'released before it was made', $3, $3)
-             ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
-        )
-        .bind(order.as_uuid())
-        .bind(saga.as_uuid())
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let released = ReplyOutcome::Succeeded {
-            output: StepOutput::StockReleased,
-        };
-        if tombstone.is_some() {
-            tx.commit().await?;
-            return Ok(released);
-        }
-        let held = Self::held(&mut tx, order, true)
-            .await?
-            .expect("the row exists: the insert conflicted");
-        match held.status.as_str() {
-            "active" => {
-                let (skus, qtys) = totals(&held.lines);
-                lock_variants(&mut tx, &skus).await?;
-                move_stock(&mut tx, &skus, &qtys, 0, -1, "release", order, now).await?;
-                set_status(&mut tx, order, "released", "released by the saga", now).await?;
-                tx.commit().await?;
-                Ok(released)
-            }
-            "consumed" => Ok(refused(
-                "already_consumed",
-                "the order was confirmed and its stock consumed",
-            )),
-            "expired" => {
-                // Nothing is held; mark it released so that a late renewal does nothing.
-                set_status(&mut tx, order, "released", "released after it expired", now).await?;
-                tx.commit().await?;
-                Ok(released)
-            }
-            // Released or rejected: nothing is held.
-            _ => Ok(released),
-        }
+        self.submit(Op::Release { saga, order }).await
     }
 
-    /// `OrderConfirmed`: the reserved stock leaves the warehouse's books.
-    pub async fn consume(&self, order: OrderId) -> Result<(), Unavailable> {
-        let now = Utc::now();
-        let mut tx = self.pool.begin().await?;
-        let Some(held) = Self::held(&mut tx, order, true).await? else {
-            tracing::error!(order_id = %order, "order confirmed without a reservation");
-            return Ok(());
-        };
-        let (skus, qtys) = totals(&held.lines);
-        lock_variants(&mut tx, &skus).await?;
-        match held.status.as_str() {
-            "active" => {
-                move_stock(&mut tx, &skus, &qtys, -1, -1, "consume", order, now).await?;
-                set_status(&mut tx, order, "consumed", "order confirmed", now).await?;
-            }
-            "expired" => {
-                // The hold ran out before the confirmation arrived: take the stock if it is
-                // still there, else say loudly that the order is oversold.
-                let taken = sqlx::query(
-                    "UPDATE inventory.variants v SET quantity = v.quantity - u.q, updated_at = $2
-                       FROM unnest($1::text[], $3::int[]) AS u(sku, q)
-                      WHERE v.sku = u.sku AND v.quantity - v.reserved >= u.q",
-                )
-                .bind(&skus)
-                .bind(now)
-                .bind(&qtys)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if taken as usize != skus.len() {
-                    tracing::error!(order_id = %order, "order confirmed after its reservation expired and the stock was sold: oversold");
-                    return Ok(());
-                }
-                record_movements(&mut tx, &skus, &qtys, -1, 0, "consume", order, now).await?;
-                set_status(
-                    &mut tx,
-                    order,
-                    "consumed",
-                    "order confirmed after expiry",
-                    now,
-                )
-                .await?;
-            }
-            "consumed" => return Ok(()),
-            other => {
-                tracing::error!(order_id = %order, status = other, "order confirmed but its reservation is not held");
-                return Ok(());
-            }
+    /// Handle a domain event from the events stream.
+    pub async fn on_event(&self, event: &Event) -> Result<(), Unavailable> {
+        if let DomainEvent::OrderConfirmed { order_id, .. } = &event.event {
+            self.submit(Op::Consume { order: *order_id }).await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 
@@ -318,7 +224,7 @@ impl Inventory {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            match self.expire_due(100).await {
+            match self.expire_due(500).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(reservations = n, "expired reservations handled"),
                 Err(e) => tracing::warn!(error = %e, "reservation expiry failed"),
@@ -326,161 +232,481 @@ impl Inventory {
         }
     }
 
-    /// Release up to `limit` reservations past their expiry, with an `expire` stock movement.
-    /// A reservation whose order was confirmed (its `OrderConfirmed` event not consumed yet,
+    /// Release up to `limit` reservations past their expiry, with an `expire` stock movement;
+    /// a reservation whose order was in fact confirmed (its `OrderConfirmed` not consumed yet,
     /// or lost) is consumed instead: the Order service is asked before stock is put back.
-    /// Returns how many were handled. One step of the sweeper, callable on its own.
+    /// Returns how many were due. One step of the sweeper, callable on its own.
     pub async fn expire_due(&self, limit: i64) -> Result<usize, Unavailable> {
-        let now = Utc::now();
-        let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT r.order_id, r.lines, coalesce(o.status, 'unknown')
-               FROM inventory.reservations r
-               LEFT JOIN orders.orders o ON o.id = r.order_id
-              WHERE r.status = 'active' AND r.expires_at <= $1
-              ORDER BY r.expires_at LIMIT $2
-              FOR UPDATE OF r SKIP LOCKED",
+        let due: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT order_id FROM inventory.reservations
+              WHERE status = 'active' AND expires_at <= now() ORDER BY expires_at LIMIT $1",
         )
-        .bind(now)
         .bind(limit)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
-        for row in &rows {
-            let order = OrderId::from_uuid(row.get(0));
-            let lines: Vec<Line> = serde_json::from_value(row.get(1)).unwrap_or_default();
-            let order_status: String = row.get(2);
-            let (skus, qtys) = totals(&lines);
-            lock_variants(&mut tx, &skus).await?;
-            if order_status == "confirmed" {
-                move_stock(&mut tx, &skus, &qtys, -1, -1, "consume", order, now).await?;
-                set_status(
-                    &mut tx,
-                    order,
-                    "consumed",
-                    "order confirmed (found at expiry)",
-                    now,
-                )
-                .await?;
-            } else {
-                move_stock(&mut tx, &skus, &qtys, 0, -1, "expire", order, now).await?;
-                set_status(&mut tx, order, "expired", "the hold ran out", now).await?;
+        let n = due.len();
+        let done = futures::future::join_all(due.into_iter().map(|o| {
+            self.submit(Op::Expire {
+                order: OrderId::from_uuid(o),
+            })
+        }))
+        .await;
+        done.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(n)
+    }
+}
+
+/// The writer: apply everything queued in one transaction.
+async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
+    let mut jobs = Vec::with_capacity(512);
+    while rx.recv_many(&mut jobs, 512).await > 0 {
+        let batch = std::mem::take(&mut jobs);
+        let ops: Vec<Op> = batch.iter().map(|j| j.op.clone()).collect();
+        match apply(&pool, &ops).await {
+            Ok(outcomes) => {
+                for (job, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = job.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ops = batch.len(), "inventory batch failed");
+                for job in batch {
+                    let _ = job.reply.send(Err(Unavailable(format!("database: {e}"))));
+                }
             }
         }
-        tx.commit().await?;
-        Ok(rows.len())
-    }
-
-    /// Handle a domain event from the events stream.
-    pub async fn on_event(&self, event: &Event) -> Result<(), Unavailable> {
-        if let DomainEvent::OrderConfirmed { order_id, .. } = &event.event {
-            self.consume(*order_id).await?;
-        }
-        Ok(())
     }
 }
 
-/// Lock the variants in SKU order (so that concurrent orders never deadlock) and return what
-/// each has available.
-async fn lock_variants(
-    tx: &mut Transaction<'_, Postgres>,
-    skus: &[String],
-) -> Result<BTreeMap<String, i32>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT sku, quantity - reserved FROM inventory.variants
+/// Apply `ops` in order, in one transaction; the outcome of each.
+async fn apply(pool: &PgPool, ops: &[Op]) -> Result<Vec<ReplyOutcome>, sqlx::Error> {
+    let now = Utc::now();
+    let mut tx = pool.begin().await?;
+    // Lock the reservations the batch touches.
+    let orders: Vec<Uuid> = ops
+        .iter()
+        .map(|o| o.order().as_uuid())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut held: HashMap<OrderId, Held> = HashMap::new();
+    for r in sqlx::query(
+        "SELECT order_id, saga_id, status, lines, expires_at, reason FROM inventory.reservations
+          WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
+    )
+    .bind(&orders)
+    .fetch_all(&mut *tx)
+    .await?
+    {
+        let status: String = r.get(2);
+        held.insert(
+            OrderId::from_uuid(r.get(0)),
+            Held {
+                saga: SagaId::from_uuid(r.get(1)),
+                status: status_of(&status),
+                lines: serde_json::from_value(r.get(3)).unwrap_or_default(),
+                expires_at: r.get(4),
+                reason: r.get(5),
+                new: false,
+                changed: false,
+            },
+        );
+    }
+    // Orders confirmed meanwhile, for expiries (asked of the Order service's view).
+    let expiring: Vec<Uuid> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::Expire { order } => Some(order.as_uuid()),
+            _ => None,
+        })
+        .collect();
+    let confirmed: BTreeSet<Uuid> = if expiring.is_empty() {
+        BTreeSet::new()
+    } else {
+        sqlx::query_scalar(
+            "SELECT id FROM orders.orders WHERE id = ANY($1) AND status = 'confirmed'",
+        )
+        .bind(&expiring)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect()
+    };
+    // Lock every variant any of them touches, in SKU order.
+    let mut skus: BTreeSet<String> = BTreeSet::new();
+    for op in ops {
+        if let Op::Reserve { lines, .. } = op {
+            skus.extend(lines.iter().map(|l| l.sku.as_str().to_owned()));
+        }
+    }
+    for h in held.values() {
+        skus.extend(h.lines.iter().map(|l| l.sku.as_str().to_owned()));
+    }
+    let skus: Vec<String> = skus.into_iter().collect();
+    let mut stock: HashMap<String, Stock> = HashMap::new();
+    for r in sqlx::query(
+        "SELECT sku, quantity, reserved FROM inventory.variants
           WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
     )
-    .bind(skus)
-    .fetch_all(&mut **tx)
-    .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-fn totals(lines: &[Line]) -> (Vec<String>, Vec<i32>) {
-    let mut by_sku: BTreeMap<String, i32> = BTreeMap::new();
-    for l in lines {
-        *by_sku.entry(l.sku.as_str().to_owned()).or_default() += l.quantity.get() as i32;
+    .bind(&skus)
+    .fetch_all(&mut *tx)
+    .await?
+    {
+        stock.insert(
+            r.get(0),
+            Stock {
+                quantity: r.get(1),
+                reserved: r.get(2),
+                changed: false,
+            },
+        );
     }
-    by_sku.into_iter().unzip()
+
+    let mut movements: Vec<Movement> = Vec::new();
+    let mut outcomes = Vec::with_capacity(ops.len());
+    for op in ops {
+        let outcome = match op {
+            Op::Reserve {
+                saga,
+                order,
+                lines,
+                hold_seconds,
+            } => {
+                let expires_at = now + Duration::seconds(i64::from(*hold_seconds));
+                match held.get_mut(order) {
+                    // Still held: a renewal holds it longer; a repeat answers the same.
+                    Some(h) if h.status == "active" => {
+                        if expires_at > h.expires_at {
+                            h.expires_at = expires_at;
+                            h.changed = true;
+                        }
+                        reserved(h.expires_at)
+                    }
+                    Some(h) if h.status == "consumed" => reserved(h.expires_at),
+                    Some(h) if h.status == "rejected" => refused(
+                        "out_of_stock",
+                        h.reason.clone().unwrap_or_else(|| "out of stock".into()),
+                    ),
+                    Some(h) if h.status == "released" => {
+                        refused("cancelled", "the reservation was released")
+                    }
+                    // Expired (a renewal) or new: take the stock if it is there.
+                    existing => {
+                        let short = take(&mut stock, lines, &mut movements, *order);
+                        let h = existing.map(|h| h.clone()).unwrap_or(Held {
+                            saga: *saga,
+                            status: "active",
+                            lines: lines.clone(),
+                            expires_at,
+                            reason: None,
+                            new: true,
+                            changed: true,
+                        });
+                        let outcome = match &short {
+                            None => reserved(expires_at),
+                            Some(why) => refused("out_of_stock", why.clone()),
+                        };
+                        let renewal = !h.new;
+                        held.insert(
+                            *order,
+                            Held {
+                                status: match (&short, renewal) {
+                                    (None, _) => "active",
+                                    (Some(_), false) => "rejected",
+                                    (Some(_), true) => "expired",
+                                },
+                                expires_at: if short.is_none() {
+                                    expires_at
+                                } else {
+                                    h.expires_at
+                                },
+                                reason: match (&short, renewal) {
+                                    (None, true) => Some("renewed".into()),
+                                    (None, false) => None,
+                                    (Some(why), _) => Some(why.clone()),
+                                },
+                                lines: lines.clone(),
+                                changed: true,
+                                ..h
+                            },
+                        );
+                        outcome
+                    }
+                }
+            }
+            Op::Release { saga, order } => match held.get_mut(order) {
+                // A release before its reserve leaves a tombstone.
+                None => {
+                    held.insert(
+                        *order,
+                        Held {
+                            saga: *saga,
+                            status: "released",
+                            lines: Vec::new(),
+                            expires_at: now,
+                            reason: Some("released before it was made".into()),
+                            new: true,
+                            changed: true,
+                        },
+                    );
+                    released()
+                }
+                Some(h) if h.status == "active" => {
+                    adjust(
+                        &mut stock,
+                        &h.lines,
+                        0,
+                        -1,
+                        "release",
+                        *order,
+                        &mut movements,
+                    );
+                    h.status = "released";
+                    h.reason = Some("released by the saga".into());
+                    h.changed = true;
+                    released()
+                }
+                Some(h) if h.status == "consumed" => refused(
+                    "already_consumed",
+                    "the order was confirmed and its stock consumed",
+                ),
+                // Nothing is held; an expired one becomes released, so a late renewal does
+                // nothing.
+                Some(h) => {
+                    if h.status == "expired" {
+                        h.status = "released";
+                        h.reason = Some("released after it expired".into());
+                        h.changed = true;
+                    }
+                    released()
+                }
+            },
+            Op::Consume { order } => {
+                consume(
+                    &mut held,
+                    &mut stock,
+                    &mut movements,
+                    *order,
+                    "order confirmed",
+                );
+                released()
+            }
+            Op::Expire { order } => {
+                if let Some(h) = held.get_mut(order)
+                    && h.status == "active"
+                    && h.expires_at <= now
+                {
+                    if confirmed.contains(&order.as_uuid()) {
+                        consume(
+                            &mut held,
+                            &mut stock,
+                            &mut movements,
+                            *order,
+                            "order confirmed (found at expiry)",
+                        );
+                    } else {
+                        adjust(
+                            &mut stock,
+                            &h.lines,
+                            0,
+                            -1,
+                            "expire",
+                            *order,
+                            &mut movements,
+                        );
+                        h.status = "expired";
+                        h.reason = Some("the hold ran out".into());
+                        h.changed = true;
+                    }
+                }
+                released()
+            }
+        };
+        outcomes.push(outcome);
+    }
+    write(&mut tx, &held, &stock, &movements, now).await?;
+    tx.commit().await?;
+    Ok(outcomes)
 }
 
-async fn set_status(
-    tx: &mut Transaction<'_, Postgres>,
+/// Take the stock of `lines` (all or nothing). `Some(reason)` when some is missing.
+fn take(
+    stock: &mut HashMap<String, Stock>,
+    lines: &[Line],
+    movements: &mut Vec<Movement>,
     order: OrderId,
-    status: &str,
+) -> Option<String> {
+    let wanted = totals(lines);
+    let mut short = Vec::new();
+    for (sku, qty) in &wanted {
+        match stock.get(sku) {
+            None => short.push(format!("{sku} is not in the catalogue")),
+            Some(s) if s.quantity - s.reserved < *qty => short.push(format!(
+                "{sku}: {} available, {qty} asked",
+                s.quantity - s.reserved
+            )),
+            Some(_) => {}
+        }
+    }
+    if !short.is_empty() {
+        return Some(format!("not enough stock: {}", short.join("; ")));
+    }
+    adjust(stock, lines, 0, 1, "reserve", order, movements);
+    None
+}
+
+/// Change quantity and reserved by `sign * q` for each line, and audit it.
+fn adjust(
+    stock: &mut HashMap<String, Stock>,
+    lines: &[Line],
+    quantity_sign: i32,
+    reserved_sign: i32,
+    kind: &'static str,
+    order: OrderId,
+    movements: &mut Vec<Movement>,
+) {
+    for (sku, q) in totals(lines) {
+        if let Some(s) = stock.get_mut(&sku) {
+            s.quantity += quantity_sign * q;
+            s.reserved += reserved_sign * q;
+            s.changed = true;
+        }
+        movements.push(Movement {
+            sku,
+            kind,
+            quantity_delta: quantity_sign * q,
+            reserved_delta: reserved_sign * q,
+            order,
+        });
+    }
+}
+
+fn consume(
+    held: &mut HashMap<OrderId, Held>,
+    stock: &mut HashMap<String, Stock>,
+    movements: &mut Vec<Movement>,
+    order: OrderId,
     reason: &str,
+) {
+    let Some(h) = held.get_mut(&order) else {
+        tracing::error!(order_id = %order, "order confirmed without a reservation");
+        return;
+    };
+    match h.status {
+        "active" => {
+            adjust(stock, &h.lines, -1, -1, "consume", order, movements);
+        }
+        "expired" => {
+            // The hold ran out before the confirmation arrived: take the stock if it is still
+            // there, else say loudly that the order is oversold.
+            let wanted = totals(&h.lines);
+            let there = wanted.iter().all(|(sku, q)| {
+                stock
+                    .get(sku)
+                    .is_some_and(|s| s.quantity - s.reserved >= *q)
+            });
+            if !there {
+                tracing::error!(order_id = %order, "order confirmed after its reservation expired and the stock was sold: oversold");
+                return;
+            }
+            adjust(stock, &h.lines, -1, 0, "consume", order, movements);
+        }
+        "consumed" => return,
+        other => {
+            tracing::error!(order_id = %order, status = other, "order confirmed but its reservation is not held");
+            return;
+        }
+    }
+    h.status = "consumed";
+    h.reason = Some(reason.to_owned());
+    h.changed = true;
+}
+
+/// Write what the batch changed: a statement per table.
+async fn write(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    held: &HashMap<OrderId, Held>,
+    stock: &HashMap<String, Stock>,
+    movements: &[Movement],
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE inventory.reservations SET status = $2, reason = $3, updated_at = $4 WHERE order_id = $1")
-        .bind(order.as_uuid())
-        .bind(status)
-        .bind(reason)
+    // New rows: another process may have inserted the same order since we looked (a command
+    // delivered twice at once); then the batch is rolled back and retried.
+    let fresh: Vec<(&OrderId, &Held)> = held.iter().filter(|(_, h)| h.new).collect();
+    if !fresh.is_empty() {
+        let inserted = sqlx::query(
+            "INSERT INTO inventory.reservations (order_id, saga_id, status, lines, expires_at, reason, created_at, updated_at)
+             SELECT u.order_id, u.saga_id, u.status, u.lines::jsonb, u.expires_at, u.reason, $7, $7
+               FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+                 AS u(order_id, saga_id, status, lines, expires_at, reason)
+             ON CONFLICT (order_id) DO NOTHING",
+        )
+        .bind(fresh.iter().map(|(o, _)| o.as_uuid()).collect::<Vec<_>>())
+        .bind(fresh.iter().map(|(_, h)| h.saga.as_uuid()).collect::<Vec<_>>())
+        .bind(fresh.iter().map(|(_, h)| h.status).collect::<Vec<_>>())
+        .bind(
+            fresh
+                .iter()
+                .map(|(_, h)| serde_json::to_string(&h.lines).expect("lines serialize"))
+                .collect::<Vec<_>>(),
+        )
+        .bind(fresh.iter().map(|(_, h)| h.expires_at).collect::<Vec<_>>())
+        .bind(fresh.iter().map(|(_, h)| h.reason.as_deref()).collect::<Vec<_>>())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if inserted as usize != fresh.len() {
+            return Err(sqlx::Error::Protocol(
+                "a reservation was created concurrently; the batch is retried".into(),
+            ));
+        }
+    }
+    let changed: Vec<(&OrderId, &Held)> =
+        held.iter().filter(|(_, h)| h.changed && !h.new).collect();
+    if !changed.is_empty() {
+        sqlx::query(
+            "UPDATE inventory.reservations r
+                SET status = u.status, expires_at = u.expires_at, reason = u.reason, updated_at = $5
+               FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[]) AS u(order_id, status, expires_at, reason)
+              WHERE r.order_id = u.order_id",
+        )
+        .bind(changed.iter().map(|(o, _)| o.as_uuid()).collect::<Vec<_>>())
+        .bind(changed.iter().map(|(_, h)| h.status).collect::<Vec<_>>())
+        .bind(changed.iter().map(|(_, h)| h.expires_at).collect::<Vec<_>>())
+        .bind(changed.iter().map(|(_, h)| h.reason.as_deref()).collect::<Vec<_>>())
         .bind(now)
         .execute(&mut **tx)
         .await?;
-    Ok(())
-}
-
-/// Change quantity and reserved by `sign * q` for each SKU (already locked), and audit it.
-#[allow(clippy::too_many_arguments)]
-async fn move_stock(
-    tx: &mut Transaction<'_, Postgres>,
-    skus: &[String],
-    qtys: &[i32],
-    quantity_sign: i32,
-    reserved_sign: i32,
-    kind: &str,
-    order: OrderId,
-    now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE inventory.variants v
-            SET quantity = v.quantity + $3 * u.q, reserved = v.reserved + $4 * u.q, updated_at = $5
-           FROM unnest($1::text[], $2::int[]) AS u(sku, q)
-          WHERE v.sku = u.sku",
-    )
-    .bind(skus)
-    .bind(qtys)
-    .bind(quantity_sign)
-    .bind(reserved_sign)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    record_movements(
-        tx,
-        skus,
-        qtys,
-        quantity_sign,
-        reserved_sign,
-        kind,
-        order,
-        now,
-    )
-    .await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn record_movements(
-    tx: &mut Transaction<'_, Postgres>,
-    skus: &[String],
-    qtys: &[i32],
-    quantity_sign: i32,
-    reserved_sign: i32,
-    kind: &str,
-    order: OrderId,
-    now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO inventory.stock_movements (sku, kind, quantity_delta, reserved_delta, order_id, at)
-         SELECT u.sku, $5, $3 * u.q, $4 * u.q, $6, $7 FROM unnest($1::text[], $2::int[]) AS u(sku, q)",
-    )
-    .bind(skus)
-    .bind(qtys)
-    .bind(quantity_sign)
-    .bind(reserved_sign)
-    .bind(kind)
-    .bind(order.as_uuid())
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
+    }
+    let variants: Vec<(&String, &Stock)> = stock.iter().filter(|(_, s)| s.changed).collect();
+    if !variants.is_empty() {
+        sqlx::query(
+            "UPDATE inventory.variants v SET quantity = u.quantity, reserved = u.reserved, updated_at = $4
+               FROM unnest($1::text[], $2::int4[], $3::int4[]) AS u(sku, quantity, reserved)
+              WHERE v.sku = u.sku",
+        )
+        .bind(variants.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+        .bind(variants.iter().map(|(_, s)| s.quantity).collect::<Vec<_>>())
+        .bind(variants.iter().map(|(_, s)| s.reserved).collect::<Vec<_>>())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !movements.is_empty() {
+        sqlx::query(
+            "INSERT INTO inventory.stock_movements (sku, kind, quantity_delta, reserved_delta, order_id, at)
+             SELECT u.sku, u.kind, u.qd, u.rd, u.order_id, $6
+               FROM unnest($1::text[], $2::text[], $3::int4[], $4::int4[], $5::uuid[]) AS u(sku, kind, qd, rd, order_id)",
+        )
+        .bind(movements.iter().map(|m| m.sku.as_str()).collect::<Vec<_>>())
+        .bind(movements.iter().map(|m| m.kind).collect::<Vec<_>>())
+        .bind(movements.iter().map(|m| m.quantity_delta).collect::<Vec<_>>())
+        .bind(movements.iter().map(|m| m.reserved_delta).collect::<Vec<_>>())
+        .bind(movements.iter().map(|m| m.order.as_uuid()).collect::<Vec<_>>())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! command before its reply is stored; repeat an effect for a `(saga, step)` it already
 //! answered.
 
+pub mod batch;
 pub mod bus;
 pub mod clients;
 pub mod config;

@@ -13,6 +13,9 @@ use sagas::wire::{Command, CommandBody, Money, ReplyOutcome, SagaId, StepOutput}
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use std::collections::HashMap;
+
+use crate::batch::Batcher;
 use crate::bus::{Handler, Unavailable};
 use crate::clients::{CallError, Processor};
 
@@ -20,6 +23,8 @@ use crate::clients::{CallError, Processor};
 pub struct Payment {
     pool: PgPool,
     processor: Processor,
+    claims: Batcher<Claim, (Charge, bool)>,
+    transitions: Batcher<Transition, bool>,
 }
 
 fn retryable(reason: impl Into<String>) -> ReplyOutcome {
@@ -46,6 +51,7 @@ fn cancelled() -> ReplyOutcome {
 }
 
 /// A charge row.
+#[derive(Clone)]
 struct Charge {
     id: Uuid,
     status: String,
@@ -84,9 +90,153 @@ impl Handler for Payment {
     }
 }
 
+/// A row to claim (insert unless present).
+struct Claim {
+    saga: SagaId,
+    step: String,
+    order: Uuid,
+    amount_minor: i64,
+    currency: String,
+    status: &'static str,
+}
+
+/// A status change of a row.
+struct Transition {
+    id: Uuid,
+    from: &'static str,
+    to: &'static str,
+    processor_ref: Option<String>,
+    decline_code: Option<String>,
+    reason: Option<String>,
+}
+
+fn charge_of(r: &sqlx::postgres::PgRow, offset: usize) -> Charge {
+    Charge {
+        id: r.get(offset),
+        status: r.get(offset + 1),
+        processor_ref: r.get(offset + 2),
+        decline_code: r.get(offset + 3),
+        reason: r.get(offset + 4),
+    }
+}
+
+/// Claim many rows in one statement: the inserted ones come back from the insert, the others
+/// (already there) from the table.
+async fn claim_many(pool: &PgPool, claims: Vec<Claim>) -> Result<Vec<(Charge, bool)>, sqlx::Error> {
+    let now = Utc::now();
+    let rows = sqlx::query(
+        "WITH ins AS (
+             INSERT INTO payments.charges
+                 (id, saga_id, step, order_id, idempotency_key, amount_minor, currency, status, created_at, updated_at)
+             SELECT u.id, u.saga_id, u.step, u.order_id, u.saga_id::text || ':' || u.step, u.amount, u.currency, u.status, $8, $8
+               FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::int8[], $6::text[], $7::text[])
+                 AS u(id, saga_id, step, order_id, amount, currency, status)
+             ON CONFLICT (saga_id, step) DO NOTHING
+             RETURNING saga_id, step, id, status, processor_ref, decline_code, reason)
+         SELECT saga_id, step, id, status, processor_ref, decline_code, reason, true FROM ins
+         UNION ALL
+         SELECT c.saga_id, c.step, c.id, c.status, c.processor_ref, c.decline_code, c.reason, false
+           FROM payments.charges c
+           JOIN unnest($2::uuid[], $3::text[]) AS k(saga_id, step) ON c.saga_id = k.saga_id AND c.step = k.step",
+    )
+    .bind(claims.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.saga.as_uuid()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.step.as_str()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.order).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.amount_minor).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.currency.as_str()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.status).collect::<Vec<_>>())
+    .bind(now)
+    .fetch_all(pool)
+    .await?;
+    let mut by_key: HashMap<(Uuid, String), (Charge, bool)> = HashMap::new();
+    for r in &rows {
+        let key = (r.get::<Uuid, _>(0), r.get::<String, _>(1));
+        let inserted: bool = r.get(7);
+        // A row inserted now is also seen by the join only in later statements; prefer the
+        // insert's answer.
+        if inserted || !by_key.contains_key(&key) {
+            by_key.insert(key, (charge_of(r, 2), inserted));
+        }
+    }
+    let mut out = Vec::with_capacity(claims.len());
+    let mut answered = std::collections::HashSet::new();
+    for c in &claims {
+        let key = (c.saga.as_uuid(), c.step.clone());
+        match by_key.get(&key) {
+            // The same row claimed twice in one batch: only the first claimed it.
+            Some((charge, inserted)) => {
+                out.push((charge.clone(), *inserted && answered.insert(key)))
+            }
+            // Inserted by another transaction that committed after this one looked.
+            None => {
+                return Err(sqlx::Error::Protocol(
+                    "a charge was claimed concurrently; retry".into(),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Apply many status changes in one statement; whether each went through.
+async fn transition_many(pool: &PgPool, ts: Vec<Transition>) -> Result<Vec<bool>, sqlx::Error> {
+    // One change per row per statement; a second change of the same row reports false, and its
+    // caller reads the row again.
+    let mut seen = std::collections::HashSet::new();
+    let first: Vec<bool> = ts.iter().map(|t| seen.insert(t.id)).collect();
+    let apply: Vec<&Transition> = ts
+        .iter()
+        .zip(&first)
+        .filter(|(_, f)| **f)
+        .map(|(t, _)| t)
+        .collect();
+    let done: std::collections::HashSet<Uuid> = sqlx::query_scalar(
+        "UPDATE payments.charges c
+            SET status = u.to_status, processor_ref = coalesce(u.processor_ref, c.processor_ref),
+                decline_code = coalesce(u.decline_code, c.decline_code), reason = coalesce(u.reason, c.reason),
+                updated_at = $7
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+             AS u(id, from_status, to_status, processor_ref, decline_code, reason)
+          WHERE c.id = u.id AND c.status = u.from_status
+         RETURNING c.id",
+    )
+    .bind(apply.iter().map(|t| t.id).collect::<Vec<_>>())
+    .bind(apply.iter().map(|t| t.from).collect::<Vec<_>>())
+    .bind(apply.iter().map(|t| t.to).collect::<Vec<_>>())
+    .bind(apply.iter().map(|t| t.processor_ref.as_deref()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|t| t.decline_code.as_deref()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|t| t.reason.as_deref()).collect::<Vec<_>>())
+    .bind(Utc::now())
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    Ok(ts
+        .iter()
+        .zip(first)
+        .map(|(t, f)| f && done.contains(&t.id))
+        .collect())
+}
+
 impl Payment {
     pub fn new(pool: PgPool, processor: Processor) -> Self {
-        Self { pool, processor }
+        let p = pool.clone();
+        let claims = Batcher::spawn(256, move |c| {
+            let p = p.clone();
+            async move { claim_many(&p, c).await }
+        });
+        let p = pool.clone();
+        let transitions = Batcher::spawn(256, move |t| {
+            let p = p.clone();
+            async move { transition_many(&p, t).await }
+        });
+        Self {
+            pool,
+            processor,
+            claims,
+            transitions,
+        }
     }
 
     fn key(saga: SagaId, step: &str) -> String {
@@ -111,67 +261,47 @@ impl Payment {
         }))
     }
 
-    /// Insert a row in `status` unless one exists; return the row either way.
+    /// Insert a row in `status` unless one exists; return the row either way, and whether it
+    /// was inserted now. Batched with the other commands in flight.
     async fn claim(
         &self,
         saga: SagaId,
         step: &str,
         order: Uuid,
         amount: &Money,
-        status: &str,
-    ) -> Result<(Charge, bool), sqlx::Error> {
-        let now = Utc::now();
-        let inserted = sqlx::query(
-            "INSERT INTO payments.charges
-                 (id, saga_id, step, order_id, idempotency_key, amount_minor, currency, status, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
-             ON CONFLICT (saga_id, step) DO NOTHING RETURNING id",
-        )
-        .bind(Uuid::now_v7())
-        .bind(saga.as_uuid())
-        .bind(step)
-        .bind(order)
-        .bind(Self::key(saga, step))
-        .bind(amount.minor)
-        .bind(amount.currency.as_str())
-        .bind(status)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?
-        .is_some();
-        let row = self
-            .row(saga, step)
-            .await?
-            .expect("the row exists after the insert");
-        Ok((row, inserted))
+        status: &'static str,
+    ) -> Result<(Charge, bool), Unavailable> {
+        self.claims
+            .call(Claim {
+                saga,
+                step: step.to_owned(),
+                order,
+                amount_minor: amount.minor,
+                currency: amount.currency.as_str().to_owned(),
+                status,
+            })
+            .await
     }
 
     /// Move a row from one status to another; false when it was no longer in `from`.
     async fn transition(
         &self,
         id: Uuid,
-        from: &str,
-        to: &str,
+        from: &'static str,
+        to: &'static str,
         processor_ref: Option<&str>,
         decline: Option<(&str, &str)>,
-    ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE payments.charges
-                SET status = $3, processor_ref = coalesce($4, processor_ref),
-                    decline_code = coalesce($5, decline_code), reason = coalesce($6, reason), updated_at = $7
-              WHERE id = $1 AND status = $2",
-        )
-        .bind(id)
-        .bind(from)
-        .bind(to)
-        .bind(processor_ref)
-        .bind(decline.map(|d| d.0))
-        .bind(decline.map(|d| d.1))
-        .bind(Utc::now())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(done == 1)
+    ) -> Result<bool, Unavailable> {
+        self.transitions
+            .call(Transition {
+                id,
+                from,
+                to,
+                processor_ref: processor_ref.map(str::to_owned),
+                decline_code: decline.map(|d| d.0.to_owned()),
+                reason: decline.map(|d| d.1.to_owned()),
+            })
+            .await
     }
 
     pub async fn charge(

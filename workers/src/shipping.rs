@@ -8,6 +8,9 @@ use sagas::wire::{Address, Command, CommandBody, Line, OrderId, ReplyOutcome, Sa
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use std::collections::HashMap;
+
+use crate::batch::Batcher;
 use crate::bus::{Handler, Unavailable};
 use crate::clients::{CallError, Carrier};
 
@@ -15,6 +18,8 @@ use crate::clients::{CallError, Carrier};
 pub struct Shipping {
     pool: PgPool,
     carrier: Carrier,
+    claims: Batcher<Claim, (Shipment, bool)>,
+    transitions: Batcher<Transition, bool>,
 }
 
 fn retryable(reason: impl Into<String>) -> ReplyOutcome {
@@ -33,6 +38,7 @@ fn refused(code: &str, reason: impl Into<String>) -> ReplyOutcome {
     }
 }
 
+#[derive(Clone)]
 struct Shipment {
     id: Uuid,
     status: String,
@@ -58,9 +64,154 @@ impl Handler for Shipping {
     }
 }
 
+/// A row to claim (insert unless present).
+struct Claim {
+    saga: SagaId,
+    order: OrderId,
+    status: &'static str,
+    address: String,
+    lines: String,
+}
+
+/// A status change of a row.
+struct Transition {
+    id: Uuid,
+    from: &'static str,
+    to: &'static str,
+    carrier_ref: Option<String>,
+    tracking_number: Option<String>,
+    reason: Option<String>,
+}
+
+fn shipment_of(r: &sqlx::postgres::PgRow, offset: usize) -> Shipment {
+    Shipment {
+        id: r.get(offset),
+        status: r.get(offset + 1),
+        carrier_ref: r.get(offset + 2),
+        tracking_number: r.get(offset + 3),
+        reason: r.get(offset + 4),
+    }
+}
+
+/// Claim many rows in one statement (see payment.rs).
+async fn claim_many(
+    pool: &PgPool,
+    claims: Vec<Claim>,
+) -> Result<Vec<(Shipment, bool)>, sqlx::Error> {
+    let now = Utc::now();
+    let rows = sqlx::query(
+        "WITH ins AS (
+             INSERT INTO shipping.shipments (id, saga_id, order_id, status, address, lines, created_at, updated_at)
+             SELECT u.id, u.saga_id, u.order_id, u.status, u.address::jsonb, u.lines::jsonb, $7, $7
+               FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[])
+                 AS u(id, saga_id, order_id, status, address, lines)
+             ON CONFLICT (order_id) DO NOTHING
+             RETURNING order_id, id, status, carrier_ref, tracking_number, reason)
+         SELECT order_id, id, status, carrier_ref, tracking_number, reason, true FROM ins
+         UNION ALL
+         SELECT s.order_id, s.id, s.status, s.carrier_ref, s.tracking_number, s.reason, false
+           FROM shipping.shipments s WHERE s.order_id = ANY($3)",
+    )
+    .bind(claims.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.saga.as_uuid()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.order.as_uuid()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.status).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.address.as_str()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.lines.as_str()).collect::<Vec<_>>())
+    .bind(now)
+    .fetch_all(pool)
+    .await?;
+    let mut by_order: HashMap<Uuid, (Shipment, bool)> = HashMap::new();
+    for r in &rows {
+        let order: Uuid = r.get(0);
+        let inserted: bool = r.get(6);
+        if inserted || !by_order.contains_key(&order) {
+            by_order.insert(order, (shipment_of(r, 1), inserted));
+        }
+    }
+    let mut answered = std::collections::HashSet::new();
+    claims
+        .iter()
+        .map(|c| match by_order.get(&c.order.as_uuid()) {
+            Some((s, inserted)) => Ok((s.clone(), *inserted && answered.insert(c.order))),
+            None => Err(sqlx::Error::Protocol(
+                "a shipment was claimed concurrently; retry".into(),
+            )),
+        })
+        .collect()
+}
+
+/// Apply many status changes in one statement; whether each went through.
+async fn transition_many(pool: &PgPool, ts: Vec<Transition>) -> Result<Vec<bool>, sqlx::Error> {
+    let mut seen = std::collections::HashSet::new();
+    let first: Vec<bool> = ts.iter().map(|t| seen.insert(t.id)).collect();
+    let apply: Vec<&Transition> = ts
+        .iter()
+        .zip(&first)
+        .filter(|(_, f)| **f)
+        .map(|(t, _)| t)
+        .collect();
+    let done: std::collections::HashSet<Uuid> = sqlx::query_scalar(
+        "UPDATE shipping.shipments s
+            SET status = u.to_status, carrier_ref = coalesce(u.carrier_ref, s.carrier_ref),
+                tracking_number = coalesce(u.tracking_number, s.tracking_number),
+                reason = coalesce(u.reason, s.reason), updated_at = $7
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+             AS u(id, from_status, to_status, carrier_ref, tracking_number, reason)
+          WHERE s.id = u.id AND s.status = u.from_status
+         RETURNING s.id",
+    )
+    .bind(apply.iter().map(|t| t.id).collect::<Vec<_>>())
+    .bind(apply.iter().map(|t| t.from).collect::<Vec<_>>())
+    .bind(apply.iter().map(|t| t.to).collect::<Vec<_>>())
+    .bind(
+        apply
+            .iter()
+            .map(|t| t.carrier_ref.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        apply
+            .iter()
+            .map(|t| t.tracking_number.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        apply
+            .iter()
+            .map(|t| t.reason.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(Utc::now())
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    Ok(ts
+        .iter()
+        .zip(first)
+        .map(|(t, f)| f && done.contains(&t.id))
+        .collect())
+}
+
 impl Shipping {
     pub fn new(pool: PgPool, carrier: Carrier) -> Self {
-        Self { pool, carrier }
+        let p = pool.clone();
+        let claims = Batcher::spawn(256, move |c| {
+            let p = p.clone();
+            async move { claim_many(&p, c).await }
+        });
+        let p = pool.clone();
+        let transitions = Batcher::spawn(256, move |t| {
+            let p = p.clone();
+            async move { transition_many(&p, t).await }
+        });
+        Self {
+            pool,
+            carrier,
+            claims,
+            transitions,
+        }
     }
 
     fn key(order: OrderId) -> String {
@@ -83,62 +234,45 @@ impl Shipping {
         }))
     }
 
+    /// Insert a row in `status` unless one exists; return the row either way, and whether it
+    /// was inserted now. Batched with the other commands in flight.
     async fn claim(
         &self,
         saga: SagaId,
         order: OrderId,
-        status: &str,
+        status: &'static str,
         address: Option<&Address>,
         lines: &[Line],
-    ) -> Result<(Shipment, bool), sqlx::Error> {
-        let now = Utc::now();
-        let inserted = sqlx::query(
-            "INSERT INTO shipping.shipments (id, saga_id, order_id, status, address, lines, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
-             ON CONFLICT (order_id) DO NOTHING RETURNING id",
-        )
-        .bind(Uuid::now_v7())
-        .bind(saga.as_uuid())
-        .bind(order.as_uuid())
-        .bind(status)
-        .bind(serde_json::to_value(address).expect("addresses serialize"))
-        .bind(serde_json::to_value(lines).expect("lines serialize"))
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?
-        .is_some();
-        let row = self
-            .row(order)
-            .await?
-            .expect("the row exists after the insert");
-        Ok((row, inserted))
+    ) -> Result<(Shipment, bool), Unavailable> {
+        self.claims
+            .call(Claim {
+                saga,
+                order,
+                status,
+                address: serde_json::to_string(&address).expect("addresses serialize"),
+                lines: serde_json::to_string(lines).expect("lines serialize"),
+            })
+            .await
     }
 
     async fn transition(
         &self,
         id: Uuid,
-        from: &str,
-        to: &str,
+        from: &'static str,
+        to: &'static str,
         booked: Option<(&str, &str)>,
         reason: Option<&str>,
-    ) -> Result<bool, sqlx::Error> {
-        let n = sqlx::query(
-            "UPDATE shipping.shipments
-                SET status = $3, carrier_ref = coalesce($4, carrier_ref),
-                    tracking_number = coalesce($5, tracking_number), reason = coalesce($6, reason), updated_at = $7
-              WHERE id = $1 AND status = $2",
-        )
-        .bind(id)
-        .bind(from)
-        .bind(to)
-        .bind(booked.map(|b| b.0))
-        .bind(booked.map(|b| b.1))
-        .bind(reason)
-        .bind(Utc::now())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n == 1)
+    ) -> Result<bool, Unavailable> {
+        self.transitions
+            .call(Transition {
+                id,
+                from,
+                to,
+                carrier_ref: booked.map(|b| b.0.to_owned()),
+                tracking_number: booked.map(|b| b.1.to_owned()),
+                reason: reason.map(str::to_owned),
+            })
+            .await
     }
 
     pub async fn create(

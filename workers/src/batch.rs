@@ -1,0 +1,69 @@
+//! Group commit for workers: many concurrent commands each need one small write; a
+//! [`Batcher`] queues them and runs one statement (one round trip, one commit) for everything
+//! queued, like the orchestrator's engine does. Under load a batch grows while the previous one
+//! commits; alone, a request is written at once.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::bus::Unavailable;
+
+type Reply<O> = oneshot::Sender<Result<O, Arc<sqlx::Error>>>;
+
+pub struct Batcher<I, O> {
+    tx: mpsc::Sender<(I, Reply<O>)>,
+}
+
+impl<I, O> Clone for Batcher<I, O> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    /// Start a batcher that runs `run` on up to `max` queued inputs at a time; `run` returns
+    /// one output per input, in order. It stops when every handle is dropped.
+    pub fn spawn<F, Fut>(max: usize, run: F) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Vec<O>, sqlx::Error>> + Send,
+    {
+        let (tx, mut rx) = mpsc::channel::<(I, Reply<O>)>(max * 4);
+        tokio::spawn(async move {
+            let mut queued = Vec::with_capacity(max);
+            while rx.recv_many(&mut queued, max).await > 0 {
+                let (inputs, replies): (Vec<I>, Vec<Reply<O>>) = queued.drain(..).unzip();
+                match run(inputs).await {
+                    Ok(outputs) => {
+                        for (reply, out) in replies.into_iter().zip(outputs) {
+                            let _ = reply.send(Ok(out));
+                        }
+                    }
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        for reply in replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Queue one input and wait for its output.
+    pub async fn call(&self, input: I) -> Result<O, Unavailable> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((input, reply))
+            .await
+            .map_err(|_| Unavailable("the batch writer stopped".into()))?;
+        rx.await
+            .map_err(|_| Unavailable("the batch writer stopped".into()))?
+            .map_err(|e| Unavailable(format!("database: {e}")))
+    }
+}
