@@ -34,6 +34,7 @@ pub struct Settings {
     pub replies: Replies,
     pub timers: Timers,
     pub breakers: Breakers,
+    pub maintenance: Maintenance,
     pub checkout: Checkout,
     pub log: Log,
 }
@@ -134,6 +135,13 @@ pub struct Breakers {
     pub probe_timeout_ms: u64,
     /// How often parked sagas are looked at (and operator overrides read).
     pub unpark_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Maintenance {
+    /// How often the outbox and timers tables are vacuumed (0: never; leave it to autovacuum).
+    pub vacuum_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres};
+use sqlx::{ConnectOptions, PgPool, Postgres};
 
 use crate::config;
 
@@ -25,8 +25,12 @@ pub enum Error {
 /// Connect, retrying for a while (PostgreSQL may still be starting), and migrate.
 pub async fn connect(settings: &config::Database) -> Result<PgPool, Error> {
     let options: PgConnectOptions = settings.url.parse().map_err(Error::Url)?;
-    // Named, so that an operator (or a fault test) can tell its sessions apart.
-    let options = options.application_name("saga-orchestrator");
+    // Named, so that an operator (or a fault test) can tell its sessions apart. Vacuuming the
+    // saga table takes a second or two by design: only statements slower than that are worth a
+    // warning.
+    let options = options
+        .application_name("saga-orchestrator")
+        .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5));
     let retry = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(2))

@@ -19,6 +19,7 @@ pub mod db;
 pub mod dead_letter;
 pub mod engine;
 pub mod http;
+pub mod maintenance;
 pub mod metrics;
 pub mod nats;
 pub mod relay;

@@ -146,6 +146,11 @@ impl Application {
             state.settings.breakers.unpark_interval_ms,
         );
         let unparker = tokio::spawn(unparker.run(shutdown.clone()));
+        let maintenance = tokio::spawn(crate::maintenance::run(
+            state.pool.clone(),
+            state.settings.maintenance.vacuum_interval_ms,
+            shutdown.clone(),
+        ));
         tracing::info!(port, "orchestrator serving");
         let app = http::router(state);
         axum::serve(listener, app)
@@ -156,6 +161,7 @@ impl Application {
         replies.await.ok();
         timers.await.ok();
         unparker.await.ok();
+        maintenance.await.ok();
         // Every engine handle is gone now: the shards commit what is queued and stop, which
         // drops the relay's hand-off, which makes the relay flush and stop.
         for shard in shards {

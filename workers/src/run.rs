@@ -77,16 +77,31 @@ pub async fn run(
     tracing::info!(worker = %name, mode = ?settings.worker.mode, concurrency = n, "worker starting");
     match (kind.service(), settings.worker.mode) {
         (Some(service), Mode::Noop) => {
-            bus::serve_commands(
-                js,
-                subjects,
+            let commands = bus::serve_commands(
+                js.clone(),
+                subjects.clone(),
                 service,
                 Noop,
                 n,
                 settings.faults.clone(),
-                shutdown,
-            )
-            .await;
+                shutdown.clone(),
+            );
+            if service == Service::Inventory {
+                // The inventory also reads order events; without IO it acknowledges them.
+                tokio::join!(
+                    commands,
+                    bus::serve_events(
+                        js,
+                        subjects,
+                        consumers::INVENTORY_EVENTS,
+                        n,
+                        shutdown,
+                        |_| async { Ok(()) }
+                    )
+                );
+            } else {
+                commands.await;
+            }
         }
         (None, Mode::Noop) => {
             // Nothing to notify about in the noop variant: events are acknowledged and dropped.
