@@ -140,7 +140,8 @@ pub struct Breakers {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Maintenance {
-    /// How often the outbox and timers tables are vacuumed (0: never; leave it to autovacuum).
+    /// How often the orchestrator's tables are checked and vacuumed or analyzed where
+    /// autovacuum's rules say so (0: never; leave it to autovacuum).
     pub vacuum_interval_ms: u64,
 }
 

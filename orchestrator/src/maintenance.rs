@@ -1,15 +1,18 @@
-//! Housekeeping of the orchestrator's queue-like tables. The outbox and the timers get a
-//! row inserted and deleted (or replaced) per message and per step: thousands of dead rows a
-//! second, which make every poll of them slower until they are vacuumed. Autovacuum may be off
-//! or tuned for other tables, so the orchestrator vacuums them itself, often, and the saga
-//! table now and then; `VACUUM (SKIP_LOCKED)` skips a table another process is vacuuming.
+//! Housekeeping of the orchestrator's tables. The outbox and the timers get a row inserted and
+//! deleted (or replaced) per message and per step, and the saga table grows from empty: without
+//! VACUUM their polls slow down, and without ANALYZE the plans of the engine's prepared
+//! statements, made while the tables were small, keep scanning them whole. Autovacuum may be
+//! off or slow to get to them, so the orchestrator checks them itself every interval and
+//! vacuums or analyzes the ones that need it by autovacuum's rules
+//! (`public.maintenance_due`, migration 0005); `SKIP_LOCKED` skips a table another process is
+//! busy with.
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
 
-/// Every `saga_every`-th pass also vacuums the saga table (larger, slower to bloat).
-const SAGA_EVERY: u64 = 12;
+/// The schemas this process writes.
+const SCHEMAS: &[&str] = &["orchestrator"];
 
 pub async fn run(pool: sqlx::PgPool, interval_ms: u64, shutdown: CancellationToken) {
     if interval_ms == 0 {
@@ -17,30 +20,38 @@ pub async fn run(pool: sqlx::PgPool, interval_ms: u64, shutdown: CancellationTok
     }
     let mut tick = tokio::time::interval(config::ms(interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pass: u64 = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        pass += 1;
-        let tables = if pass.is_multiple_of(SAGA_EVERY) {
-            "orchestrator.outbox, orchestrator.timers, orchestrator.sagas"
-        } else {
-            "orchestrator.outbox, orchestrator.timers"
-        };
-        if let Err(e) = vacuum(&pool, tables).await {
-            tracing::warn!(error = %e, "vacuum failed");
+        if let Err(e) = pass(&pool, SCHEMAS).await {
+            tracing::warn!(error = %e, "table maintenance failed");
         }
     }
 }
 
-/// One pass, callable on its own.
-pub async fn vacuum(pool: &sqlx::PgPool, tables: &str) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "VACUUM (SKIP_LOCKED) {tables}"
-    )))
-    .execute(pool)
+/// One pass over the tables of `schemas`: vacuum and analyze the ones that need it. Returns
+/// how many it worked on.
+pub async fn pass(pool: &sqlx::PgPool, schemas: &[&str]) -> Result<usize, sqlx::Error> {
+    let due: Vec<(String, bool, bool)> = sqlx::query_as(
+        "SELECT table_name, needs_vacuum, needs_analyze FROM public.maintenance_due($1)
+          WHERE needs_vacuum OR needs_analyze",
+    )
+    .bind(schemas)
+    .fetch_all(pool)
     .await?;
-    Ok(())
+    for (table, vacuum, analyze) in &due {
+        let command = match (vacuum, analyze) {
+            (true, true) => "VACUUM (ANALYZE, SKIP_LOCKED)",
+            (true, false) => "VACUUM (SKIP_LOCKED)",
+            _ => "ANALYZE (SKIP_LOCKED)",
+        };
+        tracing::debug!(table = %table, command, "table maintenance");
+        // `table` was quoted by format('%I.%I') in PostgreSQL.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{command} {table}")))
+            .execute(pool)
+            .await?;
+    }
+    Ok(due.len())
 }

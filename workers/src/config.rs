@@ -62,6 +62,9 @@ pub struct Worker {
 pub struct Database {
     pub url: String,
     pub max_connections: u32,
+    /// How often the worker checks its tables and vacuums or analyzes the ones that need it
+    /// (0: never; leave it to autovacuum).
+    pub maintenance_interval_ms: u64,
 }
 
 impl std::fmt::Debug for Database {
@@ -69,6 +72,7 @@ impl std::fmt::Debug for Database {
         f.debug_struct("Database")
             .field("url", &"<redacted>")
             .field("max_connections", &self.max_connections)
+            .field("maintenance_interval_ms", &self.maintenance_interval_ms)
             .finish()
     }
 }

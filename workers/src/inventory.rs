@@ -229,15 +229,6 @@ impl Inventory {
                 Ok(n) => tracing::info!(reservations = n, "expired reservations handled"),
                 Err(e) => tracing::warn!(error = %e, "reservation expiry failed"),
             }
-            // The variants of popular SKUs and the reservations are rewritten all the time:
-            // vacuum them here, whatever autovacuum does (it may be off).
-            if let Err(e) =
-                sqlx::raw_sql("VACUUM (SKIP_LOCKED) inventory.variants, inventory.reservations")
-                    .execute(&self.pool)
-                    .await
-            {
-                tracing::warn!(error = %e, "vacuum failed");
-            }
         }
     }
 

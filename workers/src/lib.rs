@@ -14,6 +14,7 @@ pub mod bus;
 pub mod clients;
 pub mod config;
 pub mod inventory;
+pub mod maintenance;
 pub mod noop;
 pub mod notification;
 pub mod payment;

@@ -2,20 +2,62 @@
 //! event (the event id is the idempotency key). Sending is simulated: the message is recorded
 //! in `notifications.sent` and logged.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sagas::wire::{DomainEvent, Event};
 use sqlx::PgPool;
+use uuid::Uuid;
 
+use crate::batch::Batcher;
 use crate::bus::Unavailable;
+
+/// One message to record.
+struct Sent {
+    event_id: Uuid,
+    kind: &'static str,
+    recipient: String,
+    subject: String,
+    body: String,
+    at: DateTime<Utc>,
+}
 
 #[derive(Clone)]
 pub struct Notification {
-    pool: PgPool,
+    sent: Batcher<Sent, bool>,
+}
+
+/// Record many messages in one statement (group commit); whether each was new.
+async fn record_many(pool: &PgPool, sent: Vec<Sent>) -> Result<Vec<bool>, sqlx::Error> {
+    let inserted: std::collections::HashSet<Uuid> = sqlx::query_scalar(
+        "INSERT INTO notifications.sent (event_id, kind, recipient, subject, body, sent_at)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+         ON CONFLICT (event_id) DO NOTHING
+         RETURNING event_id",
+    )
+    .bind(sent.iter().map(|s| s.event_id).collect::<Vec<_>>())
+    .bind(sent.iter().map(|s| s.kind).collect::<Vec<_>>())
+    .bind(sent.iter().map(|s| s.recipient.as_str()).collect::<Vec<_>>())
+    .bind(sent.iter().map(|s| s.subject.as_str()).collect::<Vec<_>>())
+    .bind(sent.iter().map(|s| s.body.as_str()).collect::<Vec<_>>())
+    .bind(sent.iter().map(|s| s.at).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    // The same event twice in one batch (a redelivery racing the first delivery) is new once.
+    let mut answered = std::collections::HashSet::new();
+    Ok(sent
+        .iter()
+        .map(|s| inserted.contains(&s.event_id) && answered.insert(s.event_id))
+        .collect())
 }
 
 impl Notification {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        let sent = Batcher::spawn(256, move |batch| {
+            let pool = pool.clone();
+            async move { record_many(&pool, batch).await }
+        });
+        Self { sent }
     }
 
     /// Send the message an event calls for, unless it was sent already.
@@ -42,20 +84,18 @@ impl Notification {
                 format!("Nothing was charged or the charge was refunded. Reason: {reason}"),
             ),
         };
-        let sent = sqlx::query(
-            "INSERT INTO notifications.sent (event_id, kind, recipient, subject, body, sent_at)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
-        )
-        .bind(event.id.as_uuid())
-        .bind(event.event.name())
-        .bind(&recipient)
-        .bind(&subject)
-        .bind(&body)
-        .bind(Utc::now())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if sent == 1 {
+        let new = self
+            .sent
+            .call(Sent {
+                event_id: event.id.as_uuid(),
+                kind: event.event.name(),
+                recipient: recipient.clone(),
+                subject: subject.clone(),
+                body,
+                at: Utc::now(),
+            })
+            .await?;
+        if new {
             tracing::info!(to = %recipient, subject = %subject, "notification sent");
         }
         Ok(())

@@ -38,6 +38,16 @@ impl Kind {
             Kind::Notification => None,
         }
     }
+
+    /// The schema this kind of worker writes.
+    fn schema(self) -> &'static str {
+        match self {
+            Kind::Inventory => "inventory",
+            Kind::Payment => "payments",
+            Kind::Shipping => "shipping",
+            Kind::Notification => "notifications",
+        }
+    }
 }
 
 async fn connect_db(settings: &config::Database, kind: Kind) -> anyhow::Result<PgPool> {
@@ -61,6 +71,11 @@ async fn connect_db(settings: &config::Database, kind: Kind) -> anyhow::Result<P
     )
     .await?;
     MIGRATOR.run(&pool).await?;
+    tokio::spawn(crate::maintenance::run(
+        pool.clone(),
+        kind.schema(),
+        config::ms(settings.maintenance_interval_ms),
+    ));
     Ok(pool)
 }
 
