@@ -26,6 +26,7 @@ fn sections() -> Vec<&'static str> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    pub runtime: Runtime,
     pub http: Http,
     pub database: Database,
     pub nats: Nats,
@@ -37,6 +38,28 @@ pub struct Settings {
     pub maintenance: Maintenance,
     pub checkout: Checkout,
     pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// 1: a current-thread runtime; N > 1: N worker threads; 0: one per core.
+    pub threads: usize,
+}
+
+impl Runtime {
+    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        if self.threads == 1 {
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+        }
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if self.threads > 1 {
+            builder.worker_threads(self.threads);
+        }
+        builder.enable_all().build()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -230,6 +253,12 @@ impl Settings {
         let bad = |m: String| Err(Error::Invalid(m));
         Subjects::new(&self.nats.prefix)
             .map_err(|e| Error::Invalid(format!("nats.prefix: {e}")))?;
+        if self.runtime.threads > 1024 {
+            return bad(format!(
+                "runtime.threads must be 0 (one per core) to 1024, got {}",
+                self.runtime.threads
+            ));
+        }
         if self.engine.shards == 0 || self.engine.shards > 64 {
             return bad(format!(
                 "engine.shards must be 1 to 64, got {}",

@@ -45,8 +45,7 @@ enum CatalogCommand {
     Load { file: PathBuf },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let settings = match Settings::load() {
         Ok(s) => s,
@@ -56,7 +55,14 @@ async fn main() -> std::process::ExitCode {
         }
     };
     telemetry::init(settings.log.format, &settings.log.level);
-    match run(cli, settings).await {
+    let runtime = match settings.runtime.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, settings)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "orchestrator failed");

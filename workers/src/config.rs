@@ -22,6 +22,7 @@ fn sections() -> Vec<&'static str> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    pub runtime: Runtime,
     pub worker: Worker,
     pub database: Database,
     pub nats: Nats,
@@ -41,6 +42,28 @@ pub struct Faults {
     /// or replying, as a worker that lost them would.
     #[serde(default)]
     pub swallow: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// 1: a current-thread runtime; N > 1: N worker threads; 0: one per core.
+    pub threads: usize,
+}
+
+impl Runtime {
+    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        if self.threads == 1 {
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+        }
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if self.threads > 1 {
+            builder.worker_threads(self.threads);
+        }
+        builder.enable_all().build()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -168,6 +191,12 @@ impl Settings {
         }
         let s: Settings = builder.build()?.try_deserialize()?;
         Subjects::new(&s.nats.prefix).map_err(|e| Error::Invalid(format!("nats.prefix: {e}")))?;
+        if s.runtime.threads > 1024 {
+            return Err(Error::Invalid(format!(
+                "runtime.threads must be 0 (one per core) to 1024, got {}",
+                s.runtime.threads
+            )));
+        }
         if s.worker.concurrency == 0 || s.worker.concurrency > 10_000 {
             return Err(Error::Invalid(format!(
                 "worker.concurrency must be 1 to 10000, got {}",

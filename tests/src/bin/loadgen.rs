@@ -239,7 +239,7 @@ async fn open_loop(
     (started.elapsed(), i)
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
     let http = reqwest::Client::builder()

@@ -18,8 +18,7 @@ struct Cli {
     kind: Kind,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let settings = match Settings::load() {
         Ok(s) => s,
@@ -29,9 +28,18 @@ async fn main() -> std::process::ExitCode {
         }
     };
     run::init_logging(&settings.log);
+    let runtime = match settings.runtime.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let shutdown = CancellationToken::new();
-    run::cancel_on_signal(shutdown.clone());
-    match run::run(cli.kind, settings, shutdown).await {
+    match runtime.block_on(async move {
+        run::cancel_on_signal(shutdown.clone());
+        run::run(cli.kind, settings, shutdown).await
+    }) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "worker failed");
