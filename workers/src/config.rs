@@ -25,6 +25,7 @@ pub struct Settings {
     pub runtime: Runtime,
     pub worker: Worker,
     pub database: Database,
+    pub maintenance: Maintenance,
     pub nats: Nats,
     pub processor: Remote,
     pub carrier: Remote,
@@ -85,9 +86,18 @@ pub struct Worker {
 pub struct Database {
     pub url: String,
     pub max_connections: u32,
+    /// The orchestrator's `database.create` (it creates the database): accepted and ignored,
+    /// so that one environment configures every process.
+    #[serde(default, rename = "create")]
+    _orchestrators_create: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Maintenance {
     /// How often the worker checks its tables and vacuums or analyzes the ones that need it
     /// (0: never; leave it to autovacuum).
-    pub maintenance_interval_ms: u64,
+    pub vacuum_interval_ms: u64,
 }
 
 impl std::fmt::Debug for Database {
@@ -95,7 +105,6 @@ impl std::fmt::Debug for Database {
         f.debug_struct("Database")
             .field("url", &"<redacted>")
             .field("max_connections", &self.max_connections)
-            .field("maintenance_interval_ms", &self.maintenance_interval_ms)
             .finish()
     }
 }
@@ -105,6 +114,9 @@ impl std::fmt::Debug for Database {
 pub struct Nats {
     pub url: String,
     pub prefix: String,
+    /// The orchestrator's `nats.replicas` (it declares the streams): accepted and ignored.
+    #[serde(default, rename = "replicas")]
+    _orchestrators_replicas: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +249,39 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// The other processes' settings, every key of their defaults as the `SAGA_` variable that
+    /// sets it: one environment configures every process, so none may refuse another's keys.
+    fn env_of(defaults: &str) -> BTreeMap<String, String> {
+        let map = config::Config::builder()
+            .add_source(config::File::from_str(defaults, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize::<config::Map<String, config::Value>>()
+            .unwrap();
+        let mut env = BTreeMap::new();
+        for (section, value) in map {
+            let Ok(table) = value.into_table() else {
+                continue;
+            };
+            for (key, value) in table {
+                if let Ok(v) = value.clone().into_string() {
+                    env.insert(
+                        format!("SAGA_{}__{}", section.to_uppercase(), key.to_uppercase()),
+                        v,
+                    );
+                }
+            }
+        }
+        assert!(env.len() > 5, "{env:?}");
+        env
+    }
+
+    #[test]
+    fn the_orchestrators_settings_are_left_to_it() {
+        let env = env_of(include_str!("../../orchestrator/config/default.toml"));
+        Settings::load_from(env).unwrap();
     }
 
     #[test]

@@ -50,7 +50,9 @@ impl Kind {
     }
 }
 
-async fn connect_db(settings: &config::Database, kind: Kind) -> anyhow::Result<PgPool> {
+async fn connect_db(settings: &Settings, kind: Kind) -> anyhow::Result<PgPool> {
+    let maintenance = config::ms(settings.maintenance.vacuum_interval_ms);
+    let settings = &settings.database;
     let options: sqlx::postgres::PgConnectOptions = settings.url.parse()?;
     let options = options.application_name(&format!("saga-worker-{kind:?}").to_lowercase());
     let pool = (|| async {
@@ -74,7 +76,7 @@ async fn connect_db(settings: &config::Database, kind: Kind) -> anyhow::Result<P
     tokio::spawn(crate::maintenance::run(
         pool.clone(),
         kind.schema(),
-        config::ms(settings.maintenance_interval_ms),
+        maintenance,
     ));
     Ok(pool)
 }
@@ -131,7 +133,7 @@ pub async fn run(
             .await;
         }
         (Some(Service::Inventory), Mode::Real) => {
-            let inventory = Inventory::new(connect_db(&settings.database, kind).await?);
+            let inventory = Inventory::new(connect_db(&settings, kind).await?);
             let events = inventory.clone();
             let sweeper = inventory.clone();
             tokio::join!(
@@ -163,7 +165,7 @@ pub async fn run(
         }
         (Some(Service::Payment), Mode::Real) => {
             let processor = Processor::new(&settings.processor);
-            let payment = Payment::new(connect_db(&settings.database, kind).await?, processor);
+            let payment = Payment::new(connect_db(&settings, kind).await?, processor);
             bus::serve_commands(
                 js,
                 subjects,
@@ -177,7 +179,7 @@ pub async fn run(
         }
         (Some(Service::Shipping), Mode::Real) => {
             let carrier = Carrier::new(&settings.carrier);
-            let shipping = Shipping::new(connect_db(&settings.database, kind).await?, carrier);
+            let shipping = Shipping::new(connect_db(&settings, kind).await?, carrier);
             bus::serve_commands(
                 js,
                 subjects,
@@ -190,7 +192,7 @@ pub async fn run(
             .await;
         }
         (None, Mode::Real) => {
-            let notification = Notification::new(connect_db(&settings.database, kind).await?);
+            let notification = Notification::new(connect_db(&settings, kind).await?);
             bus::serve_events(
                 js,
                 subjects,
