@@ -460,6 +460,69 @@ async fn a_retry_scheduled_before_an_orchestrator_crash_happens_after_it() {
 }
 
 #[tokio::test]
+async fn a_reservation_of_a_confirmed_order_is_consumed_at_expiry_not_released() {
+    let mut options = Options::default();
+    options.worker_env.push((
+        "SAGA_INVENTORY__EXPIRY_SWEEP_INTERVAL_MS".into(),
+        "100".into(),
+    ));
+    let app = App::spawn_with(options).await;
+    let id = app.place(&order(&[("A", 2)], "tok_visa")).await;
+    let saga = app.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(saga["status"], "completed", "{saga:#}");
+    app.wait_for(
+        "SELECT count(*) FROM inventory.reservations WHERE status = 'consumed'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let (quantity, reserved) = (
+        app.count("SELECT quantity::bigint FROM inventory.variants WHERE sku = 'A'")
+            .await,
+        app.count("SELECT reserved::bigint FROM inventory.variants WHERE sku = 'A'")
+            .await,
+    );
+    // Wind the inventory back to before the OrderConfirmed event was consumed (as if it were
+    // still on its way, or lost), with the hold already run out.
+    sqlx::raw_sql(
+        "UPDATE inventory.variants SET quantity = quantity + 2, reserved = reserved + 2 WHERE sku = 'A';
+         UPDATE inventory.reservations SET status = 'active', expires_at = now() - interval '1 second';
+         DELETE FROM inventory.stock_movements WHERE kind = 'consume'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // The sweeper asks the Order service first: the order is confirmed, so the stock is
+    // consumed, not put back on sale.
+    app.wait_for(
+        "SELECT count(*) FROM inventory.reservations WHERE status = 'consumed'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        app.count("SELECT quantity::bigint FROM inventory.variants WHERE sku = 'A'")
+            .await,
+        quantity
+    );
+    assert_eq!(
+        app.count("SELECT reserved::bigint FROM inventory.variants WHERE sku = 'A'")
+            .await,
+        reserved
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory.stock_movements WHERE kind = 'expire'")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory.stock_movements WHERE kind = 'consume'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
 async fn an_expired_reservation_is_released_and_renewed_before_shipping() {
     let mut options = Options::default()
         .orchestrator("SAGA_CHECKOUT__RESERVATION_HOLD_SECONDS", "2")

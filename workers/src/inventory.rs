@@ -312,11 +312,12 @@ async fn apply(pool: &PgPool, ops: &[Op]) -> Result<Vec<ReplyOutcome>, sqlx::Err
             },
         );
     }
-    // Orders confirmed meanwhile, for expiries (asked of the Order service's view).
+    // Orders confirmed meanwhile, for expiries (asked of the Order service's view, by the
+    // saga id the reservation holds: the view's key, an index lookup whatever its size).
     let expiring: Vec<Uuid> = ops
         .iter()
         .filter_map(|o| match o {
-            Op::Expire { order } => Some(order.as_uuid()),
+            Op::Expire { order } => held.get(order).map(|h| h.saga.as_uuid()),
             _ => None,
         })
         .collect();
@@ -324,7 +325,7 @@ async fn apply(pool: &PgPool, ops: &[Op]) -> Result<Vec<ReplyOutcome>, sqlx::Err
         BTreeSet::new()
     } else {
         sqlx::query_scalar(
-            "SELECT id FROM orders.orders WHERE id = ANY($1) AND status = 'confirmed'",
+            "SELECT id FROM orders.orders WHERE saga_id = ANY($1) AND status = 'confirmed'",
         )
         .bind(&expiring)
         .fetch_all(&mut *tx)
