@@ -345,39 +345,6 @@ mod tests {
             .collect()
     }
 
-    /// The other processes' settings, every key of their defaults as the `SAGA_` variable that
-    /// sets it: one environment configures every process, so none may refuse another's keys.
-    fn env_of(defaults: &str) -> BTreeMap<String, String> {
-        let map = config::Config::builder()
-            .add_source(config::File::from_str(defaults, config::FileFormat::Toml))
-            .build()
-            .unwrap()
-            .try_deserialize::<config::Map<String, config::Value>>()
-            .unwrap();
-        let mut env = BTreeMap::new();
-        for (section, value) in map {
-            let Ok(table) = value.into_table() else {
-                continue;
-            };
-            for (key, value) in table {
-                if let Ok(v) = value.clone().into_string() {
-                    env.insert(
-                        format!("SAGA_{}__{}", section.to_uppercase(), key.to_uppercase()),
-                        v,
-                    );
-                }
-            }
-        }
-        assert!(env.len() > 5, "{env:?}");
-        env
-    }
-
-    #[test]
-    fn the_workers_settings_are_left_to_them() {
-        let env = env_of(include_str!("../../workers/config/default.toml"));
-        Settings::load_from(env).unwrap();
-    }
-
     #[test]
     fn defaults_load() {
         let s = Settings::load_from(env(&[])).unwrap();
