@@ -222,19 +222,24 @@ async fn open_loop(
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut tasks = Vec::new();
+    // Finished tasks are reaped as the run goes: a finished task's memory is only freed once
+    // it is joined, and a soak starts hundreds of thousands.
+    let mut tasks = tokio::task::JoinSet::new();
     let mut i = 0;
     while started.elapsed() < duration {
         tick.tick().await;
+        while let Some(done) = tasks.try_join_next() {
+            done.expect("client task");
+        }
         let (client, results) = (client.clone(), results.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let (ms, o) = client.run_one(i).await;
             results.lock().await.samples.push((Instant::now(), ms, o));
-        }));
+        });
         i += 1;
     }
-    for t in tasks {
-        t.await.expect("client task");
+    while let Some(done) = tasks.join_next().await {
+        done.expect("client task");
     }
     (started.elapsed(), i)
 }
