@@ -124,6 +124,10 @@ pub struct Nats {
 pub struct Remote {
     pub url: String,
     pub timeout_ms: u64,
+    /// A call that has not answered after this long gets a `pending` row, written while it
+    /// goes on, so that a slow call is on record (0: write `pending` before every call). A
+    /// call that answers sooner is recorded once, with its result.
+    pub record_pending_after_ms: u64,
     /// Consecutive unavailable answers that open the breaker in front of the party.
     pub breaker_failures: u32,
     /// How long it stays open the first time; doubled (with jitter) up to the max.
@@ -227,6 +231,12 @@ impl Settings {
                     "{name}.timeout_ms must be positive"
                 )));
             }
+            if r.record_pending_after_ms >= r.timeout_ms {
+                return Err(Error::Invalid(format!(
+                    "{name}.record_pending_after_ms must be below {name}.timeout_ms ({}), got {}",
+                    r.timeout_ms, r.record_pending_after_ms
+                )));
+            }
         }
         Ok(s)
     }
@@ -276,6 +286,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("carrier.url"), "{e}");
+        let e = Settings::load_from(env(&[("SAGA_PROCESSOR__RECORD_PENDING_AFTER_MS", "5000")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("processor.record_pending_after_ms"), "{e}");
     }
 }
 

@@ -1,12 +1,16 @@
 //! The payment service: charges and refunds through the card processor, recorded in
 //! `payments.charges` under the saga's idempotency key (one row per saga step).
 //!
-//! The row is written *before* the processor is called (`pending`) and completed after, so
-//! there is always a record of a call that may have gone through. The processor is idempotent
-//! per key, so calling again after a crash returns the first charge instead of making another.
-//! A refund that finds no row leaves a `voided` tombstone; a charge that finds one (or that
-//! comes back after the refund voided it) refunds what it charged and answers "cancelled". No
-//! interleaving of charge and refund leaves money taken.
+//! A charge first reads its row: a redelivered command answers what was recorded. Without a
+//! row it calls the processor and writes the row once, with the result. A call that takes
+//! longer than `processor.record_pending_after_ms` is put on record as `pending` while it goes
+//! on (an operator sees the charges in flight), and completed after. The processor is
+//! idempotent per key, so calling again after a crash returns the first charge instead of
+//! making another, and it is the record of a call whose answer was lost: a refund that finds
+//! no row leaves a `voided` tombstone and asks the processor for a charge under the key; a
+//! charge that finds a tombstone (or that comes back after the refund voided it) refunds what
+//! it charged and answers "cancelled". No interleaving of charge and refund, and no crash
+//! between the call and the write, leaves money taken.
 
 use chrono::Utc;
 use sagas::wire::{Command, CommandBody, Money, ReplyOutcome, SagaId, StepOutput};
@@ -14,6 +18,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::batch::Batcher;
 use crate::bus::{Handler, Unavailable};
@@ -23,7 +28,11 @@ use crate::clients::{CallError, Processor};
 pub struct Payment {
     pool: PgPool,
     processor: Processor,
+    /// How long a call may take before its `pending` row is written.
+    pending_after: Duration,
+    lookups: Batcher<(SagaId, String), Option<Charge>>,
     claims: Batcher<Claim, (Charge, bool)>,
+    settles: Batcher<Settle, Option<Charge>>,
     transitions: Batcher<Transition, bool>,
 }
 
@@ -98,6 +107,14 @@ struct Claim {
     amount_minor: i64,
     currency: String,
     status: &'static str,
+}
+
+/// A call's result to record: insert the row with it, or complete the row's `pending`.
+struct Settle {
+    claim: Claim,
+    processor_ref: Option<String>,
+    decline_code: Option<String>,
+    reason: Option<String>,
 }
 
 /// A status change of a row.
@@ -179,6 +196,90 @@ async fn claim_many(pool: &PgPool, claims: Vec<Claim>) -> Result<Vec<(Charge, bo
     Ok(out)
 }
 
+/// Read many rows in one statement.
+async fn lookup_many(
+    pool: &PgPool,
+    keys: Vec<(SagaId, String)>,
+) -> Result<Vec<Option<Charge>>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT c.saga_id, c.step, c.id, c.status, c.processor_ref, c.decline_code, c.reason
+           FROM payments.charges c
+           JOIN unnest($1::uuid[], $2::text[]) AS k(saga_id, step) ON c.saga_id = k.saga_id AND c.step = k.step",
+    )
+    .bind(keys.iter().map(|k| k.0.as_uuid()).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?;
+    let by_key: HashMap<(Uuid, String), Charge> = rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), charge_of(r, 2)))
+        .collect();
+    Ok(keys
+        .into_iter()
+        .map(|(saga, step)| by_key.get(&(saga.as_uuid(), step)).cloned())
+        .collect())
+}
+
+/// Record many calls' results in one statement: insert each row with its final status, or
+/// complete it when it is `pending`. `None` for a row that is in another status (a refund
+/// voided it, or another delivery recorded it first): the caller reads it.
+async fn settle_many(pool: &PgPool, ss: Vec<Settle>) -> Result<Vec<Option<Charge>>, sqlx::Error> {
+    // One row once per statement (ON CONFLICT DO UPDATE cannot touch a row twice); a second
+    // result for the same row reads the row instead.
+    let mut seen = std::collections::HashSet::new();
+    let first: Vec<bool> = ss
+        .iter()
+        .map(|s| seen.insert((s.claim.saga, s.claim.step.clone())))
+        .collect();
+    let apply: Vec<&Settle> = ss
+        .iter()
+        .zip(&first)
+        .filter(|(_, f)| **f)
+        .map(|(s, _)| s)
+        .collect();
+    let rows = sqlx::query(
+        "INSERT INTO payments.charges AS c
+             (id, saga_id, step, order_id, idempotency_key, amount_minor, currency, status,
+              processor_ref, decline_code, reason, created_at, updated_at)
+         SELECT u.id, u.saga_id, u.step, u.order_id, u.saga_id::text || ':' || u.step, u.amount, u.currency, u.status,
+                u.processor_ref, u.decline_code, u.reason, $11, $11
+           FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::int8[], $6::text[], $7::text[],
+                       $8::text[], $9::text[], $10::text[])
+             AS u(id, saga_id, step, order_id, amount, currency, status, processor_ref, decline_code, reason)
+         ON CONFLICT (saga_id, step) DO UPDATE
+            SET status = excluded.status, processor_ref = coalesce(excluded.processor_ref, c.processor_ref),
+                decline_code = coalesce(excluded.decline_code, c.decline_code),
+                reason = coalesce(excluded.reason, c.reason), updated_at = excluded.updated_at
+          WHERE c.status = 'pending'
+         RETURNING c.saga_id, c.step, c.id, c.status, c.processor_ref, c.decline_code, c.reason",
+    )
+    .bind(apply.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.claim.saga.as_uuid()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.claim.step.as_str()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.claim.order).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.claim.amount_minor).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.claim.currency.as_str()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.claim.status).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.processor_ref.as_deref()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.decline_code.as_deref()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.reason.as_deref()).collect::<Vec<_>>())
+    .bind(Utc::now())
+    .fetch_all(pool)
+    .await?;
+    let mut by_key: HashMap<(Uuid, String), Charge> = rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), charge_of(r, 2)))
+        .collect();
+    Ok(ss
+        .iter()
+        .zip(first)
+        .map(|(s, f)| {
+            f.then(|| by_key.remove(&(s.claim.saga.as_uuid(), s.claim.step.clone())))
+                .flatten()
+        })
+        .collect())
+}
+
 /// Apply many status changes in one statement; whether each went through.
 async fn transition_many(pool: &PgPool, ts: Vec<Transition>) -> Result<Vec<bool>, sqlx::Error> {
     // One change per row per statement; a second change of the same row reports false, and its
@@ -220,11 +321,21 @@ async fn transition_many(pool: &PgPool, ts: Vec<Transition>) -> Result<Vec<bool>
 }
 
 impl Payment {
-    pub fn new(pool: PgPool, processor: Processor) -> Self {
+    pub fn new(pool: PgPool, processor: Processor, pending_after: Duration) -> Self {
+        let p = pool.clone();
+        let lookups = Batcher::spawn(256, move |k| {
+            let p = p.clone();
+            async move { lookup_many(&p, k).await }
+        });
         let p = pool.clone();
         let claims = Batcher::spawn(256, move |c| {
             let p = p.clone();
             async move { claim_many(&p, c).await }
+        });
+        let p = pool.clone();
+        let settles = Batcher::spawn(256, move |s| {
+            let p = p.clone();
+            async move { settle_many(&p, s).await }
         });
         let p = pool.clone();
         let transitions = Batcher::spawn(256, move |t| {
@@ -234,7 +345,10 @@ impl Payment {
         Self {
             pool,
             processor,
+            pending_after,
+            lookups,
             claims,
+            settles,
             transitions,
         }
     }
@@ -272,14 +386,7 @@ impl Payment {
         status: &'static str,
     ) -> Result<(Charge, bool), Unavailable> {
         self.claims
-            .call(Claim {
-                saga,
-                step: step.to_owned(),
-                order,
-                amount_minor: amount.minor,
-                currency: amount.currency.as_str().to_owned(),
-                status,
-            })
+            .call(Self::claim_of(saga, step, order, amount, status))
             .await
     }
 
@@ -304,6 +411,23 @@ impl Payment {
             .await
     }
 
+    fn claim_of(
+        saga: SagaId,
+        step: &str,
+        order: Uuid,
+        amount: &Money,
+        status: &'static str,
+    ) -> Claim {
+        Claim {
+            saga,
+            step: step.to_owned(),
+            order,
+            amount_minor: amount.minor,
+            currency: amount.currency.as_str().to_owned(),
+            status,
+        }
+    }
+
     pub async fn charge(
         &self,
         saga: SagaId,
@@ -312,51 +436,76 @@ impl Payment {
         amount: &Money,
         token: &str,
     ) -> Result<ReplyOutcome, Unavailable> {
-        let (row, _) = self.claim(saga, step, order, amount, "pending").await?;
-        match row.status.as_str() {
-            "succeeded" => return Ok(charged(&row)),
-            "declined" => return Ok(declined(&row)),
-            "refunded" => return Ok(cancelled()),
-            "voided" => return self.undo_voided(saga, step, &row).await,
-            _ => {}
+        let recorded = self.lookups.call((saga, step.to_owned())).await?;
+        if let Some(row) = &recorded {
+            match row.status.as_str() {
+                "succeeded" => return Ok(charged(row)),
+                "declined" => return Ok(declined(row)),
+                "refunded" => return Ok(cancelled()),
+                "voided" => return self.undo_voided(saga, step, row).await,
+                // `pending`: a call that did not finish; make it again (same key).
+                _ => {}
+            }
+        } else if self.pending_after.is_zero() {
+            let (row, _) = self.claim(saga, step, order, amount, "pending").await?;
+            if row.status == "voided" {
+                return self.undo_voided(saga, step, &row).await;
+            }
         }
         let key = Self::key(saga, step);
-        match self
+        let call = self
             .processor
-            .charge(&key, amount.minor, amount.currency.as_str(), token)
-            .await
-        {
-            Ok(processor_ref) => {
-                if self
-                    .transition(row.id, "pending", "succeeded", Some(&processor_ref), None)
-                    .await?
-                {
-                    let row = Charge {
-                        status: "succeeded".into(),
-                        processor_ref: Some(processor_ref),
-                        ..row
-                    };
-                    return Ok(charged(&row));
-                }
-                // A refund voided the charge while the processor was being called.
-                let row = self.row(saga, step).await?.expect("rows are never deleted");
-                match row.status.as_str() {
-                    "voided" => self.undo_voided(saga, step, &row).await,
-                    "succeeded" => Ok(charged(&row)),
-                    _ => Ok(cancelled()),
+            .charge(&key, amount.minor, amount.currency.as_str(), token);
+        let result = if recorded.is_some() || self.pending_after.is_zero() {
+            call.await
+        } else {
+            tokio::pin!(call);
+            tokio::select! {
+                biased;
+                r = &mut call => r,
+                () = tokio::time::sleep(self.pending_after) => {
+                    // Slow: put the call on record while it goes on. Whatever the row turns
+                    // out to be (a refund may have voided it), the result settles it below.
+                    self.claim(saga, step, order, amount, "pending").await?;
+                    call.await
                 }
             }
+        };
+        let (settle, answer) = match result {
+            Ok(processor_ref) => (
+                Settle {
+                    claim: Self::claim_of(saga, step, order, amount, "succeeded"),
+                    processor_ref: Some(processor_ref),
+                    decline_code: None,
+                    reason: None,
+                },
+                None,
+            ),
             Err(CallError::Refused { code, message }) => {
-                if self
-                    .transition(row.id, "pending", "declined", None, Some((&code, &message)))
-                    .await?
-                {
-                    Ok(refused(&code, message))
-                } else {
-                    Ok(cancelled())
-                }
+                let answer = refused(&code, message.clone());
+                (
+                    Settle {
+                        claim: Self::claim_of(saga, step, order, amount, "declined"),
+                        processor_ref: None,
+                        decline_code: Some(code),
+                        reason: Some(message),
+                    },
+                    Some(answer),
+                )
             }
-            Err(CallError::Unavailable(why)) => Ok(retryable(why)),
+            Err(CallError::Unavailable(why)) => return Ok(retryable(why)),
+        };
+        if let Some(row) = self.settles.call(settle).await? {
+            return Ok(answer.unwrap_or_else(|| charged(&row)));
+        }
+        // The row is in another status: a refund voided it while the processor was being
+        // called, or another delivery of the command recorded it first.
+        let row = self.row(saga, step).await?.expect("a settled row exists");
+        match row.status.as_str() {
+            "voided" => self.undo_voided(saga, step, &row).await,
+            "succeeded" => Ok(charged(&row)),
+            "declined" => Ok(declined(&row)),
+            _ => Ok(cancelled()),
         }
     }
 
@@ -440,11 +589,7 @@ impl Payment {
         let refunded = |id| ReplyOutcome::Succeeded {
             output: StepOutput::PaymentRefunded { refund_id: id },
         };
-        let (row, tombstone) = self.claim(saga, step, order, amount, "voided").await?;
-        if tombstone {
-            // Nothing was charged; a late charge will find the tombstone.
-            return Ok(refunded(None));
-        }
+        let (row, _) = self.claim(saga, step, order, amount, "voided").await?;
         match row.status.as_str() {
             "succeeded" => {
                 let processor_ref = row.processor_ref.clone().unwrap_or_default();
@@ -478,6 +623,8 @@ impl Payment {
                     _ => Ok(refunded(None)),
                 }
             }
+            // A tombstone, written now or by an earlier delivery: a charge whose answer was
+            // never recorded may still have gone through, so the processor is asked.
             "voided" => match self.undo_voided(saga, step, &row).await? {
                 ReplyOutcome::Failed {
                     retryable: true,

@@ -165,7 +165,11 @@ pub async fn run(
         }
         (Some(Service::Payment), Mode::Real) => {
             let processor = Processor::new(&settings.processor);
-            let payment = Payment::new(connect_db(&settings, kind).await?, processor);
+            let payment = Payment::new(
+                connect_db(&settings, kind).await?,
+                processor,
+                config::ms(settings.processor.record_pending_after_ms),
+            );
             bus::serve_commands(
                 js,
                 subjects,
@@ -179,7 +183,11 @@ pub async fn run(
         }
         (Some(Service::Shipping), Mode::Real) => {
             let carrier = Carrier::new(&settings.carrier);
-            let shipping = Shipping::new(connect_db(&settings, kind).await?, carrier);
+            let shipping = Shipping::new(
+                connect_db(&settings, kind).await?,
+                carrier,
+                config::ms(settings.carrier.record_pending_after_ms),
+            );
             bus::serve_commands(
                 js,
                 subjects,

@@ -1,7 +1,9 @@
 //! The shipping service: books and cancels shipments with the carrier, one row per order in
-//! `shipping.shipments`. Same discipline as payments: the row is written `pending` before the
-//! carrier is called, a cancel that comes first leaves a `voided` tombstone, and a booking that
-//! lands on a tombstone is cancelled at once.
+//! `shipping.shipments`. Same discipline as payments (see payment.rs): a booking reads its row
+//! first, calls the carrier and writes the row once with the result (`pending` first only
+//! when the call is slow); a cancel that comes first leaves a `voided` tombstone and asks the
+//! carrier for a booking under the key; a booking that lands on a tombstone is cancelled at
+//! once.
 
 use chrono::Utc;
 use sagas::wire::{Address, Command, CommandBody, Line, OrderId, ReplyOutcome, SagaId, StepOutput};
@@ -9,6 +11,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::batch::Batcher;
 use crate::bus::{Handler, Unavailable};
@@ -18,7 +21,11 @@ use crate::clients::{CallError, Carrier};
 pub struct Shipping {
     pool: PgPool,
     carrier: Carrier,
+    /// How long a call may take before its `pending` row is written.
+    pending_after: Duration,
+    lookups: Batcher<OrderId, Option<Shipment>>,
     claims: Batcher<Claim, (Shipment, bool)>,
+    settles: Batcher<Settle, Option<Shipment>>,
     transitions: Batcher<Transition, bool>,
 }
 
@@ -71,6 +78,14 @@ struct Claim {
     status: &'static str,
     address: String,
     lines: String,
+}
+
+/// A call's result to record: insert the row with it, or complete the row's `pending`.
+struct Settle {
+    claim: Claim,
+    carrier_ref: Option<String>,
+    tracking_number: Option<String>,
+    reason: Option<String>,
 }
 
 /// A status change of a row.
@@ -141,6 +156,74 @@ async fn claim_many(
         .collect()
 }
 
+/// Read many rows in one statement.
+async fn lookup_many(
+    pool: &PgPool,
+    orders: Vec<OrderId>,
+) -> Result<Vec<Option<Shipment>>, sqlx::Error> {
+    let ids: Vec<Uuid> = orders.iter().map(|o| o.as_uuid()).collect();
+    let rows = sqlx::query(
+        "SELECT order_id, id, status, carrier_ref, tracking_number, reason
+           FROM shipping.shipments WHERE order_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    let by_order: HashMap<Uuid, Shipment> =
+        rows.iter().map(|r| (r.get(0), shipment_of(r, 1))).collect();
+    Ok(ids.iter().map(|o| by_order.get(o).cloned()).collect())
+}
+
+/// Record many calls' results in one statement (see payment.rs): insert each row with its
+/// final status, or complete it when it is `pending`; `None` for a row in another status.
+async fn settle_many(pool: &PgPool, ss: Vec<Settle>) -> Result<Vec<Option<Shipment>>, sqlx::Error> {
+    let mut seen = std::collections::HashSet::new();
+    let first: Vec<bool> = ss.iter().map(|s| seen.insert(s.claim.order)).collect();
+    let apply: Vec<&Settle> = ss
+        .iter()
+        .zip(&first)
+        .filter(|(_, f)| **f)
+        .map(|(s, _)| s)
+        .collect();
+    let rows = sqlx::query(
+        "INSERT INTO shipping.shipments AS s
+             (id, saga_id, order_id, status, address, lines, carrier_ref, tracking_number, reason, created_at, updated_at)
+         SELECT u.id, u.saga_id, u.order_id, u.status, u.address::jsonb, u.lines::jsonb,
+                u.carrier_ref, u.tracking_number, u.reason, $10, $10
+           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                       $7::text[], $8::text[], $9::text[])
+             AS u(id, saga_id, order_id, status, address, lines, carrier_ref, tracking_number, reason)
+         ON CONFLICT (order_id) DO UPDATE
+            SET status = excluded.status, carrier_ref = coalesce(excluded.carrier_ref, s.carrier_ref),
+                tracking_number = coalesce(excluded.tracking_number, s.tracking_number),
+                reason = coalesce(excluded.reason, s.reason), updated_at = excluded.updated_at
+          WHERE s.status = 'pending'
+         RETURNING s.order_id, s.id, s.status, s.carrier_ref, s.tracking_number, s.reason",
+    )
+    .bind(apply.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.claim.saga.as_uuid()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.claim.order.as_uuid()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.claim.status).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.claim.address.as_str()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.claim.lines.as_str()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.carrier_ref.as_deref()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.tracking_number.as_deref()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| s.reason.as_deref()).collect::<Vec<_>>())
+    .bind(Utc::now())
+    .fetch_all(pool)
+    .await?;
+    let mut by_order: HashMap<Uuid, Shipment> =
+        rows.iter().map(|r| (r.get(0), shipment_of(r, 1))).collect();
+    Ok(ss
+        .iter()
+        .zip(first)
+        .map(|(s, f)| {
+            f.then(|| by_order.remove(&s.claim.order.as_uuid()))
+                .flatten()
+        })
+        .collect())
+}
+
 /// Apply many status changes in one statement; whether each went through.
 async fn transition_many(pool: &PgPool, ts: Vec<Transition>) -> Result<Vec<bool>, sqlx::Error> {
     let mut seen = std::collections::HashSet::new();
@@ -195,11 +278,21 @@ async fn transition_many(pool: &PgPool, ts: Vec<Transition>) -> Result<Vec<bool>
 }
 
 impl Shipping {
-    pub fn new(pool: PgPool, carrier: Carrier) -> Self {
+    pub fn new(pool: PgPool, carrier: Carrier, pending_after: Duration) -> Self {
+        let p = pool.clone();
+        let lookups = Batcher::spawn(256, move |o| {
+            let p = p.clone();
+            async move { lookup_many(&p, o).await }
+        });
         let p = pool.clone();
         let claims = Batcher::spawn(256, move |c| {
             let p = p.clone();
             async move { claim_many(&p, c).await }
+        });
+        let p = pool.clone();
+        let settles = Batcher::spawn(256, move |s| {
+            let p = p.clone();
+            async move { settle_many(&p, s).await }
         });
         let p = pool.clone();
         let transitions = Batcher::spawn(256, move |t| {
@@ -209,7 +302,10 @@ impl Shipping {
         Self {
             pool,
             carrier,
+            pending_after,
+            lookups,
             claims,
+            settles,
             transitions,
         }
     }
@@ -245,13 +341,7 @@ impl Shipping {
         lines: &[Line],
     ) -> Result<(Shipment, bool), Unavailable> {
         self.claims
-            .call(Claim {
-                saga,
-                order,
-                status,
-                address: serde_json::to_string(&address).expect("addresses serialize"),
-                lines: serde_json::to_string(lines).expect("lines serialize"),
-            })
+            .call(Self::claim_of(saga, order, status, address, lines))
             .await
     }
 
@@ -275,6 +365,22 @@ impl Shipping {
             .await
     }
 
+    fn claim_of(
+        saga: SagaId,
+        order: OrderId,
+        status: &'static str,
+        address: Option<&Address>,
+        lines: &[Line],
+    ) -> Claim {
+        Claim {
+            saga,
+            order,
+            status,
+            address: serde_json::to_string(&address).expect("addresses serialize"),
+            lines: serde_json::to_string(lines).expect("lines serialize"),
+        }
+    }
+
     pub async fn create(
         &self,
         saga: SagaId,
@@ -282,53 +388,73 @@ impl Shipping {
         address: &Address,
         lines: &[Line],
     ) -> Result<ReplyOutcome, Unavailable> {
-        let (row, _) = self
-            .claim(saga, order, "pending", Some(address), lines)
-            .await?;
-        match row.status.as_str() {
-            "created" => return Ok(created(&row)),
-            "rejected" => {
-                return Ok(refused(
-                    "address_undeliverable",
-                    row.reason
-                        .unwrap_or_else(|| "the carrier refused the shipment".into()),
-                ));
+        let recorded = self.lookups.call(order).await?;
+        if let Some(row) = recorded.clone() {
+            match row.status.as_str() {
+                "created" => return Ok(created(&row)),
+                "rejected" => return Ok(rejected(row)),
+                "voided" | "cancelled" => return self.undo_voided(order, &row).await,
+                // `pending`: a call that did not finish; make it again (same key).
+                _ => {}
             }
-            "voided" | "cancelled" => return self.undo_voided(order, &row).await,
-            _ => {}
+        } else if self.pending_after.is_zero() {
+            let (row, _) = self
+                .claim(saga, order, "pending", Some(address), lines)
+                .await?;
+            if matches!(row.status.as_str(), "voided" | "cancelled") {
+                return self.undo_voided(order, &row).await;
+            }
         }
-        match self.carrier.ship(&Self::key(order), &address.country).await {
-            Ok((carrier_ref, tracking)) => {
-                if self
-                    .transition(
-                        row.id,
-                        "pending",
-                        "created",
-                        Some((&carrier_ref, &tracking)),
-                        None,
-                    )
-                    .await?
-                {
-                    let row = Shipment {
-                        status: "created".into(),
-                        carrier_ref: Some(carrier_ref),
-                        tracking_number: Some(tracking),
-                        ..row
-                    };
-                    return Ok(created(&row));
+        let key = Self::key(order);
+        let call = self.carrier.ship(&key, &address.country);
+        let result = if recorded.is_some() || self.pending_after.is_zero() {
+            call.await
+        } else {
+            tokio::pin!(call);
+            tokio::select! {
+                biased;
+                r = &mut call => r,
+                () = tokio::time::sleep(self.pending_after) => {
+                    // Slow: put the call on record while it goes on; the result settles it.
+                    self.claim(saga, order, "pending", Some(address), lines).await?;
+                    call.await
                 }
-                let row = self.row(order).await?.expect("rows are never deleted");
-                if row.status == "created" {
-                    return Ok(created(&row));
-                }
-                self.undo_voided(order, &row).await
             }
+        };
+        let (settle, answer) = match result {
+            Ok((carrier_ref, tracking)) => (
+                Settle {
+                    claim: Self::claim_of(saga, order, "created", Some(address), lines),
+                    carrier_ref: Some(carrier_ref),
+                    tracking_number: Some(tracking),
+                    reason: None,
+                },
+                None,
+            ),
             Err(CallError::Refused { code, message }) => {
-                self.transition(row.id, "pending", "rejected", None, Some(&message))
-                    .await?;
-                Ok(refused(&code, message))
+                let answer = refused(&code, message.clone());
+                (
+                    Settle {
+                        claim: Self::claim_of(saga, order, "rejected", Some(address), lines),
+                        carrier_ref: None,
+                        tracking_number: None,
+                        reason: Some(message),
+                    },
+                    Some(answer),
+                )
             }
-            Err(CallError::Unavailable(why)) => Ok(retryable(why)),
+            Err(CallError::Unavailable(why)) => return Ok(retryable(why)),
+        };
+        if let Some(row) = self.settles.call(settle).await? {
+            return Ok(answer.unwrap_or_else(|| created(&row)));
+        }
+        // The row is in another status: a cancel voided it while the carrier was being
+        // called, or another delivery of the command recorded it first.
+        let row = self.row(order).await?.expect("a settled row exists");
+        match row.status.as_str() {
+            "created" => Ok(created(&row)),
+            "rejected" => Ok(rejected(row)),
+            _ => self.undo_voided(order, &row).await,
         }
     }
 
@@ -369,10 +495,7 @@ impl Shipping {
         let done = ReplyOutcome::Succeeded {
             output: StepOutput::ShipmentCancelled,
         };
-        let (row, tombstone) = self.claim(saga, order, "voided", None, &[]).await?;
-        if tombstone {
-            return Ok(done);
-        }
+        let (row, _) = self.claim(saga, order, "voided", None, &[]).await?;
         let outcome = match row.status.as_str() {
             "created" => {
                 let carrier_ref = row.carrier_ref.clone().unwrap_or_default();
@@ -403,6 +526,8 @@ impl Shipping {
                 }
                 self.undo_voided(order, &row).await?
             }
+            // A tombstone, written now or by an earlier delivery: a booking whose answer was
+            // never recorded may still have gone through, so the carrier is asked.
             "voided" => self.undo_voided(order, &row).await?,
             // Rejected or cancelled: nothing is booked.
             _ => done.clone(),
@@ -416,6 +541,14 @@ impl Shipping {
             other => other,
         })
     }
+}
+
+fn rejected(row: Shipment) -> ReplyOutcome {
+    refused(
+        "address_undeliverable",
+        row.reason
+            .unwrap_or_else(|| "the carrier refused the shipment".into()),
+    )
 }
 
 fn created(row: &Shipment) -> ReplyOutcome {

@@ -1,0 +1,249 @@
+//! The payment and shipping services' record of their third-party calls, driven directly
+//! (in this process) against the real PostgreSQL schema and the simulated processor and
+//! carrier: a call that answers at once is written once, with its result; a slow one is on
+//! record as `pending` while it runs; and a compensation that finds no row asks the third party,
+//! so a call whose answer was never recorded (its worker died after the call) is undone.
+
+use std::time::Duration;
+
+use e2e::{App, Options};
+use sagas::wire::{Address, Currency, Money, OrderId, ReplyOutcome, SagaId, StepOutput};
+use serde_json::json;
+use uuid::Uuid;
+use workers::clients::{Carrier, Processor};
+use workers::payment::Payment;
+use workers::shipping::Shipping;
+
+const WITHIN: Duration = Duration::from_secs(20);
+const STEP: &str = "charge_payment";
+
+fn remote(url: &str) -> workers::config::Remote {
+    workers::config::Remote {
+        url: url.to_owned(),
+        timeout_ms: 10_000,
+        record_pending_after_ms: 20,
+        breaker_failures: 5,
+        breaker_open_ms: 1000,
+        breaker_open_max_ms: 30_000,
+    }
+}
+
+async fn app() -> App {
+    App::spawn_with(Options {
+        workers: Vec::new(),
+        ..Options::default()
+    })
+    .await
+}
+
+fn payment(app: &App) -> Payment {
+    Payment::new(
+        app.pool.clone(),
+        Processor::new(&remote(&app.sim)),
+        Duration::from_millis(20),
+    )
+}
+
+fn eur(minor: i64) -> Money {
+    Money {
+        minor,
+        currency: Currency::parse("EUR").unwrap(),
+    }
+}
+
+fn address() -> Address {
+    Address {
+        name: "Ada".into(),
+        line1: "1 Main St".into(),
+        line2: None,
+        city: "Madrid".into(),
+        postal_code: "28001".into(),
+        country: "ES".into(),
+    }
+}
+
+/// `(status, whether the row was written more than once)` of a saga's charge.
+async fn charge_row(app: &App, saga: SagaId) -> (String, bool) {
+    sqlx::query_as(
+        "SELECT status, updated_at > created_at FROM payments.charges WHERE saga_id = $1 AND step = $2",
+    )
+    .bind(saga.as_uuid())
+    .bind(STEP)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_charge_that_answers_at_once_is_written_once_and_a_slow_one_is_pending_while_it_runs() {
+    let app = app().await;
+    let payment = payment(&app);
+
+    let fast = SagaId::from_uuid(Uuid::now_v7());
+    let out = payment
+        .charge(fast, STEP, Uuid::now_v7(), &eur(1500), "tok_visa")
+        .await
+        .unwrap();
+    assert!(matches!(out, ReplyOutcome::Succeeded { .. }), "{out:?}");
+    assert_eq!(charge_row(&app, fast).await, ("succeeded".into(), false));
+
+    app.control("processor", json!({"latency_ms": 400})).await;
+    let slow = SagaId::from_uuid(Uuid::now_v7());
+    let running = tokio::spawn({
+        let payment = payment.clone();
+        async move {
+            payment
+                .charge(slow, STEP, Uuid::now_v7(), &eur(900), "tok_visa")
+                .await
+        }
+    });
+    app.wait_for(
+        &format!(
+            "SELECT count(*) FROM payments.charges WHERE saga_id = '{slow}' AND status = 'pending'"
+        ),
+        1,
+        WITHIN,
+    )
+    .await;
+    let out = running.await.unwrap().unwrap();
+    assert!(matches!(out, ReplyOutcome::Succeeded { .. }), "{out:?}");
+    assert_eq!(charge_row(&app, slow).await, ("succeeded".into(), true));
+
+    // A redelivered command answers what is on record and calls the processor no more.
+    app.control("processor", json!({})).await;
+    let again = payment
+        .charge(fast, STEP, Uuid::now_v7(), &eur(1500), "tok_visa")
+        .await
+        .unwrap();
+    assert!(matches!(again, ReplyOutcome::Succeeded { .. }), "{again:?}");
+    let ledger = app.ledger().await;
+    for c in ledger["charges"].as_array().unwrap() {
+        assert_eq!(c["calls"], 1, "{c}");
+    }
+    assert_eq!(ledger["charges"].as_array().unwrap().len(), 2, "{ledger}");
+
+    // A decline is written once too.
+    let declined = SagaId::from_uuid(Uuid::now_v7());
+    let out = payment
+        .charge(declined, STEP, Uuid::now_v7(), &eur(100), "tok_decline")
+        .await
+        .unwrap();
+    assert!(
+        matches!(&out, ReplyOutcome::Failed { retryable: false, code, .. } if code == "card_declined"),
+        "{out:?}"
+    );
+    assert_eq!(charge_row(&app, declined).await, ("declined".into(), false));
+}
+
+#[tokio::test]
+async fn a_refund_that_finds_no_row_undoes_a_charge_whose_answer_was_never_recorded() {
+    let app = app().await;
+    let payment = payment(&app);
+    let processor = Processor::new(&remote(&app.sim));
+    let saga = SagaId::from_uuid(Uuid::now_v7());
+    let order = Uuid::now_v7();
+    // A worker called the processor and died before it wrote anything.
+    let charge_ref = processor
+        .charge(&format!("{saga}:{STEP}"), 1500, "EUR", "tok_visa")
+        .await
+        .unwrap();
+
+    let out = payment.refund(saga, STEP, order, &eur(1500)).await.unwrap();
+    assert!(
+        matches!(
+            out,
+            ReplyOutcome::Succeeded {
+                output: StepOutput::PaymentRefunded { .. }
+            }
+        ),
+        "{out:?}"
+    );
+    let ledger = app.ledger().await;
+    let refunds = ledger["refunds"].as_array().unwrap();
+    assert_eq!(refunds.len(), 1, "{ledger}");
+    assert_eq!(refunds[0]["charge_id"], charge_ref.as_str());
+    assert_eq!(charge_row(&app, saga).await.0, "refunded");
+
+    // The command, redelivered after the compensation, charges nothing and says so.
+    let late = payment
+        .charge(saga, STEP, order, &eur(1500), "tok_visa")
+        .await
+        .unwrap();
+    assert!(
+        matches!(&late, ReplyOutcome::Failed { retryable: false, code, .. } if code == "cancelled"),
+        "{late:?}"
+    );
+    let ledger = app.ledger().await;
+    assert_eq!(ledger["charges"].as_array().unwrap().len(), 1, "{ledger}");
+    assert_eq!(ledger["charges"][0]["calls"], 1, "{ledger}");
+    assert_eq!(ledger["refunds"].as_array().unwrap().len(), 1, "{ledger}");
+
+    // A refund with nothing charged at all leaves a tombstone and refunds nothing.
+    let never = SagaId::from_uuid(Uuid::now_v7());
+    let out = payment
+        .refund(never, STEP, Uuid::now_v7(), &eur(1500))
+        .await
+        .unwrap();
+    assert!(matches!(out, ReplyOutcome::Succeeded { .. }), "{out:?}");
+    assert_eq!(charge_row(&app, never).await.0, "voided");
+    assert_eq!(app.ledger().await["refunds"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_cancel_that_finds_no_row_cancels_a_booking_whose_answer_was_never_recorded() {
+    let app = app().await;
+    let carrier = Carrier::new(&remote(&app.sim));
+    let shipping = Shipping::new(
+        app.pool.clone(),
+        Carrier::new(&remote(&app.sim)),
+        Duration::from_millis(20),
+    );
+    let saga = SagaId::from_uuid(Uuid::now_v7());
+    let order = OrderId::from_uuid(Uuid::now_v7());
+    carrier
+        .ship(&format!("shipment:{order}"), "ES")
+        .await
+        .unwrap();
+
+    let out = shipping.cancel(saga, order).await.unwrap();
+    assert!(
+        matches!(
+            out,
+            ReplyOutcome::Succeeded {
+                output: StepOutput::ShipmentCancelled
+            }
+        ),
+        "{out:?}"
+    );
+    let ledger = app.ledger().await;
+    assert_eq!(ledger["shipments"][0]["cancelled"], true, "{ledger}");
+
+    // The booking, redelivered after the cancel, books nothing.
+    let late = shipping.create(saga, order, &address(), &[]).await.unwrap();
+    assert!(
+        matches!(
+            &late,
+            ReplyOutcome::Failed {
+                retryable: false,
+                ..
+            }
+        ),
+        "{late:?}"
+    );
+    let ledger = app.ledger().await;
+    assert_eq!(ledger["shipments"].as_array().unwrap().len(), 1, "{ledger}");
+    assert_eq!(ledger["shipments"][0]["calls"], 1, "{ledger}");
+
+    // A booking that answers at once is written once.
+    let other = OrderId::from_uuid(Uuid::now_v7());
+    let out = shipping.create(saga, other, &address(), &[]).await.unwrap();
+    assert!(matches!(out, ReplyOutcome::Succeeded { .. }), "{out:?}");
+    let (status, rewritten): (String, bool) = sqlx::query_as(
+        "SELECT status, updated_at > created_at FROM shipping.shipments WHERE order_id = $1",
+    )
+    .bind(other.as_uuid())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), rewritten), ("created", false));
+}
