@@ -100,6 +100,8 @@ pub const CATALOGUE: &[(&str, i64, u32)] =
 pub struct App {
     pub name: String,
     pub base: String,
+    /// The API of a second orchestrator (`orchestrator-b`), when a test starts one.
+    pub base_b: String,
     pub sim: String,
     pub http: reqwest::Client,
     pub pool: PgPool,
@@ -107,6 +109,7 @@ pub struct App {
     pub nats_url: String,
     db_url: String,
     http_port: u16,
+    http_port_b: u16,
     sim_port: u16,
     options: Options,
     processes: BTreeMap<String, Child>,
@@ -149,10 +152,12 @@ impl App {
             .join(&name);
         std::fs::create_dir_all(&logs).expect("log dir");
         let http_port = free_port();
+        let http_port_b = free_port();
         let sim_port = free_port();
         let nats_url = options.nats_url.clone().unwrap_or_else(nats_url);
         let mut app = App {
             base: format!("http://127.0.0.1:{http_port}"),
+            base_b: format!("http://127.0.0.1:{http_port_b}"),
             sim: format!("http://127.0.0.1:{sim_port}"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -164,6 +169,7 @@ impl App {
             nats_url,
             db_url,
             http_port,
+            http_port_b,
             sim_port,
             options,
             processes: BTreeMap::new(),
@@ -191,7 +197,8 @@ impl App {
         ]
     }
 
-    /// Start (or start again) one process: `orchestrator`, `simulator` or a worker.
+    /// Start (or start again) one process: `orchestrator`, `orchestrator-b` (a second one on
+    /// the same database and subjects, serving [`App::base_b`]), `simulator` or a worker.
     pub fn start(&mut self, name: &str) {
         let mut cmd = match name {
             "simulator" => {
@@ -199,10 +206,15 @@ impl App {
                 c.args(["--port", &self.sim_port.to_string()]);
                 c
             }
-            "orchestrator" => {
+            "orchestrator" | "orchestrator-b" => {
+                let port = if name == "orchestrator" {
+                    self.http_port
+                } else {
+                    self.http_port_b
+                };
                 let mut c = Command::new(binary("orchestrator"));
                 c.envs(self.common_env());
-                c.env("SAGA_HTTP__PORT", self.http_port.to_string());
+                c.env("SAGA_HTTP__PORT", port.to_string());
                 c.envs(self.options.orchestrator_env.clone());
                 c
             }
@@ -271,9 +283,14 @@ impl App {
     }
 
     pub async fn wait_ready(&self, within: Duration) {
+        self.wait_ready_at(&self.base, within).await
+    }
+
+    /// Wait until the orchestrator serving `base` is ready.
+    pub async fn wait_ready_at(&self, base: &str, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await
+            if let Ok(r) = self.http.get(format!("{base}/readyz")).send().await
                 && r.status().is_success()
             {
                 return;

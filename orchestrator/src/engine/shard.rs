@@ -612,18 +612,26 @@ impl Batch {
     fn build(work: &mut HashMap<SagaId, Work>, now: chrono::DateTime<Utc>) -> Batch {
         let mut batch = Batch::default();
         for (id, w) in work.iter_mut() {
-            // A fired timer is consumed, unless the transition set or cancelled its key anyway.
+            // A fired timer is consumed, unless the transition set or cancelled its key anyway;
+            // only if the saga's row was written or its version checked, since a timer that a
+            // stale copy ignored may be the one the saga waits for.
             for f in std::mem::take(&mut w.fired) {
                 if !w.timers.contains_key(&f.key) {
                     batch.timers.push(TimerWrite::Delete {
                         saga_id: *id,
                         key: f.key,
                         fire_at: Some(f.fire_at),
-                        requires_ok: w.changed,
                     });
                 }
             }
             if !w.changed {
+                // Every input was ignored. That verdict holds only if our copy is current:
+                // another orchestrator may have moved the saga on, and then the reply or timer
+                // we ignored is the one it now waits for. The commit checks the version, and
+                // a saga that fails the check is reloaded and its inputs applied again.
+                if let Some(version) = w.base_version {
+                    batch.checks.push((*id, version));
+                }
                 continue;
             }
             let saga = &w.entry.saga;
@@ -668,7 +676,6 @@ impl Batch {
                         saga_id: *id,
                         key,
                         fire_at: None,
-                        requires_ok: true,
                     },
                 });
             }

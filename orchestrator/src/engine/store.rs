@@ -94,13 +94,12 @@ pub(super) enum TimerWrite {
         at: DateTime<Utc>,
         timer: String,
     },
-    /// Delete the row; only if it still fires at `fire_at` when given (a consumed timer that
-    /// nothing replaced). With `requires_ok`, only if the saga's own write went through.
+    /// Delete the row, if the saga's own write or check went through; only if it still fires
+    /// at `fire_at` when given (a consumed timer that nothing replaced).
     Delete {
         saga_id: SagaId,
         key: String,
         fire_at: Option<DateTime<Utc>>,
-        requires_ok: bool,
     },
 }
 
@@ -111,11 +110,17 @@ pub(super) struct Batch {
     pub events: Vec<EventWrite>,
     pub outbox: Vec<OutboxRow>,
     pub timers: Vec<TimerWrite>,
+    /// Sagas none of whose inputs changed them, with the version the verdict was reached at:
+    /// the commit checks that it is still the stored one.
+    pub checks: Vec<(SagaId, i64)>,
 }
 
 impl Batch {
     fn is_empty(&self) -> bool {
-        self.new_sagas.is_empty() && self.updates.is_empty() && self.timers.is_empty()
+        self.new_sagas.is_empty()
+            && self.updates.is_empty()
+            && self.timers.is_empty()
+            && self.checks.is_empty()
     }
 }
 
@@ -129,7 +134,8 @@ pub(super) struct Existing {
 
 #[derive(Debug, Default)]
 pub(super) struct Outcome {
-    /// Sagas whose version changed under us: nothing of theirs was written.
+    /// Sagas whose version changed under us (updated or only checked): nothing of theirs was
+    /// written.
     pub conflicted: HashSet<SagaId>,
     /// New sagas whose idempotency key was taken: nothing of theirs was written.
     pub duplicates: HashMap<SagaId, Existing>,
@@ -143,8 +149,9 @@ fn uuids<'a>(ids: impl Iterator<Item = &'a SagaId>) -> Vec<Uuid> {
 
 /// The whole batch in ONE statement, hence one round trip and one implicit transaction:
 /// new sagas are inserted (unless their idempotency key is taken), changed ones updated if
-/// their version is still the one we read; the event-log, outbox and timer writes of a saga
-/// happen only if its own row was written (`ok`).
+/// their version is still the one we read, unchanged ones checked to be still at the version
+/// we read; the event-log, outbox and timer writes of a saga happen only if its own row was
+/// written or checked (`ok`).
 const COMMIT: &str = "
 WITH ins AS (
     INSERT INTO orchestrator.sagas
@@ -167,8 +174,12 @@ WITH ins AS (
         AS u(id, old_version, new_version, state, status, snapshot, at, parked_on)
      WHERE s.id = u.id AND s.version = u.old_version
     RETURNING s.id
+), chk AS (
+    SELECT s.id FROM orchestrator.sagas s
+      JOIN unnest($42::uuid[], $43::int8[]) AS c(id, version)
+        ON s.id = c.id AND s.version = c.version
 ), ok AS (
-    SELECT id FROM ins UNION ALL SELECT id FROM upd
+    SELECT id FROM ins UNION ALL SELECT id FROM upd UNION ALL SELECT id FROM chk
 ), ev AS (
     INSERT INTO orchestrator.saga_events (saga_id, seq, kind, input, effects, state_after, at, blocked)
     SELECT e.saga_id, e.seq, e.kind, e.input::json, e.effects::json, e.state_after, e.at, e.blocked::json
@@ -192,11 +203,10 @@ WITH ins AS (
        SET fire_at = excluded.fire_at, timer = excluded.timer, leased_until = NULL
 ), tdel AS (
     DELETE FROM orchestrator.timers t
-     USING unnest($39::uuid[], $40::text[], $41::timestamptz[], $42::bool[])
-        AS d(saga_id, key, fire_at, requires_ok)
+     USING unnest($39::uuid[], $40::text[], $41::timestamptz[]) AS d(saga_id, key, fire_at)
      WHERE t.saga_id = d.saga_id AND t.key = d.key
        AND (d.fire_at IS NULL OR t.fire_at = d.fire_at)
-       AND (NOT d.requires_ok OR d.saga_id IN (SELECT id FROM ok))
+       AND d.saga_id IN (SELECT id FROM ok)
 )
 SELECT 0::int4, id::text, 0::int8 FROM ok
 UNION ALL
@@ -212,7 +222,7 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
     let e = &batch.events;
     let o = &batch.outbox;
     let mut set = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut del = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut del = (Vec::new(), Vec::new(), Vec::new());
     for t in &batch.timers {
         match t {
             TimerWrite::Set {
@@ -230,12 +240,10 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
                 saga_id,
                 key,
                 fire_at,
-                requires_ok,
             } => {
                 del.0.push(saga_id.as_uuid());
                 del.1.push(key.as_str());
                 del.2.push(*fire_at);
-                del.3.push(*requires_ok);
             }
         }
     }
@@ -297,7 +305,8 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
         .bind(&del.0)
         .bind(&del.1)
         .bind(&del.2)
-        .bind(&del.3)
+        .bind(uuids(batch.checks.iter().map(|(id, _)| id)))
+        .bind(batch.checks.iter().map(|(_, v)| *v).collect::<Vec<_>>())
         .fetch_all(pool)
         .await?;
     let mut written: HashSet<Uuid> = HashSet::with_capacity(n.len() + u.len());
@@ -313,8 +322,9 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
     }
     outcome.conflicted = u
         .iter()
-        .filter(|r| !written.contains(&r.id.as_uuid()))
         .map(|r| r.id)
+        .chain(batch.checks.iter().map(|(id, _)| *id))
+        .filter(|id| !written.contains(&id.as_uuid()))
         .collect();
     let lost: Vec<&NewSagaRow> = n
         .iter()
