@@ -30,6 +30,15 @@ pub struct ReplyConsumer {
     metrics: Metrics,
 }
 
+/// How long a reply that could not be applied (PostgreSQL did not answer, the engine is
+/// stopping) waits before it comes back: half a second after its first delivery, doubling with
+/// each delivery up to half a minute, so that an outage does not use up `replies.max_deliver`
+/// in seconds.
+fn redelivery_delay(delivered: i64) -> Duration {
+    let doublings = (delivered.max(1) - 1).min(6) as u32;
+    (Duration::from_millis(500) * (1 << doublings)).min(Duration::from_secs(30))
+}
+
 /// What became of one reply message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Handled {
@@ -141,14 +150,26 @@ impl ReplyConsumer {
                             self.dead_letter(&msg, &e.to_string()).await
                         }
                         Err(e) => {
-                            tracing::warn!(saga_id = %saga, error = %e, "reply not applied; it will be redelivered");
-                            Handled::Retry
+                            // On its last allowed delivery, set it aside rather than let
+                            // JetStream drop it without a trace.
+                            let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+                            let limit = self.topology.reply_max_deliver();
+                            if limit > 0 && delivered >= limit {
+                                let why = format!("not applied after {delivered} deliveries: {e}");
+                                self.dead_letter(&msg, &why).await
+                            } else {
+                                tracing::warn!(saga_id = %saga, error = %e, "reply not applied; it will be redelivered");
+                                Handled::Retry
+                            }
                         }
                     }
                 }
             };
             let ack = match handled {
-                Handled::Retry => msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await,
+                Handled::Retry => {
+                    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+                    msg.ack_with(AckKind::Nak(Some(redelivery_delay(delivered)))).await
+                }
                 _ => msg.ack().await,
             };
             if let Err(e) = ack {

@@ -70,6 +70,11 @@ impl Topology {
         &self.subjects
     }
 
+    /// How often a reply is delivered at most (`replies.max_deliver`).
+    pub fn reply_max_deliver(&self) -> i64 {
+        self.reply_max_deliver
+    }
+
     pub fn stream_name(&self, role: &str) -> String {
         self.subjects.stream(role)
     }

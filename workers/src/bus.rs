@@ -85,7 +85,8 @@ pub async fn bind(
 }
 
 /// Pull from `consumer` and run `handle` on each message, at most `concurrency` at once, until
-/// `shutdown`; then stop pulling and finish the messages in hand.
+/// `shutdown`; then stop pulling and finish the messages in hand. `handle` also gets the
+/// consumer's delivery limit (`MaxDeliver`), for [`retry_later`].
 pub async fn consume<F, Fut>(
     js: jetstream::Context,
     stream: String,
@@ -94,7 +95,7 @@ pub async fn consume<F, Fut>(
     shutdown: CancellationToken,
     handle: F,
 ) where
-    F: Fn(jetstream::Message) -> Fut,
+    F: Fn(jetstream::Message, i64) -> Fut,
     Fut: Future<Output = ()>,
 {
     let mut inflight = FuturesUnordered::new();
@@ -102,6 +103,7 @@ pub async fn consume<F, Fut>(
         let Some(consumer) = bind(&js, &stream, consumer_name, &shutdown).await else {
             break;
         };
+        let max_deliver = consumer.cached_info().config.max_deliver;
         let messages = consumer
             .stream()
             .max_messages_per_batch(concurrency.min(1000))
@@ -125,7 +127,7 @@ pub async fn consume<F, Fut>(
                 _ = shutdown.cancelled() => break 'outer,
                 Some(_) = inflight.next(), if !inflight.is_empty() => {}
                 next = messages.next(), if inflight.len() < concurrency => match next {
-                    Some(Ok(msg)) => inflight.push(handle(msg)),
+                    Some(Ok(msg)) => inflight.push(handle(msg, max_deliver)),
                     Some(Err(e)) => tracing::warn!(error = %e, consumer = consumer_name, "pull error"),
                     None => continue 'outer,
                 },
@@ -173,11 +175,42 @@ pub async fn dead_letter(
         msg.ack().await
     } else {
         // Not set aside: leave it for a redelivery rather than lose it.
+        tracing::error!(origin, subject = %msg.subject, "could not store a dead letter; the message is handed back");
         msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
             .await
     };
     if let Err(e) = ack {
         tracing::warn!(error = %e, "could not acknowledge a dead-lettered message");
+    }
+}
+
+/// How long a message that could not be handled waits before it comes back: a second after its
+/// first delivery, doubling with each delivery up to half a minute, so that an outage of
+/// PostgreSQL or of the third party does not burn through the delivery limit in seconds.
+pub fn redelivery_delay(delivered: i64) -> Duration {
+    let doublings = (delivered.max(1) - 1).min(5) as u32;
+    Duration::from_secs(1 << doublings).min(Duration::from_secs(30))
+}
+
+/// Leave a message that could not be handled now for a later delivery. On the consumer's last
+/// allowed delivery it is set aside on the dead-letter subject instead, with the reason: JetStream
+/// would deliver it no more, and a message must never vanish without a trace.
+pub async fn retry_later(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    origin: &str,
+    msg: &jetstream::Message,
+    max_deliver: i64,
+    reason: &str,
+) {
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    if max_deliver > 0 && delivered >= max_deliver {
+        let why = format!("not handled after {delivered} deliveries: {reason}");
+        return dead_letter(js, subjects, origin, msg, &why).await;
+    }
+    let delay = redelivery_delay(delivered);
+    if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+        tracing::warn!(error = %e, "could not hand a message back; it is redelivered after its ack wait");
     }
 }
 
@@ -213,7 +246,7 @@ pub async fn serve_commands<H: Handler>(
         consumers::commands(service),
         concurrency,
         shutdown,
-        move |msg| async move {
+        move |msg, max_deliver| async move {
             let cid = correlation_id(&msg);
             let span = tracing::info_span!("command", correlation_id = %cid, service = %service);
             async move {
@@ -239,8 +272,7 @@ pub async fn serve_commands<H: Handler>(
                     Ok(o) => o,
                     Err(e) => {
                         tracing::warn!(saga_id = %cmd.saga_id, step = %cmd.step, error = %e, "command not handled; it will be redelivered");
-                        let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                        return;
+                        return retry_later(js_ref, subjects_ref, origin_ref, &msg, max_deliver, &e.to_string()).await;
                     }
                 };
                 let reply = cmd.reply(outcome);
@@ -261,7 +293,7 @@ pub async fn serve_commands<H: Handler>(
                     }
                     Err(e) => {
                         tracing::warn!(saga_id = %cmd.saga_id, error = %e, "reply not stored; the command will be redelivered");
-                        let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        retry_later(js_ref, subjects_ref, origin_ref, &msg, max_deliver, &format!("reply not stored: {e}")).await;
                     }
                 }
             }
@@ -289,7 +321,7 @@ pub async fn serve_events<F, Fut>(
     let stream = subjects.stream("EVENTS");
     let origin = format!("events-{consumer}");
     let (js_ref, subjects_ref, origin_ref, on_event) = (&js, &subjects, origin.as_str(), &on_event);
-    consume(js.clone(), stream, consumer, concurrency, shutdown, move |msg| async move {
+    consume(js.clone(), stream, consumer, concurrency, shutdown, move |msg, max_deliver| async move {
         let cid = correlation_id(&msg);
         let span = tracing::info_span!("event", correlation_id = %cid, consumer);
         async move {
@@ -318,7 +350,7 @@ pub async fn serve_events<F, Fut>(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "event not handled; it will be redelivered");
-                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    retry_later(js_ref, subjects_ref, origin_ref, &msg, max_deliver, &e.to_string()).await;
                 }
             }
         }
