@@ -92,14 +92,37 @@ impl std::fmt::Debug for Database {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Nats {
+    /// May hold credentials (`nats://user:password@host`): printed without them.
     pub url: String,
     /// Subject and stream prefix: several deployments (or tests) can share one server.
     pub prefix: String,
     /// JetStream stream replicas (1 on a single server).
     pub replicas: usize,
+}
+
+impl std::fmt::Debug for Nats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nats")
+            .field("url", &without_credentials(&self.url))
+            .field("prefix", &self.prefix)
+            .field("replicas", &self.replicas)
+            .finish()
+    }
+}
+
+/// A URL with its user information (`user:password@`) replaced, for printing.
+pub fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -253,50 +276,146 @@ impl Settings {
         let bad = |m: String| Err(Error::Invalid(m));
         Subjects::new(&self.nats.prefix)
             .map_err(|e| Error::Invalid(format!("nats.prefix: {e}")))?;
-        if self.runtime.threads > 1024 {
+        const HOUR: u64 = 3_600_000;
+        const DAY: u64 = 24 * HOUR;
+        let (e, r, t, b) = (&self.engine, &self.relay, &self.timers, &self.breakers);
+        // Every number, with the range in which the process works; outside it a setting
+        // would panic a loop (an interval of 0) or overflow a time (a day's worth of years).
+        let ranges: [(&str, i128, i128, i128); 26] = [
+            ("runtime.threads", self.runtime.threads as i128, 0, 1024),
+            (
+                "http.max_body_bytes",
+                self.http.max_body_bytes as i128,
+                1024,
+                64 << 20,
+            ),
+            (
+                "http.max_wait_seconds",
+                self.http.max_wait_seconds as i128,
+                0,
+                3600,
+            ),
+            (
+                "database.max_connections",
+                self.database.max_connections as i128,
+                2,
+                1000,
+            ),
+            ("nats.replicas", self.nats.replicas as i128, 1, 5),
+            ("engine.shards", e.shards as i128, 1, 64),
+            ("engine.max_batch", e.max_batch as i128, 1, 100_000),
+            ("engine.pipeline", e.pipeline as i128, 1, 16),
+            (
+                "engine.cache_capacity",
+                e.cache_capacity as i128,
+                0,
+                10_000_000,
+            ),
+            (
+                "relay.scan_interval_ms",
+                r.scan_interval_ms as i128,
+                1,
+                HOUR as i128,
+            ),
+            (
+                "relay.scan_grace_ms",
+                r.scan_grace_ms as i128,
+                0,
+                HOUR as i128,
+            ),
+            ("relay.max_batch", r.max_batch as i128, 1, 100_000),
+            (
+                "replies.concurrency",
+                self.replies.concurrency as i128,
+                1,
+                100_000,
+            ),
+            (
+                "replies.ack_wait_ms",
+                self.replies.ack_wait_ms as i128,
+                100,
+                HOUR as i128,
+            ),
+            (
+                "timers.poll_interval_ms",
+                t.poll_interval_ms as i128,
+                1,
+                60_000,
+            ),
+            ("timers.max_batch", t.max_batch as i128, 1, 100_000),
+            ("timers.lease_ms", t.lease_ms as i128, 1000, HOUR as i128),
+            (
+                "breakers.failure_threshold",
+                b.failure_threshold as i128,
+                1,
+                10_000,
+            ),
+            (
+                "breakers.open_initial_ms",
+                b.open_initial_ms as i128,
+                1,
+                DAY as i128,
+            ),
+            (
+                "breakers.open_max_ms",
+                b.open_max_ms as i128,
+                b.open_initial_ms as i128,
+                DAY as i128,
+            ),
+            (
+                "breakers.probe_timeout_ms",
+                b.probe_timeout_ms as i128,
+                1,
+                DAY as i128,
+            ),
+            (
+                "breakers.unpark_interval_ms",
+                b.unpark_interval_ms as i128,
+                1,
+                HOUR as i128,
+            ),
+            (
+                "maintenance.vacuum_interval_ms",
+                self.maintenance.vacuum_interval_ms as i128,
+                0,
+                DAY as i128,
+            ),
+            (
+                "checkout.max_lines",
+                self.checkout.max_lines as i128,
+                1,
+                1000,
+            ),
+            (
+                "checkout.reservation_hold_seconds",
+                self.checkout.reservation_hold_seconds as i128,
+                1,
+                7 * 86_400,
+            ),
+            (
+                "checkout.catalog_ttl_ms",
+                self.checkout.catalog_ttl_ms as i128,
+                0,
+                HOUR as i128,
+            ),
+        ];
+        for (key, value, lo, hi) in ranges {
+            if !(lo..=hi).contains(&value) {
+                return bad(format!("{key} must be {lo} to {hi}, got {value}"));
+            }
+        }
+        // JetStream wants more deliveries than the consumer's four backoff steps.
+        let max_deliver = self.replies.max_deliver;
+        if max_deliver != -1 && !(5..=100_000).contains(&max_deliver) {
             return bad(format!(
-                "runtime.threads must be 0 (one per core) to 1024, got {}",
-                self.runtime.threads
+                "replies.max_deliver must be -1 (no limit) or 5 to 100000, got {max_deliver}"
             ));
         }
-        if self.engine.shards == 0 || self.engine.shards > 64 {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad(format!(
-                "engine.shards must be 1 to 64, got {}",
-                self.engine.shards
+                "log.level {:?} is not a tracing filter: {e}",
+                self.log.level
             ));
-        }
-        if self.engine.max_batch == 0 {
-            return bad("engine.max_batch must be at least 1".into());
-        }
-        if self.engine.pipeline == 0 || self.engine.pipeline > 16 {
-            return bad(format!(
-                "engine.pipeline must be 1 to 16, got {}",
-                self.engine.pipeline
-            ));
-        }
-        if self.database.max_connections < 2 {
-            return bad("database.max_connections must be at least 2".into());
-        }
-        if self.http.max_body_bytes < 1024 {
-            return bad("http.max_body_bytes must be at least 1024".into());
-        }
-        if self.breakers.failure_threshold == 0
-            || self.breakers.open_initial_ms == 0
-            || self.breakers.open_max_ms < self.breakers.open_initial_ms
-            || self.breakers.unpark_interval_ms == 0
-        {
-            return bad("breakers: failure_threshold and open_initial_ms must be positive, open_max_ms >= open_initial_ms, unpark_interval_ms positive".into());
-        }
-        if self.checkout.max_lines == 0 {
-            return bad("checkout.max_lines must be at least 1".into());
-        }
-        if self.checkout.reservation_hold_seconds == 0 {
-            return bad("checkout.reservation_hold_seconds must be at least 1".into());
-        }
-        if self.replies.concurrency == 0 || self.relay.max_batch == 0 || self.timers.max_batch < 1 {
-            return bad(
-                "replies.concurrency, relay.max_batch and timers.max_batch must be positive".into(),
-            );
         }
         let steps: Vec<&str> = <sagas::checkout::Checkout as sagas::stepwise::Definition>::steps()
             .iter()
@@ -343,6 +462,24 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn credentials_are_not_printed() {
+        assert_eq!(
+            without_credentials("nats://ada:s3cret@nats.local:4222"),
+            "nats://<redacted>@nats.local:4222"
+        );
+        assert_eq!(
+            without_credentials("nats://127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
+        let s = Settings::load_from(env(&[
+            ("NATS_URL", "nats://ada:s3cret@h:4222"),
+            ("DATABASE_URL", "postgres://ada:s3cret@h/db"),
+        ]))
+        .unwrap();
+        assert!(!format!("{s:?}").contains("s3cret"));
     }
 
     #[test]
@@ -399,6 +536,41 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("max_attempts"), "{e}");
+        for (key, value, named) in [
+            (
+                "SAGA_RELAY__SCAN_INTERVAL_MS",
+                "0",
+                "relay.scan_interval_ms",
+            ),
+            (
+                "SAGA_TIMERS__POLL_INTERVAL_MS",
+                "0",
+                "timers.poll_interval_ms",
+            ),
+            (
+                "SAGA_HTTP__MAX_WAIT_SECONDS",
+                "99999999999",
+                "http.max_wait_seconds",
+            ),
+            (
+                "SAGA_BREAKERS__OPEN_MAX_MS",
+                "18446744073709551615",
+                "breakers.open_max_ms",
+            ),
+            ("SAGA_REPLIES__MAX_DELIVER", "3", "replies.max_deliver"),
+            ("SAGA_LOG__LEVEL", "info,=[", "log.level"),
+            (
+                "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__BACKOFF_MAX_MS",
+                "18446744073709551615",
+                "backoff",
+            ),
+        ] {
+            let e = Settings::load_from(env(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "{key}={value}: {e}");
+        }
+        assert!(Settings::load_from(env(&[("SAGA_REPLIES__MAX_DELIVER", "-1")])).is_ok());
     }
 }
 

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::wire::Invalid;
 
+/// The longest deadline or backoff delay a policy may have.
+const DAY_MS: u64 = 86_400_000;
+
 /// Exponential backoff between attempts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,8 +24,9 @@ pub struct Backoff {
     pub initial_ms: u64,
     /// No delay is longer than this (before jitter).
     pub max_ms: u64,
-    /// Each delay is the previous one times this factor.
-    pub factor: f32,
+    /// Each delay is the previous one times this factor. (An `f64`, so that what the
+    /// snapshot stores reads back as the same number.)
+    pub factor: f64,
     /// Adds up to 100 % of the delay, deterministically per saga and attempt.
     pub jitter: bool,
 }
@@ -33,7 +37,7 @@ impl Backoff {
         let mut builder = backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(self.initial_ms))
             .with_max_delay(Duration::from_millis(self.max_ms))
-            .with_factor(self.factor)
+            .with_factor(self.factor as f32)
             .without_max_times();
         if self.jitter {
             builder = builder.with_jitter().with_jitter_seed(seed);
@@ -55,9 +59,9 @@ impl Backoff {
     }
 
     fn validate(&self, what: &str) -> Result<(), Invalid> {
-        if self.initial_ms == 0 || self.max_ms < self.initial_ms {
+        if self.initial_ms == 0 || self.max_ms < self.initial_ms || self.max_ms > DAY_MS {
             return Err(Invalid(format!(
-                "{what}: backoff needs 0 < initial_ms <= max_ms, got {} and {}",
+                "{what}: backoff needs 0 < initial_ms <= max_ms <= one day ({DAY_MS}), got {} and {}",
                 self.initial_ms, self.max_ms
             )));
         }
@@ -126,7 +130,7 @@ impl Policy {
                 self.redispatches
             )));
         }
-        if self.deadline_ms < 10 || self.deadline_ms > 86_400_000 {
+        if self.deadline_ms < 10 || self.deadline_ms > DAY_MS {
             return Err(Invalid(format!(
                 "{what}: deadline_ms must be between 10 ms and one day, got {}",
                 self.deadline_ms
@@ -155,7 +159,7 @@ pub struct PolicyOverride {
     pub redispatches: Option<u32>,
     pub backoff_initial_ms: Option<u64>,
     pub backoff_max_ms: Option<u64>,
-    pub backoff_factor: Option<f32>,
+    pub backoff_factor: Option<f64>,
     pub jitter: Option<bool>,
 }
 
@@ -253,5 +257,20 @@ mod tests {
         p.max_attempts = 1;
         p.backoff.factor = 0.5;
         assert!(p.validate("x").is_err());
+        p.backoff.factor = 2.0;
+        p.backoff.max_ms = 86_400_001;
+        assert!(p.validate("x").is_err());
+    }
+
+    #[test]
+    fn a_factor_reads_back_as_written() {
+        // The snapshot is stored as JSON text and compared, as a value, with a replayed one.
+        let b = Backoff {
+            factor: 1.1,
+            ..backoff(true)
+        };
+        let text = serde_json::to_string(&b).unwrap();
+        let stored: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(stored, serde_json::to_value(&b).unwrap());
     }
 }

@@ -365,6 +365,87 @@ async fn bad_input_gets_a_problem_and_writes_nothing() {
             "/problems/invalid-idempotency-key",
             None,
         ),
+        (
+            "a cancel with malformed JSON",
+            app.http
+                .post(format!(
+                    "{}/sagas/{}/cancel",
+                    app.base,
+                    uuid::Uuid::now_v7()
+                ))
+                .header("content-type", "application/json")
+                .body("{\"reason\": "),
+            400,
+            "/problems/malformed-json",
+            None,
+        ),
+        (
+            "a cancel that is not JSON",
+            app.http
+                .post(format!(
+                    "{}/sagas/{}/cancel",
+                    app.base,
+                    uuid::Uuid::now_v7()
+                ))
+                .header("content-type", "text/plain")
+                .body("please"),
+            415,
+            "/problems/unsupported-media-type",
+            None,
+        ),
+        (
+            "a cancel with a reason of the wrong type",
+            app.http
+                .post(format!(
+                    "{}/sagas/{}/cancel",
+                    app.base,
+                    uuid::Uuid::now_v7()
+                ))
+                .json(&json!({"reason": 42})),
+            422,
+            "/problems/invalid-request",
+            Some("/reason"),
+        ),
+        (
+            "an oversized cancel",
+            app.http
+                .post(format!(
+                    "{}/sagas/{}/cancel",
+                    app.base,
+                    uuid::Uuid::now_v7()
+                ))
+                .header("content-type", "application/json")
+                .body(format!("{{\"reason\": \"{}\"}}", "x".repeat(100_000))),
+            413,
+            "/problems/payload-too-large",
+            None,
+        ),
+        (
+            "a path that is not UTF-8",
+            app.http.get(format!("{}/sagas/%FF", app.base)),
+            400,
+            "/problems/invalid-path",
+            None,
+        ),
+        (
+            "a page cursor that is not a saga id",
+            app.http.get(format!("{}/sagas?before=yesterday", app.base)),
+            400,
+            "/problems/invalid-query",
+            None,
+        ),
+        (
+            // Answered at once, not after the wait (the client gives up after 30 s).
+            "a long poll of a saga that does not exist",
+            app.http.get(format!(
+                "{}/sagas/{}?wait=60",
+                app.base,
+                uuid::Uuid::now_v7()
+            )),
+            404,
+            "/problems/not-found",
+            None,
+        ),
     ];
     for (name, request, status, problem_type, pointer) in cases {
         let r = request.send().await.unwrap();
@@ -609,4 +690,50 @@ async fn readiness_reports_its_dependencies() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn the_saga_list_pages_through_every_saga_exactly_once() {
+    // No workers: the sagas stay running. Placed at once, several share a batch and hence
+    // their creation time, which paging must not trip over.
+    let app = App::spawn_with(Options {
+        workers: vec![],
+        ..Options::default()
+    })
+    .await;
+    let body = order(&[("A", 1)], "tok_visa");
+    let placed: std::collections::BTreeSet<String> =
+        futures::future::join_all((0..9).map(|_| app.place(&body)))
+            .await
+            .into_iter()
+            .collect();
+    let mut seen = Vec::new();
+    let mut next = Some("/sagas?status=running&limit=2".to_owned());
+    while let Some(path) = next {
+        let page: Value = app
+            .http
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<String> = page["sagas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(ids.len() <= 2, "{page}");
+        seen.extend(ids);
+        next = page["next"].as_str().map(str::to_owned);
+        assert!(
+            seen.len() <= placed.len() + 2,
+            "paging does not end: {seen:?}"
+        );
+    }
+    let distinct: std::collections::BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(distinct.len(), seen.len(), "a saga listed twice: {seen:?}");
+    assert_eq!(distinct, placed);
 }

@@ -207,28 +207,83 @@ impl Settings {
         }
         let s: Settings = builder.build()?.try_deserialize()?;
         Subjects::new(&s.nats.prefix).map_err(|e| Error::Invalid(format!("nats.prefix: {e}")))?;
-        if s.runtime.threads > 1024 {
+        const HOUR: i128 = 3_600_000;
+        const DAY: i128 = 24 * HOUR;
+        // Every number, with the range in which the process works (an interval of 0 would
+        // panic its loop, a day's worth of years overflow a time).
+        let ranges: [(&str, i128, i128, i128); 5] = [
+            ("runtime.threads", s.runtime.threads as i128, 0, 1024),
+            (
+                "worker.concurrency",
+                s.worker.concurrency as i128,
+                1,
+                10_000,
+            ),
+            (
+                "database.max_connections",
+                s.database.max_connections as i128,
+                1,
+                1000,
+            ),
+            (
+                "maintenance.vacuum_interval_ms",
+                s.maintenance.vacuum_interval_ms as i128,
+                0,
+                DAY,
+            ),
+            (
+                "inventory.expiry_sweep_interval_ms",
+                s.inventory.expiry_sweep_interval_ms as i128,
+                1,
+                HOUR,
+            ),
+        ];
+        let remotes = [("processor", &s.processor), ("carrier", &s.carrier)];
+        let remote_ranges = remotes.iter().flat_map(|(name, r)| {
+            [
+                (format!("{name}.timeout_ms"), r.timeout_ms as i128, 1, HOUR),
+                (
+                    format!("{name}.breaker_failures"),
+                    r.breaker_failures as i128,
+                    1,
+                    10_000,
+                ),
+                (
+                    format!("{name}.breaker_open_ms"),
+                    r.breaker_open_ms as i128,
+                    1,
+                    DAY,
+                ),
+                (
+                    format!("{name}.breaker_open_max_ms"),
+                    r.breaker_open_max_ms as i128,
+                    r.breaker_open_ms as i128,
+                    DAY,
+                ),
+            ]
+        });
+        for (key, value, lo, hi) in ranges
+            .into_iter()
+            .map(|(k, v, lo, hi)| (k.to_owned(), v, lo, hi))
+            .chain(remote_ranges)
+        {
+            if !(lo..=hi).contains(&value) {
+                return Err(Error::Invalid(format!(
+                    "{key} must be {lo} to {hi}, got {value}"
+                )));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&s.log.level) {
             return Err(Error::Invalid(format!(
-                "runtime.threads must be 0 (one per core) to 1024, got {}",
-                s.runtime.threads
+                "log.level {:?} is not a tracing filter: {e}",
+                s.log.level
             )));
         }
-        if s.worker.concurrency == 0 || s.worker.concurrency > 10_000 {
-            return Err(Error::Invalid(format!(
-                "worker.concurrency must be 1 to 10000, got {}",
-                s.worker.concurrency
-            )));
-        }
-        for (name, r) in [("processor", &s.processor), ("carrier", &s.carrier)] {
+        for (name, r) in remotes {
             if reqwest::Url::parse(&r.url).is_err() {
                 return Err(Error::Invalid(format!(
                     "{name}.url is not a URL: {:?}",
                     r.url
-                )));
-            }
-            if r.timeout_ms == 0 {
-                return Err(Error::Invalid(format!(
-                    "{name}.timeout_ms must be positive"
                 )));
             }
             if r.record_pending_after_ms >= r.timeout_ms {
@@ -290,6 +345,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("processor.record_pending_after_ms"), "{e}");
+        for (key, value, named) in [
+            (
+                "SAGA_INVENTORY__EXPIRY_SWEEP_INTERVAL_MS",
+                "0",
+                "inventory.expiry_sweep_interval_ms",
+            ),
+            (
+                "SAGA_CARRIER__BREAKER_OPEN_MAX_MS",
+                "18446744073709551615",
+                "carrier.breaker_open_max_ms",
+            ),
+            (
+                "SAGA_PROCESSOR__BREAKER_FAILURES",
+                "0",
+                "processor.breaker_failures",
+            ),
+            ("SAGA_LOG__LEVEL", "info,=[", "log.level"),
+        ] {
+            let e = Settings::load_from(env(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "{key}={value}: {e}");
+        }
     }
 }
 

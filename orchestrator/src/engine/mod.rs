@@ -273,7 +273,8 @@ impl Engine {
 
     /// Wait until saga `id` ended or `within` passed; the terminal status if it ended. Endings
     /// committed by this process wake the waiter at once; the database is asked every second
-    /// too, for sagas another orchestrator finishes.
+    /// too, for sagas another orchestrator finishes. A saga that does not exist is not waited
+    /// for (`None` at once), unless `watch` says this process just started it.
     pub async fn wait_ended(
         &self,
         pool: &sqlx::PgPool,
@@ -286,20 +287,22 @@ impl Engine {
         let mut watch = watch.unwrap_or_else(|| self.watchers.watch(id));
         let mut check_now = !fresh;
         let result = loop {
-            if check_now
-                && let Some(status) = store::status(pool, id).await?
-                && status.is_terminal()
-            {
-                break Some(status);
+            if check_now {
+                match store::status(pool, id).await {
+                    Ok(Some(status)) if status.is_terminal() => break Ok(Some(status)),
+                    Ok(None) if !fresh => break Ok(None),
+                    Ok(_) => {}
+                    Err(e) => break Err(e.into()),
+                }
             }
             check_now = true;
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                break None;
+                break Ok(None);
             }
             let nap = (deadline - now).min(std::time::Duration::from_secs(1));
             match tokio::time::timeout(nap, &mut watch).await {
-                Ok(Ok(status)) => break Some(status),
+                Ok(Ok(status)) => break Ok(Some(status)),
                 // The sender went away (its shard stopped): fall back to the database.
                 Ok(Err(_)) => watch = self.watchers.watch(id),
                 Err(_) => {}
@@ -307,7 +310,7 @@ impl Engine {
         };
         drop(watch);
         self.watchers.forget(id);
-        Ok(result)
+        result
     }
 
     /// Feed one input to a saga and wait until its effect is committed.

@@ -57,6 +57,9 @@ struct Work {
     answers: Vec<Answer>,
     idempotency: Option<super::Idempotency>,
     changed: bool,
+    /// What the applied inputs say about the health of their steps, for the breakers once the
+    /// commit went through (a re-applied or failed batch must not count twice).
+    health: Vec<(String, bool)>,
 }
 
 enum Answer {
@@ -262,7 +265,7 @@ impl Shard {
                     if let Applied::Applied { .. } = answer
                         && let Some((step, ok)) = breaker_outcome(&input)
                     {
-                        self.breakers.record(step, ok);
+                        w.health.push((step.to_owned(), ok));
                     }
                     self.metrics
                         .input(input.kind(), matches!(answer, Applied::Applied { .. }));
@@ -341,6 +344,9 @@ impl Shard {
             }
             if let Some(rows) = outcome.outbox.get(&id) {
                 published.extend(rows.iter().cloned());
+            }
+            for (step, ok) in w.health.drain(..) {
+                self.breakers.record(&step, ok);
             }
             let status = w.entry.saga.status();
             if w.base_version.is_none()
@@ -507,6 +513,7 @@ impl Work {
             answers: Vec::new(),
             idempotency: None,
             changed: false,
+            health: Vec::new(),
         }
     }
 

@@ -331,7 +331,15 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
         .filter(|r| !written.contains(&r.id.as_uuid()))
         .collect();
     if !lost.is_empty() {
-        outcome.duplicates = holders_of(pool, &lost).await?;
+        // The batch is committed: a failure to find who holds the keys must not make it look
+        // failed. Those starts wrote nothing; they are run again, like a lost version race.
+        match holders_of(pool, &lost).await {
+            Ok(holders) => outcome.duplicates = holders,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the holders of taken idempotency keys; those starts are retried");
+                outcome.conflicted.extend(lost.iter().map(|r| r.id));
+            }
+        }
     }
     for row in batch.outbox {
         if let Some(id) = outbox_ids.get(&row.msg_id).copied() {
@@ -490,25 +498,42 @@ pub async fn load_record(
     Ok(Some((record(&row), events)))
 }
 
-/// The newest sagas, optionally of one status, created before `before`.
+/// The newest sagas, optionally of one status, newest first; with `before`, those that come
+/// after that saga in this order (keyset paging on `(created_at, id)`: sagas started in one
+/// batch share their `created_at`). `None` when `before` names no saga.
 pub async fn list_records(
     pool: &PgPool,
     status: Option<Status>,
-    before: Option<DateTime<Utc>>,
+    before: Option<SagaId>,
     limit: i64,
-) -> Result<Vec<SagaRecord>, sqlx::Error> {
+) -> Result<Option<Vec<SagaRecord>>, sqlx::Error> {
+    let after: Option<(DateTime<Utc>, Uuid)> = match before {
+        None => None,
+        Some(id) => {
+            let at: Option<DateTime<Utc>> =
+                sqlx::query_scalar("SELECT created_at FROM orchestrator.sagas WHERE id = $1")
+                    .bind(id.as_uuid())
+                    .fetch_optional(pool)
+                    .await?;
+            match at {
+                Some(at) => Some((at, id.as_uuid())),
+                None => return Ok(None),
+            }
+        }
+    };
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {RECORD_COLUMNS} FROM orchestrator.sagas
           WHERE ($1::text IS NULL OR status = $1)
-            AND ($2::timestamptz IS NULL OR created_at < $2)
-          ORDER BY created_at DESC LIMIT $3"
+            AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+          ORDER BY created_at DESC, id DESC LIMIT $4"
     )))
     .bind(status.map(|s| s.as_str()))
-    .bind(before)
+    .bind(after.map(|(at, _)| at))
+    .bind(after.map(|(_, id)| id))
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    Ok(rows.iter().map(record).collect())
+    Ok(Some(rows.iter().map(record).collect()))
 }
 
 /// The status of a saga, if it exists.

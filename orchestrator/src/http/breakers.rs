@@ -1,13 +1,13 @@
 //! `GET /breakers`, `PUT /breakers/{step}`: see and force the circuit breakers.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use super::AppState;
-use super::problem::{FieldError, JsonBody, Problem};
+use super::problem::{FieldError, JsonBody, PathParam, Problem};
 use crate::breakers::{Force, View};
 
 #[derive(Serialize)]
@@ -51,7 +51,7 @@ pub struct ForceRequest {
 /// Force a breaker open or closed for every orchestrator, or hand it back (`force: null`).
 pub async fn force(
     State(state): State<AppState>,
-    Path(step): Path<String>,
+    PathParam(step): PathParam,
     JsonBody(req): JsonBody<ForceRequest>,
 ) -> Result<Response, Problem> {
     if !state.breakers.has(&step) {
@@ -85,10 +85,15 @@ pub async fn force(
                 .await?;
         }
     }
-    // Apply it here at once; the other orchestrators read it within a second.
-    state
-        .breakers
-        .set_forced(crate::unpark::load_overrides(&state.pool).await?);
+    // Apply it here at once; the other orchestrators (and this one, if reading it back fails
+    // now) read it within `breakers.unpark_interval_ms`. The override is stored either way,
+    // so the answer says so.
+    match crate::unpark::load_overrides(&state.pool).await {
+        Ok(overrides) => state.breakers.set_forced(overrides),
+        Err(e) => {
+            tracing::warn!(error = %e, "override stored; it applies at the next unparker pass")
+        }
+    }
     tracing::warn!(step, ?force, reason = %req.reason, "breaker override set");
     let view = state.breakers.views().into_iter().find(|v| v.step == step);
     Ok((StatusCode::OK, axum::Json(view)).into_response())

@@ -282,7 +282,11 @@ pub async fn create(
     };
     if let Some(seconds) = wait
         && !status.is_terminal()
-        && let Some(ended) = state
+    {
+        // The saga exists now, whatever happens while we wait: a failed wait is answered as
+        // an accepted checkout (202), never as an error that would make the client place it
+        // again.
+        match state
             .engine
             .wait_ended(
                 &state.pool,
@@ -290,9 +294,14 @@ pub async fn create(
                 std::time::Duration::from_secs(seconds),
                 watch,
             )
-            .await?
-    {
-        status = ended;
+            .await
+        {
+            Ok(Some(ended)) => status = ended,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(saga_id = %id, error = %e, "could not wait for the outcome; answering 202")
+            }
+        }
     }
     let status_url = format!("/sagas/{id}");
     let body = Accepted {

@@ -1,6 +1,7 @@
 //! RFC 9457 problem details: the one place where errors become HTTP responses.
 
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -181,42 +182,84 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<mime::Mime>().ok())
-            .is_some_and(|m| {
-                m.type_() == "application"
-                    && (m.subtype() == "json" || m.suffix().is_some_and(|s| s == "json"))
-            });
-        if !json {
-            return Err(Problem::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported-media-type",
-                "The body must be JSON",
-                "send the body with Content-Type: application/json",
-            ));
+        if !is_json(&req) {
+            return Err(not_json());
         }
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|r| {
-                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    Problem::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload-too-large",
-                        "The body is too large",
-                        r.body_text(),
-                    )
-                } else {
-                    Problem::bad_request(
-                        "unreadable-body",
-                        "The body cannot be read",
-                        r.body_text(),
-                    )
-                }
-            })?;
+        let bytes = read_body(req, state).await?;
         parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// A JSON body that may be left out (empty, or only white space): then `T::default()`.
+/// Otherwise it is held to the rules of [`JsonBody`].
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let json = is_json(&req);
+        let bytes = read_body(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        if !json {
+            return Err(not_json());
+        }
+        parse_json(&bytes).map(OptionalJsonBody)
+    }
+}
+
+fn is_json(req: &Request) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<mime::Mime>().ok())
+        .is_some_and(|m| {
+            m.type_() == "application"
+                && (m.subtype() == "json" || m.suffix().is_some_and(|s| s == "json"))
+        })
+}
+
+fn not_json() -> Problem {
+    Problem::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+        "The body must be JSON",
+        "send the body with Content-Type: application/json",
+    )
+}
+
+/// The whole body, within `http.max_body_bytes` (413 beyond it).
+async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<axum::body::Bytes, Problem> {
+    axum::body::Bytes::from_request(req, state)
+        .await
+        .map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload-too-large",
+                    "The body is too large",
+                    r.body_text(),
+                )
+            } else {
+                Problem::bad_request("unreadable-body", "The body cannot be read", r.body_text())
+            }
+        })
+}
+
+/// The one parameter of a path (`/sagas/{id}`), whose rejection (a segment that is not valid
+/// percent-encoded UTF-8) is a problem too.
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(p)| PathParam(p))
+            .map_err(|r| Problem::bad_request("invalid-path", "Invalid path", r.body_text()))
     }
 }
 
@@ -290,6 +333,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
         "This Idempotency-Key was already used with a different request; `saga_id` names the saga it belongs to. Use a new key for a new request. Nothing was written.",
     ),
     ("invalid-saga-id", "The saga id in the path is not a UUID."),
+    (
+        "invalid-path",
+        "A segment of the path is not valid percent-encoded UTF-8.",
+    ),
     (
         "invalid-wait",
         "A wait (`Prefer: wait=<seconds>` or `?wait=<seconds>`) must be a whole number of seconds from 0 to http.max_wait_seconds.",

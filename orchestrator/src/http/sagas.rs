@@ -1,7 +1,7 @@
 //! Inspecting and steering sagas: `GET /sagas`, `GET /sagas/{id}`, `POST /sagas/{id}/cancel`.
 
 use axum::Extension;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use sagas::api::{Input, Status};
@@ -9,7 +9,7 @@ use sagas::wire::SagaId;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use super::problem::Problem;
+use super::problem::{OptionalJsonBody, PathParam, Problem};
 use super::{AppState, CorrelationId};
 use crate::engine::{self, Applied, EventRow, Origin, SagaRecord};
 
@@ -88,7 +88,7 @@ pub struct GetQuery {
 
 pub async fn get(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    PathParam(raw): PathParam,
     query: Result<Query<GetQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let id = parse_id(&raw)?;
@@ -150,7 +150,8 @@ fn complete_steps(mut steps: serde_json::Value) -> serde_json::Value {
 pub struct ListQuery {
     pub status: Option<String>,
     pub limit: Option<i64>,
-    pub before: Option<chrono::DateTime<chrono::Utc>>,
+    /// A saga id: the page starts after it (the `next` link of the page before).
+    pub before: Option<String>,
 }
 
 pub async fn list(
@@ -177,9 +178,33 @@ pub async fn list(
             "limit must be between 1 and 500",
         ));
     }
-    let records = engine::list_records(&state.pool, status, q.before, limit).await?;
+    let before = match q.before.as_deref() {
+        None => None,
+        Some(raw) => Some(raw.parse::<SagaId>().map_err(|_| {
+            Problem::bad_request(
+                "invalid-query",
+                "Invalid query",
+                format!("before must be a saga id, got {raw:?}"),
+            )
+        })?),
+    };
+    let Some(records) = engine::list_records(&state.pool, status, before, limit).await? else {
+        return Err(Problem::bad_request(
+            "invalid-query",
+            "Invalid query",
+            format!("before names no saga: {}", q.before.unwrap_or_default()),
+        ));
+    };
     let sagas: Vec<Summary> = records.iter().map(Summary::from).collect();
-    Ok(axum::Json(serde_json::json!({ "sagas": sagas })).into_response())
+    // A full page may have more after it.
+    let next = (sagas.len() as i64 == limit).then(|| {
+        let last = sagas.last().expect("a full page is not empty").id;
+        match status {
+            Some(s) => format!("/sagas?status={}&limit={limit}&before={last}", s.as_str()),
+            None => format!("/sagas?limit={limit}&before={last}"),
+        }
+    });
+    Ok(axum::Json(serde_json::json!({ "sagas": sagas, "next": next })).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,18 +217,11 @@ pub struct CancelRequest {
 pub async fn cancel(
     State(state): State<AppState>,
     Extension(CorrelationId(correlation_id)): Extension<CorrelationId>,
-    Path(raw): Path<String>,
-    body: axum::body::Bytes,
+    PathParam(raw): PathParam,
+    // The body is optional: `{"reason": "..."}`.
+    OptionalJsonBody(request): OptionalJsonBody<CancelRequest>,
 ) -> Result<Response, Problem> {
     let id = parse_id(&raw)?;
-    // The body is optional: `{"reason": "..."}`.
-    let request: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        CancelRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            Problem::invalid(vec![super::problem::FieldError::new("", e.to_string())])
-        })?
-    };
     let reason = request
         .reason
         .filter(|r| !r.trim().is_empty())
@@ -236,7 +254,7 @@ pub async fn cancel(
 /// Replay the saga's event log through its machine and compare with the stored snapshot.
 pub async fn verify(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    PathParam(raw): PathParam,
 ) -> Result<Response, Problem> {
     let id = parse_id(&raw)?;
     let Some((record, events)) = engine::load_record(&state.pool, id).await? else {
