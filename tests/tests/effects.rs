@@ -1,8 +1,9 @@
 //! The payment and shipping services' record of their third-party calls, driven directly
 //! (in this process) against the real PostgreSQL schema and the simulated processor and
 //! carrier: a call that answers at once is written once, with its result; a slow one is on
-//! record as `pending` while it runs; and a compensation that finds no row asks the third party,
-//! so a call whose answer was never recorded (its worker died after the call) is undone.
+//! record as `pending` while it runs; a compensation that finds no row voids the key at the
+//! third party, so a call whose answer was never recorded (its worker died after the call) is
+//! undone, and one still going on there (its worker timed out) cannot land after it.
 
 use std::time::Duration;
 
@@ -246,4 +247,113 @@ async fn a_cancel_that_finds_no_row_cancels_a_booking_whose_answer_was_never_rec
     .await
     .unwrap();
     assert_eq!((status.as_str(), rewritten), ("created", false));
+}
+
+/// Wait until the simulator has finished `n` calls under `key` (of `calls`: `charge_calls` or
+/// `shipment_calls`), whatever they answered.
+async fn until_calls_finished(app: &App, calls: &str, key: &str, n: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + WITHIN;
+    loop {
+        let ledger = app.ledger().await;
+        if ledger[calls][key].as_u64() == Some(n) {
+            return ledger;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{calls}[{key}] never reached {n}: {ledger}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client that gives up long before the party answers.
+fn impatient(url: &str) -> workers::config::Remote {
+    workers::config::Remote {
+        timeout_ms: 300,
+        ..remote(url)
+    }
+}
+
+#[tokio::test]
+async fn a_charge_that_lands_after_its_refund_is_refused_by_the_processor() {
+    let app = app().await;
+    let payment = Payment::new(
+        app.pool.clone(),
+        Processor::new(&impatient(&app.sim)),
+        Duration::from_millis(20),
+    );
+    // The processor takes 1.5 s; the worker gives up after 0.3 s, but the charge goes on.
+    app.control("processor", json!({"latency_ms": 1500})).await;
+    let (saga, order) = (SagaId::from_uuid(Uuid::now_v7()), Uuid::now_v7());
+    let out = payment
+        .charge(saga, STEP, order, &eur(1500), "tok_visa")
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            ReplyOutcome::Failed {
+                retryable: true,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    // The processor answers at once again, but the charge it took 1.5 s for is still going
+    // on: the saga gives up on the step and refunds it while the charge is in flight.
+    app.control("processor", json!({})).await;
+    let out = payment.refund(saga, STEP, order, &eur(1500)).await.unwrap();
+    assert!(
+        matches!(
+            out,
+            ReplyOutcome::Succeeded {
+                output: StepOutput::PaymentRefunded { .. }
+            }
+        ),
+        "{out:?}"
+    );
+    // When the charge reaches the processor's ledger, the voided key refuses it.
+    let ledger = until_calls_finished(&app, "charge_calls", &format!("{saga}:{STEP}"), 1).await;
+    assert_eq!(ledger["charges"].as_array().unwrap().len(), 0, "{ledger}");
+    assert_eq!(charge_row(&app, saga).await.0, "voided");
+}
+
+#[tokio::test]
+async fn a_booking_that_lands_after_its_cancel_is_refused_by_the_carrier() {
+    let app = app().await;
+    let shipping = Shipping::new(
+        app.pool.clone(),
+        Carrier::new(&impatient(&app.sim)),
+        Duration::from_millis(20),
+    );
+    app.control("carrier", json!({"latency_ms": 1500})).await;
+    let (saga, order) = (
+        SagaId::from_uuid(Uuid::now_v7()),
+        OrderId::from_uuid(Uuid::now_v7()),
+    );
+    let out = shipping.create(saga, order, &address(), &[]).await.unwrap();
+    assert!(
+        matches!(
+            out,
+            ReplyOutcome::Failed {
+                retryable: true,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    app.control("carrier", json!({})).await;
+    let out = shipping.cancel(saga, order).await.unwrap();
+    assert!(
+        matches!(
+            out,
+            ReplyOutcome::Succeeded {
+                output: StepOutput::ShipmentCancelled
+            }
+        ),
+        "{out:?}"
+    );
+    let ledger =
+        until_calls_finished(&app, "shipment_calls", &format!("shipment:{order}"), 1).await;
+    assert_eq!(ledger["shipments"].as_array().unwrap().len(), 0, "{ledger}");
 }

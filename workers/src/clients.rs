@@ -87,45 +87,12 @@ impl Remote {
         result
     }
 
-    async fn get<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<Option<T>, CallError> {
-        self.guarded(self.get_unguarded(path)).await
-    }
-
     async fn post<T: for<'de> Deserialize<'de>>(
         &self,
         path: &str,
         body: serde_json::Value,
     ) -> Result<T, CallError> {
         self.guarded(self.post_unguarded(path, body)).await
-    }
-
-    /// `Ok(None)` when the party answers 404.
-    async fn get_unguarded<T: for<'de> Deserialize<'de>>(
-        &self,
-        path: &str,
-    ) -> Result<Option<T>, CallError> {
-        let url = format!("{}{path}", self.base);
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| CallError::Unavailable(format!("{}: {e}", self.name)))?;
-        let status = response.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        if !status.is_success() {
-            return Err(CallError::Unavailable(format!(
-                "{} answered {status}",
-                self.name
-            )));
-        }
-        response
-            .json::<T>()
-            .await
-            .map(Some)
-            .map_err(|e| CallError::Unavailable(format!("{}: unreadable answer: {e}", self.name)))
     }
 
     async fn post_unguarded<T: for<'de> Deserialize<'de>>(
@@ -171,6 +138,13 @@ struct Created {
     id: String,
 }
 
+/// The answer to voiding a key: what was made under it, if anything.
+#[derive(Deserialize)]
+struct Voided {
+    status: String,
+    id: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct ShipmentCreated {
     id: String,
@@ -201,13 +175,19 @@ impl Processor {
             .map(|c| c.id)
     }
 
-    /// The charge made under `key`, if any; never creates one.
-    pub async fn find_charge(&self, key: &str) -> Result<Option<String>, CallError> {
-        Ok(self
+    /// Void `key` at the processor: the charge already made under it (`Some`, to be
+    /// refunded), or `None`, and then no charge can be made under the key any more. This is
+    /// what makes a compensation final while a charge may still be in flight (a call that
+    /// timed out here can still go through there).
+    pub async fn void_charge(&self, key: &str) -> Result<Option<String>, CallError> {
+        let v: Voided = self
             .0
-            .get::<Created>(&format!("/processor/v1/charges/by-key/{key}"))
-            .await?
-            .map(|c| c.id))
+            .post(
+                &format!("/processor/v1/charges/by-key/{key}/void"),
+                json!({}),
+            )
+            .await?;
+        Ok(v.id.filter(|_| v.status == "charged"))
     }
 
     /// Refund a charge in full; returns the processor's refund id.
@@ -238,13 +218,17 @@ impl Carrier {
             .map(|s| (s.id, s.tracking_number))
     }
 
-    /// The shipment booked under `key`, if any; never books one.
-    pub async fn find_shipment(&self, key: &str) -> Result<Option<(String, String)>, CallError> {
-        Ok(self
+    /// Void `key` at the carrier: the shipment already booked under it (`Some`, to be
+    /// cancelled), or `None`, and then none can be booked under the key any more.
+    pub async fn void_shipment(&self, key: &str) -> Result<Option<String>, CallError> {
+        let v: Voided = self
             .0
-            .get::<ShipmentCreated>(&format!("/carrier/v1/shipments/by-key/{key}"))
-            .await?
-            .map(|s| (s.id, s.tracking_number)))
+            .post(
+                &format!("/carrier/v1/shipments/by-key/{key}/void"),
+                json!({}),
+            )
+            .await?;
+        Ok(v.id.filter(|_| v.status == "booked"))
     }
 
     pub async fn cancel(&self, carrier_ref: &str) -> Result<(), CallError> {

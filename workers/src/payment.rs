@@ -9,8 +9,10 @@
 //! making another, and it is the record of a call whose answer was lost: a refund that finds
 //! no row leaves a `voided` tombstone and asks the processor for a charge under the key; a
 //! charge that finds a tombstone (or that comes back after the refund voided it) refunds what
-//! it charged and answers "cancelled". No interleaving of charge and refund, and no crash
-//! between the call and the write, leaves money taken.
+//! it charged and answers "cancelled". The refund also voids the key at the processor, so that a
+//! call still going on there (one that timed out here) cannot charge after it. No interleaving
+//! of charge and refund, no crash between the call and the write, and no late answer leaves
+//! money taken.
 
 use chrono::Utc;
 use sagas::wire::{Command, CommandBody, Money, ReplyOutcome, SagaId, StepOutput};
@@ -510,7 +512,9 @@ impl Payment {
     }
 
     /// A voided charge may still have been taken by the processor (a call that raced the
-    /// refund, or one from a process that crashed): find it and give the money back.
+    /// refund, one from a process that crashed, or one that timed out here and is still going
+    /// on there): void its key at the processor, which returns a charge already made (given
+    /// back here) and refuses any later one.
     async fn undo_voided(
         &self,
         saga: SagaId,
@@ -520,7 +524,7 @@ impl Payment {
         let key = Self::key(saga, step);
         let found = match &row.processor_ref {
             Some(r) => Some(r.clone()),
-            None => match self.processor.find_charge(&key).await {
+            None => match self.processor.void_charge(&key).await {
                 Ok(found) => found,
                 Err(e) => return Ok(retryable(e.to_string())),
             },

@@ -1,9 +1,9 @@
 //! The shipping service: books and cancels shipments with the carrier, one row per order in
 //! `shipping.shipments`. Same discipline as payments (see payment.rs): a booking reads its row
 //! first, calls the carrier and writes the row once with the result (`pending` first only
-//! when the call is slow); a cancel that comes first leaves a `voided` tombstone and asks the
-//! carrier for a booking under the key; a booking that lands on a tombstone is cancelled at
-//! once.
+//! when the call is slow); a cancel that comes first leaves a `voided` tombstone and voids the
+//! key at the carrier (which returns a booking already made under it, and refuses any later
+//! one); a booking that lands on a tombstone is cancelled at once.
 
 use chrono::Utc;
 use sagas::wire::{Address, Command, CommandBody, Line, OrderId, ReplyOutcome, SagaId, StepOutput};
@@ -458,8 +458,9 @@ impl Shipping {
         }
     }
 
-    /// A voided shipment may still have been booked by a call that raced the cancel: find it
-    /// and cancel it at the carrier.
+    /// A voided shipment may still have been booked by a call that raced the cancel (or one
+    /// that timed out here and is still going on there): void its key at the carrier, which
+    /// returns a booking already made (cancelled here) and refuses any later one.
     async fn undo_voided(
         &self,
         order: OrderId,
@@ -467,8 +468,8 @@ impl Shipping {
     ) -> Result<ReplyOutcome, Unavailable> {
         let found = match &row.carrier_ref {
             Some(r) => Some(r.clone()),
-            None => match self.carrier.find_shipment(&Self::key(order)).await {
-                Ok(found) => found.map(|(id, _)| id),
+            None => match self.carrier.void_shipment(&Self::key(order)).await {
+                Ok(found) => found,
                 Err(e) => return Ok(retryable(e.to_string())),
             },
         };

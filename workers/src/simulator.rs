@@ -16,8 +16,13 @@
 //! | control `mode = "fail"`          | 503 to every call until set back to `normal`     |
 //! | control `mode = "hang"`          | every call stalls until the mode changes         |
 //! | control `failure_rate`, `latency_ms` | random 503s, added latency                   |
+//!
+//! Like a real party, it finishes what it started whether or not the caller is still waiting:
+//! a call whose caller timed out still charges or books when its latency has passed. What a
+//! caller can do about such a call is void its key (`POST …/by-key/{key}/void`): a charge or
+//! booking already made is returned (to be undone), and none can be made under the key after.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,6 +91,28 @@ struct Ledger {
     flaky_seen: HashMap<String, u32>,
     refunds: HashMap<String, Refund>,
     shipments: HashMap<String, Shipment>,
+    /// Keys voided before anything was made under them: no charge or booking ever will be.
+    voided_charges: HashSet<String>,
+    voided_shipments: HashSet<String>,
+    /// Calls that reached the ledger, per key, whatever they answered (a test waits on them).
+    charge_calls: HashMap<String, u32>,
+    shipment_calls: HashMap<String, u32>,
+}
+
+/// Refused: the key was voided before anything was made under it.
+fn voided(what: &str) -> Response {
+    (
+        StatusCode::CONFLICT,
+        Json(json!({"code": "voided", "message": format!("this {what}'s idempotency key was voided")})),
+    )
+        .into_response()
+}
+
+/// Run a handler's work to its end even if the caller goes away, as a real party does.
+async fn detached(work: impl std::future::Future<Output = Response> + Send + 'static) -> Response {
+    tokio::spawn(work)
+        .await
+        .unwrap_or_else(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response())
 }
 
 #[derive(Clone)]
@@ -110,9 +137,14 @@ impl Simulator {
         Router::new()
             .route("/processor/v1/charges", post(charge))
             .route("/processor/v1/charges/by-key/{key}", get(charge_by_key))
+            .route("/processor/v1/charges/by-key/{key}/void", post(void_charge))
             .route("/processor/v1/refunds", post(refund))
             .route("/carrier/v1/shipments", post(ship))
             .route("/carrier/v1/shipments/by-key/{key}", get(shipment_by_key))
+            .route(
+                "/carrier/v1/shipments/by-key/{key}/void",
+                post(void_shipment),
+            )
             .route("/carrier/v1/shipments/{id}/cancel", post(cancel_shipment))
             .route("/ledger", get(ledger))
             .route("/control", get(control))
@@ -159,6 +191,10 @@ struct ChargeRequest {
 }
 
 async fn charge(State(sim): State<Simulator>, Json(req): Json<ChargeRequest>) -> Response {
+    detached(make_charge(sim, req)).await
+}
+
+async fn make_charge(sim: Simulator, req: ChargeRequest) -> Response {
     if let Some(r) = behave(&sim.processor, sim.hang, "the processor").await {
         return r;
     }
@@ -170,6 +206,12 @@ async fn charge(State(sim): State<Simulator>, Json(req): Json<ChargeRequest>) ->
         return unavailable("the processor");
     }
     let mut l = sim.ledger.lock().expect("ledger lock");
+    *l.charge_calls
+        .entry(req.idempotency_key.clone())
+        .or_default() += 1;
+    if l.voided_charges.contains(&req.idempotency_key) {
+        return voided("charge");
+    }
     if req.token.starts_with("tok_flaky") {
         let seen = l.flaky_seen.entry(req.idempotency_key.clone()).or_default();
         *seen += 1;
@@ -229,6 +271,40 @@ async fn charge_by_key(State(sim): State<Simulator>, Path(key): Path<String>) ->
     }
 }
 
+/// Void a charge's key: the charge made under it, if one was (`"charged"`, to be refunded),
+/// or a promise that none will be (`"voided"`).
+async fn void_charge(State(sim): State<Simulator>, Path(key): Path<String>) -> Response {
+    if let Some(r) = behave(&sim.processor, sim.hang, "the processor").await {
+        return r;
+    }
+    let mut l = sim.ledger.lock().expect("ledger lock");
+    let answer = match l.charges.get(&key) {
+        Some(c) => json!({"status": "charged", "id": c.id}),
+        None => {
+            l.voided_charges.insert(key);
+            json!({"status": "voided"})
+        }
+    };
+    (StatusCode::OK, Json(answer)).into_response()
+}
+
+/// Void a shipment's key: the booking made under it, if one was (`"booked"`, to be
+/// cancelled), or a promise that none will be (`"voided"`).
+async fn void_shipment(State(sim): State<Simulator>, Path(key): Path<String>) -> Response {
+    if let Some(r) = behave(&sim.carrier, sim.hang, "the carrier").await {
+        return r;
+    }
+    let mut l = sim.ledger.lock().expect("ledger lock");
+    let answer = match l.shipments.get(&key) {
+        Some(s) => json!({"status": "booked", "id": s.id, "tracking_number": s.tracking_number}),
+        None => {
+            l.voided_shipments.insert(key);
+            json!({"status": "voided"})
+        }
+    };
+    (StatusCode::OK, Json(answer)).into_response()
+}
+
 async fn shipment_by_key(State(sim): State<Simulator>, Path(key): Path<String>) -> Response {
     if let Some(r) = behave(&sim.carrier, sim.hang, "the carrier").await {
         return r;
@@ -286,6 +362,10 @@ struct ShipRequest {
 }
 
 async fn ship(State(sim): State<Simulator>, Json(req): Json<ShipRequest>) -> Response {
+    detached(book(sim, req)).await
+}
+
+async fn book(sim: Simulator, req: ShipRequest) -> Response {
     if let Some(r) = behave(&sim.carrier, sim.hang, "the carrier").await {
         return r;
     }
@@ -297,6 +377,12 @@ async fn ship(State(sim): State<Simulator>, Json(req): Json<ShipRequest>) -> Res
             .into_response();
     }
     let mut l = sim.ledger.lock().expect("ledger lock");
+    *l.shipment_calls
+        .entry(req.idempotency_key.clone())
+        .or_default() += 1;
+    if l.voided_shipments.contains(&req.idempotency_key) {
+        return voided("shipment");
+    }
     let s = l
         .shipments
         .entry(req.idempotency_key.clone())
@@ -347,6 +433,10 @@ async fn ledger(State(sim): State<Simulator>) -> Response {
         "declined": l.declined,
         "refunds": l.refunds.values().collect::<Vec<_>>(),
         "shipments": l.shipments.values().collect::<Vec<_>>(),
+        "voided_charges": l.voided_charges,
+        "voided_shipments": l.voided_shipments,
+        "charge_calls": l.charge_calls,
+        "shipment_calls": l.shipment_calls,
     }))
     .into_response()
 }
