@@ -97,9 +97,37 @@ pub struct VariantEntry {
     pub available: u32,
 }
 
+/// The most units a catalogue may make available for one variant (stock is an `int4`, and
+/// what is reserved comes on top).
+pub const MAX_AVAILABLE: u32 = 1_000_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
 /// Load (or reload) a catalogue: products and variants are upserted; each variant's stock is
-/// set so that `available` units can be sold, recorded as an `adjust` stock movement.
-pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, sqlx::Error> {
+/// set so that `available` units can be sold, recorded as an `adjust` stock movement. All or
+/// nothing: a variant out of range loads nothing.
+pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, LoadError> {
+    for v in file.products.iter().flat_map(|p| &p.variants) {
+        if v.available > MAX_AVAILABLE {
+            return Err(LoadError::Invalid(format!(
+                "{}: available must be at most {MAX_AVAILABLE}, got {}",
+                v.sku.as_str(),
+                v.available
+            )));
+        }
+        if v.price.minor < 0 {
+            return Err(LoadError::Invalid(format!(
+                "{}: the price must not be negative",
+                v.sku.as_str()
+            )));
+        }
+    }
     let mut tx = pool.begin().await?;
     let mut variants = 0;
     for p in &file.products {
@@ -113,16 +141,24 @@ pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, sqlx::Er
         .execute(&mut *tx)
         .await?;
         for v in &p.variants {
-            let available = i32::try_from(v.available).unwrap_or(i32::MAX);
-            let row = sqlx::query(
-                "WITH before AS (SELECT quantity FROM inventory.variants WHERE sku = $1)
-                 INSERT INTO inventory.variants (sku, product_id, name, price_minor, currency, quantity, reserved)
+            let available = v.available as i32;
+            // Lock the row first, so that the stock it had and the stock it gets are read
+            // under the same lock (a reservation consumed in between would make the audited
+            // adjustment differ from the change).
+            let before: Option<i32> = sqlx::query_scalar(
+                "SELECT quantity FROM inventory.variants WHERE sku = $1 FOR UPDATE",
+            )
+            .bind(v.sku.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let after: i32 = sqlx::query_scalar(
+                "INSERT INTO inventory.variants (sku, product_id, name, price_minor, currency, quantity, reserved)
                  VALUES ($1, $2, $3, $4, $5, $6, 0)
                  ON CONFLICT (sku) DO UPDATE
                     SET product_id = excluded.product_id, name = excluded.name,
                         price_minor = excluded.price_minor, currency = excluded.currency,
                         quantity = inventory.variants.reserved + $6, updated_at = now()
-                 RETURNING quantity - coalesce((SELECT quantity FROM before), 0)",
+                 RETURNING quantity",
             )
             .bind(v.sku.as_str())
             .bind(p.id)
@@ -132,7 +168,7 @@ pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, sqlx::Er
             .bind(available)
             .fetch_one(&mut *tx)
             .await?;
-            let delta: i32 = row.get(0);
+            let delta = after - before.unwrap_or(0);
             if delta != 0 {
                 sqlx::query(
                     "INSERT INTO inventory.stock_movements (sku, kind, quantity_delta, reserved_delta, note)

@@ -737,3 +737,57 @@ async fn the_saga_list_pages_through_every_saga_exactly_once() {
     assert_eq!(distinct.len(), seen.len(), "a saga listed twice: {seen:?}");
     assert_eq!(distinct, placed);
 }
+
+#[tokio::test]
+async fn a_catalogue_with_a_variant_out_of_range_loads_nothing() {
+    let app = App::spawn_with(Options {
+        workers: vec![],
+        ..Options::default()
+    })
+    .await;
+    let variant = |sku: &str, available: u64| json!({"sku": sku, "name": sku, "price": {"minor": 100, "currency": "EUR"}, "available": available});
+    let file: orchestrator::catalog::CatalogueFile = serde_json::from_value(json!({
+        "products": [{
+            "id": "0192a000-0000-7000-8000-0000000000bb",
+            "name": "New product",
+            "variants": [variant("NEW-1", 5), variant("NEW-2", 4_000_000_000)]
+        }]
+    }))
+    .unwrap();
+    let e = orchestrator::catalog::load(&app.pool, &file)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NEW-2") && e.contains("at most"), "{e}");
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory.variants WHERE sku LIKE 'NEW-%'")
+            .await,
+        0
+    );
+    // Reloading the test catalogue audits exactly what it changes.
+    let before = app
+        .count("SELECT count(*) FROM inventory.stock_movements")
+        .await;
+    let same: orchestrator::catalog::CatalogueFile = serde_json::from_value(json!({
+        "products": [{
+            "id": "0192a000-0000-7000-8000-0000000000aa",
+            "name": "Test product",
+            "variants": [variant("A", 1000), variant("B", 1001)]
+        }]
+    }))
+    .unwrap();
+    orchestrator::catalog::load(&app.pool, &same).await.unwrap();
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory.stock_movements")
+            .await,
+        before + 1,
+        "only B changed"
+    );
+    assert_eq!(
+        app.count(
+            "SELECT sum(quantity_delta)::bigint FROM inventory.stock_movements WHERE sku = 'B'"
+        )
+        .await,
+        1001
+    );
+}
