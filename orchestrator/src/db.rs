@@ -28,9 +28,16 @@ pub async fn connect(settings: &config::Database) -> Result<PgPool, Error> {
     // Named, so that an operator (or a fault test) can tell its sessions apart. Vacuuming the
     // saga table takes a second or two by design: only statements slower than that are worth a
     // warning.
+    //
+    // Generic plans: every statement of the orchestrator is keyed (ids, `= ANY`, `unnest`
+    // joins on primary keys), so one plan serves every execution. Left to choose, PostgreSQL
+    // planned the engine's one-statement commit afresh most of the time (the row estimates of a
+    // custom plan, knowing each array's length, always look cheaper), and planning it cost as
+    // much as running it (BENCHMARKS.md).
     let options = options
         .application_name("saga-orchestrator")
-        .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5));
+        .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5))
+        .options([("plan_cache_mode", "force_generic_plan")]);
     let retry = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(2))

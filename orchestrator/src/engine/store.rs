@@ -498,42 +498,41 @@ pub async fn load_record(
     Ok(Some((record(&row), events)))
 }
 
-/// The newest sagas, optionally of one status, newest first; with `before`, those that come
-/// after that saga in this order (keyset paging on `(created_at, id)`: sagas started in one
-/// batch share their `created_at`). `None` when `before` names no saga.
+/// The newest sagas first (ids are UUID v7, so they sort by creation), optionally of one
+/// status; with `before`, those older than that saga (keyset paging on the id).
 pub async fn list_records(
     pool: &PgPool,
     status: Option<Status>,
     before: Option<SagaId>,
     limit: i64,
-) -> Result<Option<Vec<SagaRecord>>, sqlx::Error> {
-    let after: Option<(DateTime<Utc>, Uuid)> = match before {
-        None => None,
-        Some(id) => {
-            let at: Option<DateTime<Utc>> =
-                sqlx::query_scalar("SELECT created_at FROM orchestrator.sagas WHERE id = $1")
-                    .bind(id.as_uuid())
-                    .fetch_optional(pool)
-                    .await?;
-            match at {
-                Some(at) => Some((at, id.as_uuid())),
-                None => return Ok(None),
-            }
+) -> Result<Vec<SagaRecord>, sqlx::Error> {
+    // One statement per filter, so that each has a plan that uses its index (the primary key,
+    // or `sagas_status_id`).
+    let before = before.map_or(Uuid::max(), |id| id.as_uuid());
+    let rows = match status {
+        Some(status) => {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {RECORD_COLUMNS} FROM orchestrator.sagas
+                  WHERE status = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+            )))
+            .bind(status.as_str())
+            .bind(before)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+        None => {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {RECORD_COLUMNS} FROM orchestrator.sagas
+                  WHERE id < $1 ORDER BY id DESC LIMIT $2"
+            )))
+            .bind(before)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
         }
     };
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {RECORD_COLUMNS} FROM orchestrator.sagas
-          WHERE ($1::text IS NULL OR status = $1)
-            AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
-          ORDER BY created_at DESC, id DESC LIMIT $4"
-    )))
-    .bind(status.map(|s| s.as_str()))
-    .bind(after.map(|(at, _)| at))
-    .bind(after.map(|(_, id)| id))
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    Ok(Some(rows.iter().map(record).collect()))
+    Ok(rows.iter().map(record).collect())
 }
 
 /// The status of a saga, if it exists.

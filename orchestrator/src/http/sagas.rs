@@ -188,13 +188,7 @@ pub async fn list(
             )
         })?),
     };
-    let Some(records) = engine::list_records(&state.pool, status, before, limit).await? else {
-        return Err(Problem::bad_request(
-            "invalid-query",
-            "Invalid query",
-            format!("before names no saga: {}", q.before.unwrap_or_default()),
-        ));
-    };
+    let records = engine::list_records(&state.pool, status, before, limit).await?;
     let sagas: Vec<Summary> = records.iter().map(Summary::from).collect();
     // A full page may have more after it.
     let next = (sagas.len() as i64 == limit).then(|| {
