@@ -54,7 +54,12 @@ async fn connect_db(settings: &Settings, kind: Kind) -> anyhow::Result<PgPool> {
     let maintenance = config::ms(settings.maintenance.vacuum_interval_ms);
     let settings = &settings.database;
     let options: sqlx::postgres::PgConnectOptions = settings.url.parse()?;
-    let options = options.application_name(&format!("saga-worker-{kind:?}").to_lowercase());
+    // Generic plans, as in the orchestrator (orchestrator/src/db.rs): every statement here is
+    // keyed, and PostgreSQL would otherwise plan most executions afresh. The tables' growth is
+    // followed all the same: the ANALYZE of `maintenance.rs` invalidates the cached plans.
+    let options = options
+        .application_name(&format!("saga-worker-{kind:?}").to_lowercase())
+        .options([("plan_cache_mode", "force_generic_plan")]);
     let pool = (|| async {
         PgPoolOptions::new()
             .max_connections(settings.max_connections)
