@@ -43,8 +43,10 @@ pub async fn pass(pool: &sqlx::PgPool, schemas: &[&str]) -> Result<usize, sqlx::
     .await?;
     for (table, vacuum, analyze) in &due {
         let command = match (vacuum, analyze) {
-            (true, true) => "VACUUM (ANALYZE, SKIP_LOCKED)",
-            (true, false) => "VACUUM (SKIP_LOCKED)",
+            // One core: parallel index vacuuming would take both of a small machine's cores
+            // from the hot path at once (autovacuum does not vacuum in parallel either).
+            (true, true) => "VACUUM (ANALYZE, SKIP_LOCKED, PARALLEL 0)",
+            (true, false) => "VACUUM (SKIP_LOCKED, PARALLEL 0)",
             _ => "ANALYZE (SKIP_LOCKED)",
         };
         tracing::debug!(table = %table, command, "table maintenance");

@@ -87,6 +87,14 @@ impl Default for Options {
 }
 
 impl Options {
+    /// The orchestrator and the simulator only: sagas start and stay running.
+    pub fn without_workers() -> Self {
+        Self {
+            workers: Vec::new(),
+            ..Self::default()
+        }
+    }
+
     pub fn orchestrator(mut self, key: &str, value: &str) -> Self {
         self.orchestrator_env.push((key.into(), value.into()));
         self
@@ -326,14 +334,19 @@ impl App {
     }
 
     pub async fn saga(&self, id: &str) -> Value {
+        self.get_json(&format!("/sagas/{id}")).await
+    }
+
+    /// `GET` a path of the orchestrator's API and read its JSON answer.
+    pub async fn get_json(&self, path: &str) -> Value {
         self.http
-            .get(format!("{}/sagas/{id}", self.base))
+            .get(format!("{}{path}", self.base))
             .send()
             .await
-            .expect("GET /sagas/{id}")
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
             .json()
             .await
-            .expect("json")
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// Wait until the saga is terminal; fails the test with its last state otherwise.

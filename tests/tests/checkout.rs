@@ -241,11 +241,7 @@ async fn one_idempotency_key_yields_one_saga_even_when_sent_concurrently() {
 
 #[tokio::test]
 async fn bad_input_gets_a_problem_and_writes_nothing() {
-    let app = App::spawn_with(Options {
-        workers: vec![],
-        ..Options::default()
-    })
-    .await;
+    let app = App::spawn_with(Options::without_workers()).await;
     let good = order(&[("A", 1)], "tok_visa");
     let with = |path: &[&str], v: Value| {
         let mut b = good.clone();
@@ -668,11 +664,7 @@ async fn the_correlation_id_follows_the_request_through_every_process() {
 
 #[tokio::test]
 async fn readiness_reports_its_dependencies() {
-    let app = App::spawn_with(Options {
-        workers: vec![],
-        ..Options::default()
-    })
-    .await;
+    let app = App::spawn_with(Options::without_workers()).await;
     let r = app
         .http
         .get(format!("{}/readyz", app.base))
@@ -696,11 +688,7 @@ async fn readiness_reports_its_dependencies() {
 async fn the_saga_list_pages_through_every_saga_exactly_once() {
     // No workers: the sagas stay running. Placed at once, several share a batch and hence
     // their creation time, which paging must not trip over.
-    let app = App::spawn_with(Options {
-        workers: vec![],
-        ..Options::default()
-    })
-    .await;
+    let app = App::spawn_with(Options::without_workers()).await;
     let body = order(&[("A", 1)], "tok_visa");
     let placed: std::collections::BTreeSet<String> =
         futures::future::join_all((0..9).map(|_| app.place(&body)))
@@ -710,15 +698,7 @@ async fn the_saga_list_pages_through_every_saga_exactly_once() {
     let mut seen = Vec::new();
     let mut next = Some("/sagas?status=running&limit=2".to_owned());
     while let Some(path) = next {
-        let page: Value = app
-            .http
-            .get(format!("{}{path}", app.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = app.get_json(&path).await;
         let ids: Vec<String> = page["sagas"]
             .as_array()
             .unwrap()
@@ -740,11 +720,7 @@ async fn the_saga_list_pages_through_every_saga_exactly_once() {
 
 #[tokio::test]
 async fn a_catalogue_with_a_variant_out_of_range_loads_nothing() {
-    let app = App::spawn_with(Options {
-        workers: vec![],
-        ..Options::default()
-    })
-    .await;
+    let app = App::spawn_with(Options::without_workers()).await;
     let variant = |sku: &str, available: u64| json!({"sku": sku, "name": sku, "price": {"minor": 100, "currency": "EUR"}, "available": available});
     let file: orchestrator::catalog::CatalogueFile = serde_json::from_value(json!({
         "products": [{

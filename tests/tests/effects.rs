@@ -30,11 +30,7 @@ fn remote(url: &str) -> workers::config::Remote {
 }
 
 async fn app() -> App {
-    App::spawn_with(Options {
-        workers: Vec::new(),
-        ..Options::default()
-    })
-    .await
+    App::spawn_with(Options::without_workers()).await
 }
 
 fn payment(app: &App) -> Payment {

@@ -167,15 +167,7 @@ async fn a_thousand_checkouts_survive_terminated_database_sessions() {
 }
 
 async fn breaker(app: &App, step: &str) -> Value {
-    let all: Value = app
-        .http
-        .get(format!("{}/breakers", app.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all = app.get_json("/breakers").await;
     all["breakers"]
         .as_array()
         .unwrap()

@@ -72,25 +72,13 @@ async fn a_wait_that_runs_out_is_an_ordinary_202_and_a_long_poll_returns_at_the_
     assert_eq!(saga["status"], "completed", "{saga:#}");
 
     // A long poll on an ended saga answers at once; wait=0 never waits.
-    let saga: Value = app
-        .http
-        .get(format!("{}/sagas/{id}?wait=0", app.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let saga = app.get_json(&format!("/sagas/{id}?wait=0")).await;
     assert_eq!(saga["status"], "completed");
 }
 
 #[tokio::test]
 async fn invalid_waits_are_refused() {
-    let app = App::spawn_with(e2e::Options {
-        workers: vec![],
-        ..e2e::Options::default()
-    })
-    .await;
+    let app = App::spawn_with(e2e::Options::without_workers()).await;
     for prefer in ["wait=abc", "wait=-1", "wait=3600", "wait", "wait=1.5"] {
         let r = app
             .http

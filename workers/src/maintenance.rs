@@ -33,8 +33,10 @@ pub async fn pass(pool: &PgPool, schema: &str) -> Result<usize, sqlx::Error> {
     .await?;
     for (table, vacuum, analyze) in &due {
         let options = match (vacuum, analyze) {
-            (true, true) => "VACUUM (ANALYZE, SKIP_LOCKED)",
-            (true, false) => "VACUUM (SKIP_LOCKED)",
+            // One core: parallel index vacuuming would take both of a small machine's cores
+            // from the hot path at once (autovacuum does not vacuum in parallel either).
+            (true, true) => "VACUUM (ANALYZE, SKIP_LOCKED, PARALLEL 0)",
+            (true, false) => "VACUUM (SKIP_LOCKED, PARALLEL 0)",
             _ => "ANALYZE (SKIP_LOCKED)",
         };
         // `table` was quoted by format('%I.%I') in PostgreSQL.
