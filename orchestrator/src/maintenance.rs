@@ -41,6 +41,16 @@ pub async fn pass(pool: &sqlx::PgPool, schemas: &[&str]) -> Result<usize, sqlx::
     .bind(schemas)
     .fetch_all(pool)
     .await?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    // Throttled as autovacuum is (its default cost delay, with the default cost limit of 200):
+    // a VACUUM of a table that has grown large then spreads its work over a few seconds instead
+    // of taking a core for a second or more at once, which stalled the hot path behind it.
+    let mut conn = pool.acquire().await?;
+    sqlx::raw_sql("SET vacuum_cost_delay = '2ms'")
+        .execute(&mut *conn)
+        .await?;
     for (table, vacuum, analyze) in &due {
         let command = match (vacuum, analyze) {
             // One core: parallel index vacuuming would take both of a small machine's cores
@@ -52,8 +62,11 @@ pub async fn pass(pool: &sqlx::PgPool, schemas: &[&str]) -> Result<usize, sqlx::
         tracing::debug!(table = %table, command, "table maintenance");
         // `table` was quoted by format('%I.%I') in PostgreSQL.
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{command} {table}")))
-            .execute(pool)
+            .execute(&mut *conn)
             .await?;
     }
+    sqlx::raw_sql("RESET vacuum_cost_delay")
+        .execute(&mut *conn)
+        .await?;
     Ok(due.len())
 }

@@ -506,32 +506,25 @@ pub async fn list_records(
     before: Option<SagaId>,
     limit: i64,
 ) -> Result<Vec<SagaRecord>, sqlx::Error> {
-    // One statement per filter, so that each has a plan that uses its index (the primary key,
-    // or `sagas_status_id`).
+    // One statement per filter, so that each has a plan that uses its index: the primary key
+    // for all sagas or the (many) ended ones, `sagas_in_flight` for the others (its predicate
+    // is repeated so that the generic plan can use it).
     let before = before.map_or(Uuid::max(), |id| id.as_uuid());
-    let rows = match status {
-        Some(status) => {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {RECORD_COLUMNS} FROM orchestrator.sagas
-                  WHERE status = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
-            )))
-            .bind(status.as_str())
-            .bind(before)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?
-        }
-        None => {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {RECORD_COLUMNS} FROM orchestrator.sagas
-                  WHERE id < $1 ORDER BY id DESC LIMIT $2"
-            )))
-            .bind(before)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?
-        }
+    let filter = match status {
+        None => "id < $1",
+        Some(Status::Completed | Status::Compensated) => "id < $1 AND status = $3",
+        Some(_) => "id < $1 AND status = $3 AND status NOT IN ('completed', 'compensated')",
     };
+    let query = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {RECORD_COLUMNS} FROM orchestrator.sagas WHERE {filter} ORDER BY id DESC LIMIT $2"
+    )))
+    .bind(before)
+    .bind(limit);
+    let query = match status {
+        Some(status) => query.bind(status.as_str()),
+        None => query,
+    };
+    let rows = query.fetch_all(pool).await?;
     Ok(rows.iter().map(record).collect())
 }
 
