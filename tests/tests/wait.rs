@@ -1,14 +1,18 @@
 //! Waiting for a saga's outcome without polling: `Prefer: wait` and `?wait`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use e2e::{App, order};
 use serde_json::{Value, json};
+
+/// How much earlier than asked a wait may end: timers and clocks are not exact.
+const TOLERANCE: Duration = Duration::from_millis(100);
 
 #[tokio::test]
 async fn prefer_wait_answers_with_the_outcome_when_the_saga_ends_in_time() {
     let app = App::spawn().await;
     for (token, outcome) in [("tok_visa", "completed"), ("tok_decline", "compensated")] {
+        let started = Instant::now();
         let r = app
             .http
             .post(format!("{}/checkout", app.base))
@@ -17,8 +21,15 @@ async fn prefer_wait_answers_with_the_outcome_when_the_saga_ends_in_time() {
             .send()
             .await
             .unwrap();
+        let elapsed = started.elapsed();
         assert_eq!(r.status(), 200, "{token}");
         assert_eq!(r.headers()["preference-applied"], "wait=20");
+        // Answered when the saga ended, not when the wait ran out (a generous bound: a
+        // checkout takes milliseconds).
+        assert!(
+            elapsed < Duration::from_secs(10),
+            "{token}: answered after {elapsed:?}"
+        );
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["status"], outcome);
         // The answer is the truth: the saga really ended so.
@@ -31,6 +42,7 @@ async fn prefer_wait_answers_with_the_outcome_when_the_saga_ends_in_time() {
 async fn a_wait_that_runs_out_is_an_ordinary_202_and_a_long_poll_returns_at_the_end() {
     let app = App::spawn().await;
     app.control("processor", json!({"mode": "hang"})).await;
+    let started = Instant::now();
     let r = app
         .http
         .post(format!("{}/checkout", app.base))
@@ -39,10 +51,20 @@ async fn a_wait_that_runs_out_is_an_ordinary_202_and_a_long_poll_returns_at_the_
         .send()
         .await
         .unwrap();
+    let elapsed = started.elapsed();
     assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["preference-applied"], "wait=1");
+    assert!(
+        elapsed >= Duration::from_secs(1) - TOLERANCE,
+        "answered after {elapsed:?}, before the wait ran out"
+    );
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "running");
     let id = body["saga_id"].as_str().unwrap().to_owned();
+    // Where to look for the outcome later.
+    assert_eq!(body["status_url"], format!("/sagas/{id}"));
+    assert_eq!(location, format!("/sagas/{id}"));
 
     // A long poll, answered when the saga ends (the processor recovers meanwhile).
     let poll = {
@@ -76,10 +98,36 @@ async fn a_wait_that_runs_out_is_an_ordinary_202_and_a_long_poll_returns_at_the_
     assert_eq!(saga["status"], "completed");
 }
 
+/// The answer is the problem of an invalid wait.
+async fn assert_invalid_wait(what: &str, r: reqwest::Response) {
+    assert_eq!(r.status(), 400, "{what}");
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/problem+json",
+        "{what}"
+    );
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(
+        problem["type"], "/problems/invalid-wait",
+        "{what}: {problem}"
+    );
+    assert_eq!(problem["status"], 400, "{what}: {problem}");
+}
+
 #[tokio::test]
-async fn invalid_waits_are_refused() {
+async fn invalid_waits_are_refused_and_valid_ones_are_kept() {
+    // No workers: a saga starts and stays running.
     let app = App::spawn_with(e2e::Options::without_workers()).await;
-    for prefer in ["wait=abc", "wait=-1", "wait=3600", "wait", "wait=1.5"] {
+    // Whole seconds from 0 to http.max_wait_seconds (60 here), digits only.
+    for prefer in [
+        "wait=abc",
+        "wait=-1",
+        "wait=61",
+        "wait=3600",
+        "wait",
+        "wait=1.5",
+        "wait=+5",
+    ] {
         let r = app
             .http
             .post(format!("{}/checkout", app.base))
@@ -88,12 +136,7 @@ async fn invalid_waits_are_refused() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 400, "{prefer}");
-        assert_eq!(
-            r.json::<Value>().await.unwrap()["type"],
-            "/problems/invalid-wait",
-            "{prefer}"
-        );
+        assert_invalid_wait(prefer, r).await;
     }
     assert_eq!(
         app.count("SELECT count(*) FROM orchestrator.sagas").await,
@@ -101,14 +144,15 @@ async fn invalid_waits_are_refused() {
         "nothing was started"
     );
     let id = uuid::Uuid::now_v7();
-    for q in ["wait=x", "wait=-3", "wait=100000"] {
+    // `%2B` is `+`: a bare `+` in a query string would be read as a space.
+    for q in ["wait=x", "wait=-3", "wait=61", "wait=100000", "wait=%2B5"] {
         let r = app
             .http
             .get(format!("{}/sagas/{id}?{q}", app.base))
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 400, "{q}");
+        assert_invalid_wait(q, r).await;
     }
     let r = app
         .http
@@ -117,4 +161,64 @@ async fn invalid_waits_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+
+    // Preferences other than wait are ignored, whatever they hold, even bytes that are not
+    // ASCII.
+    let r = app
+        .http
+        .post(format!("{}/checkout", app.base))
+        .header(
+            "Prefer",
+            reqwest::header::HeaderValue::from_bytes(b"respond-async, note=\"caf\xc3\xa9\"")
+                .unwrap(),
+        )
+        .json(&order(&[("A", 1)], "tok_visa"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(
+        !r.headers().contains_key("preference-applied"),
+        "{:?}",
+        r.headers()
+    );
+
+    // wait=0 answers at once (well before the client would give up after 30 s).
+    let started = Instant::now();
+    let r = app
+        .http
+        .post(format!("{}/checkout", app.base))
+        .header("Prefer", "wait=0")
+        .json(&order(&[("A", 1)], "tok_visa"))
+        .send()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["preference-applied"], "wait=0");
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "wait=0 answered after {elapsed:?}"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "running");
+    let id = body["saga_id"].as_str().unwrap().to_owned();
+
+    // A long poll of a saga that cannot end (nothing serves its commands) answers with the
+    // saga as it stands once the wait ran out, not before.
+    let started = Instant::now();
+    let r = app
+        .http
+        .get(format!("{}/sagas/{id}?wait=1", app.base))
+        .send()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(r.status(), 200);
+    assert!(
+        elapsed >= Duration::from_secs(1) - TOLERANCE && elapsed < Duration::from_secs(10),
+        "answered after {elapsed:?}, not when the wait of 1 s ran out"
+    );
+    let saga: Value = r.json().await.unwrap();
+    assert_eq!(saga["status"], "running", "{saga:#}");
 }

@@ -146,11 +146,30 @@ impl Request {
 #[derive(Default)]
 pub struct Watchers {
     waiting: Mutex<HashMap<SagaId, Vec<oneshot::Sender<Status>>>>,
+    /// Cancelled when the process stops: waiters answer with what they have at once, so that
+    /// a graceful shutdown does not wait out their long polls (the sagas they wait for cannot
+    /// end while the reply consumer and the timer loop are stopping).
+    released: tokio_util::sync::CancellationToken,
+}
+
+/// A waiter's registration: it gets the status when the saga ends through this process, and
+/// unregisters itself when dropped, however the waiting ends (an answer, a timeout, a client
+/// that went away and took the request's future with it).
+pub struct Watch {
+    id: SagaId,
+    rx: oneshot::Receiver<Status>,
+    watchers: Arc<Watchers>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.rx.close();
+        self.watchers.forget(self.id);
+    }
 }
 
 impl Watchers {
-    /// A receiver that gets the status when the saga ends (through this process).
-    pub fn watch(&self, id: SagaId) -> oneshot::Receiver<Status> {
+    fn watch(self: &Arc<Self>, id: SagaId) -> Watch {
         let (tx, rx) = oneshot::channel();
         self.waiting
             .lock()
@@ -158,7 +177,11 @@ impl Watchers {
             .entry(id)
             .or_default()
             .push(tx);
-        rx
+        Watch {
+            id,
+            rx,
+            watchers: self.clone(),
+        }
     }
 
     fn ended(&self, id: SagaId, status: Status) {
@@ -168,8 +191,8 @@ impl Watchers {
         }
     }
 
-    /// Drop the watch of a waiter that gave up.
-    pub fn forget(&self, id: SagaId) {
+    /// Drop the registrations of waiters that gave up.
+    fn forget(&self, id: SagaId) {
         let mut waiting = self.waiting.lock().expect("watchers lock");
         if let Some(list) = waiting.get_mut(&id) {
             list.retain(|tx| !tx.is_closed());
@@ -177,6 +200,11 @@ impl Watchers {
                 waiting.remove(&id);
             }
         }
+    }
+
+    /// Answer every waiter now and every later one at once: the process is stopping.
+    pub fn release(&self) {
+        self.released.cancel();
     }
 }
 
@@ -247,7 +275,7 @@ impl Engine {
         &self,
         new: NewSaga,
         watch: bool,
-    ) -> Result<(Started, Option<oneshot::Receiver<Status>>), Error> {
+    ) -> Result<(Started, Option<Watch>), Error> {
         let id = SagaId::from_uuid(uuid::Uuid::now_v7());
         let watched = watch.then(|| self.watchers.watch(id));
         let (reply, rx) = oneshot::channel();
@@ -262,55 +290,52 @@ impl Engine {
         };
         match started {
             Ok(s @ Started::Created { .. }) => Ok((s, watched)),
-            other => {
-                // No saga with this id will ever end: drop the watch.
-                drop(watched);
-                self.watchers.forget(id);
-                other.map(|s| (s, None))
-            }
+            // No saga with this id will ever end: the watch is dropped.
+            other => other.map(|s| (s, None)),
         }
     }
 
     /// Wait until saga `id` ended or `within` passed; the terminal status if it ended. Endings
     /// committed by this process wake the waiter at once; the database is asked every second
     /// too, for sagas another orchestrator finishes. A saga that does not exist is not waited
-    /// for (`None` at once), unless `watch` says this process just started it.
+    /// for (`None` at once), unless `watch` says this process just started it. When the
+    /// process stops, waiting ends at once with `None`.
     pub async fn wait_ended(
         &self,
         pool: &sqlx::PgPool,
         id: SagaId,
         within: std::time::Duration,
-        watch: Option<oneshot::Receiver<Status>>,
+        watch: Option<Watch>,
     ) -> Result<Option<Status>, Error> {
         let deadline = tokio::time::Instant::now() + within;
         let fresh = watch.is_some();
         let mut watch = watch.unwrap_or_else(|| self.watchers.watch(id));
         let mut check_now = !fresh;
-        let result = loop {
+        loop {
             if check_now {
                 match store::status(pool, id).await {
-                    Ok(Some(status)) if status.is_terminal() => break Ok(Some(status)),
-                    Ok(None) if !fresh => break Ok(None),
+                    Ok(Some(status)) if status.is_terminal() => return Ok(Some(status)),
+                    Ok(None) if !fresh => return Ok(None),
                     Ok(_) => {}
-                    Err(e) => break Err(e.into()),
+                    Err(e) => return Err(e.into()),
                 }
             }
             check_now = true;
             let now = tokio::time::Instant::now();
-            if now >= deadline {
-                break Ok(None);
+            if now >= deadline || self.watchers.released.is_cancelled() {
+                return Ok(None);
             }
             let nap = (deadline - now).min(std::time::Duration::from_secs(1));
-            match tokio::time::timeout(nap, &mut watch).await {
-                Ok(Ok(status)) => break Ok(Some(status)),
-                // The sender went away (its shard stopped): fall back to the database.
-                Ok(Err(_)) => watch = self.watchers.watch(id),
-                Err(_) => {}
+            tokio::select! {
+                ended = &mut watch.rx => match ended {
+                    Ok(status) => return Ok(Some(status)),
+                    // The sender went away (its shard stopped): fall back to the database.
+                    Err(_) => watch = self.watchers.watch(id),
+                },
+                _ = tokio::time::sleep(nap) => {}
+                _ = self.watchers.released.cancelled() => {}
             }
-        };
-        drop(watch);
-        self.watchers.forget(id);
-        result
+        }
     }
 
     /// Feed one input to a saga and wait until its effect is committed.
@@ -328,8 +353,9 @@ impl Engine {
         rx.await.map_err(|_| Error::Stopped)?
     }
 
-    pub fn watchers(&self) -> &Watchers {
-        &self.watchers
+    /// The process is stopping: answer every waiter now.
+    pub fn release_waiters(&self) {
+        self.watchers.release();
     }
 }
 
