@@ -176,13 +176,10 @@ impl Breakers {
         }
     }
 
-    /// Every step with a breaker of the saga types the engine knows.
+    /// Every step of every saga type the engine knows (a step shared by several types has one
+    /// breaker: it is one downstream service).
     pub fn steps() -> Vec<&'static str> {
-        let mut steps: Vec<&'static str> =
-            <sagas::checkout::Checkout as sagas::stepwise::Definition>::steps()
-                .iter()
-                .map(|s| s.name)
-                .collect();
+        let mut steps: Vec<&'static str> = sagas::types().iter().flat_map(|t| t.steps()).collect();
         steps.sort_unstable();
         steps.dedup();
         steps

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use sagas::api::Input;
 use sagas::wire::{Reply, consumers, headers};
 use tokio_util::sync::CancellationToken;
@@ -104,7 +104,16 @@ impl ReplyConsumer {
             loop {
                 tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => break 'outer,
+                    _ = shutdown.cancelled() => {
+                        // Replies pulled but not started go back at once, for another
+                        // orchestrator (or the next start), rather than after their ack wait.
+                        while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+                            if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+                                tracing::debug!(error = %e, "could not hand a reply back; it is redelivered after its ack wait");
+                            }
+                        }
+                        break 'outer;
+                    }
                     Some(_) = inflight.next(), if !inflight.is_empty() => {}
                     next = messages.next(), if inflight.len() < self.concurrency => match next {
                         Some(Ok(msg)) => inflight.push(self.handle(msg)),

@@ -1,9 +1,11 @@
 //! Building the application from its settings, and running it until it is told to stop.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream;
+use backon::{ExponentialBuilder, Retryable};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -44,9 +46,20 @@ impl Application {
             config::ms(settings.replies.ack_wait_ms),
             settings.replies.max_deliver,
         );
-        topology.declare(&js).await.context(
-            "cannot declare the JetStream streams and consumers (is JetStream enabled?)",
-        )?;
+        // Right after a NATS restart the connection may be up before JetStream answers: retry
+        // for a while, as for the connection itself, rather than exit.
+        (|| topology.declare(&js))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(15),
+            )
+            .notify(|e: &crate::topology::Error, d| {
+                tracing::warn!(error = %e, "JetStream not ready; retrying in {d:?}")
+            })
+            .await
+            .context("cannot declare the JetStream streams and consumers (is JetStream enabled?)")?;
         let metrics = Metrics::new();
         let breakers = Arc::new(Breakers::new(
             &Breakers::steps(),
@@ -151,6 +164,15 @@ impl Application {
             state.settings.maintenance.vacuum_interval_ms,
             shutdown.clone(),
         ));
+        // Long polls answer at once when the process stops, instead of holding the graceful
+        // shutdown for up to `http.max_wait_seconds`.
+        let release = {
+            let (engine, shutdown) = (state.engine.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                engine.release_waiters();
+            })
+        };
         tracing::info!(port, "orchestrator serving");
         let app = http::router(state);
         axum::serve(listener, app)
@@ -158,6 +180,7 @@ impl Application {
             .await
             .context("HTTP server failed")?;
         tracing::info!("HTTP stopped; finishing replies and timers in hand");
+        release.await.ok();
         replies.await.ok();
         timers.await.ok();
         unparker.await.ok();

@@ -98,8 +98,14 @@ impl TimerLoop {
                 fired_timer: Some(fired),
                 ..Default::default()
             };
-            if let Err(e) = self.engine.apply(saga, Input::TimerFired(timer), origin).await {
-                tracing::warn!(saga_id = %saga, error = %e, "timer not applied; it fires again after its lease");
+            match self.engine.apply(saga, Input::TimerFired(timer), origin).await {
+                Ok(_) => {}
+                Err(e @ crate::engine::Error::Corrupt { .. }) => {
+                    tracing::error!(saga_id = %saga, error = %e, "timer of a saga that cannot be restored; it fires again after its lease");
+                }
+                Err(e) => {
+                    tracing::warn!(saga_id = %saga, error = %e, "timer not applied; it fires again after its lease");
+                }
             }
         }))
         .await;

@@ -218,6 +218,8 @@ impl Clone for Box<dyn Saga> {
 pub trait SagaType: Send + Sync + 'static {
     /// Stored in the `type` column; never rename one.
     fn name(&self) -> &'static str;
+    /// The steps its instances dispatch commands to: the engine keeps a circuit breaker per step.
+    fn steps(&self) -> Vec<&'static str>;
     /// Start a new instance from its start request. The effects are those of entering the first
     /// step.
     fn start(

@@ -1250,6 +1250,10 @@ impl<D: Definition> api::SagaType for Type<D> {
         D::NAME
     }
 
+    fn steps(&self) -> Vec<&'static str> {
+        D::steps().iter().map(|s| s.name).collect()
+    }
+
     fn start(
         &self,
         id: SagaId,

@@ -202,12 +202,15 @@ impl Shard {
             blocked: self.breakers.blocked(),
         };
         let inputs = requests.len();
-        if let Err(e) = self.load_missing(&requests).await {
-            for r in requests {
-                r.fail(e.clone());
+        let unreadable = match self.load_missing(&requests).await {
+            Ok(unreadable) => unreadable,
+            Err(e) => {
+                for r in requests {
+                    r.fail(e.clone());
+                }
+                return None;
             }
-            return None;
-        }
+        };
         let mut work: HashMap<SagaId, Work> = HashMap::new();
         // Keys started in this batch: a second start with one of them waits for the first.
         let mut keys: HashMap<String, SagaId> = HashMap::new();
@@ -249,7 +252,13 @@ impl Shard {
                         None => match self.cache.remove(&id) {
                             Some(entry) => work.entry(id).or_insert(Work::new(entry, true)),
                             None => {
-                                let _ = reply.send(Ok(Applied::NotFound));
+                                let _ = reply.send(match unreadable.get(&id) {
+                                    Some(reason) => Err(Error::Corrupt {
+                                        id,
+                                        reason: reason.clone(),
+                                    }),
+                                    None => Ok(Applied::NotFound),
+                                });
                                 continue;
                             }
                         },
@@ -442,7 +451,14 @@ impl Shard {
     }
 
     /// Read from the database every saga named by an input that the cache does not hold.
-    async fn load_missing(&mut self, requests: &[Request]) -> Result<(), Error> {
+    /// Returns the sagas that exist but cannot be restored (an unknown type, a snapshot this
+    /// build cannot read), with the reason: their inputs fail with [`Error::Corrupt`] rather
+    /// than pass for inputs of an unknown saga.
+    async fn load_missing(
+        &mut self,
+        requests: &[Request],
+    ) -> Result<HashMap<SagaId, String>, Error> {
+        let mut unreadable = HashMap::new();
         let missing: Vec<SagaId> = requests
             .iter()
             .filter_map(|r| match r {
@@ -451,7 +467,7 @@ impl Shard {
             })
             .collect();
         if missing.is_empty() {
-            return Ok(());
+            return Ok(unreadable);
         }
         for row in store::load(&self.pool, &missing).await? {
             let id = row.id;
@@ -461,6 +477,7 @@ impl Shard {
                 .map(|(k, t)| (*k, *t))
             else {
                 tracing::error!(saga_id = %id, saga_type = %row.saga_type, "unknown saga type");
+                unreadable.insert(id, format!("unknown saga type {:?}", row.saga_type));
                 continue;
             };
             match t.restore(&row.snapshot) {
@@ -477,10 +494,11 @@ impl Shard {
                 }
                 Err(e) => {
                     tracing::error!(saga_id = %id, error = %e, "stored saga cannot be restored");
+                    unreadable.insert(id, format!("its snapshot cannot be restored: {e}"));
                 }
             }
         }
-        Ok(())
+        Ok(unreadable)
     }
 }
 
@@ -528,15 +546,18 @@ impl Work {
         if let Some(fired) = &origin.fired_timer {
             self.fired.push(fired.clone());
         }
-        let _span = tracing::debug_span!(
-            "apply",
-            saga_id = %id,
-            correlation_id = %origin.correlation_id.as_deref().unwrap_or(&self.entry.correlation_id)
-        )
-        .entered();
+        let correlation_id = origin
+            .correlation_id
+            .as_deref()
+            .unwrap_or(&self.entry.correlation_id);
+        let _span = tracing::debug_span!("apply", saga_id = %id, correlation_id = %correlation_id)
+            .entered();
         match self.entry.saga.apply(input, env) {
             Verdict::Ignored(why) => {
-                tracing::info!(input = input.kind(), reason = %why, "input ignored");
+                // Logged at info, where the debug span above is off: the line names its saga
+                // and correlation id itself.
+                tracing::info!(saga_id = %id, correlation_id = %correlation_id,
+                    input = input.kind(), reason = %why, "input ignored (stale or duplicate)");
                 Applied::Ignored(why)
             }
             Verdict::Applied(effects) => {

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use sagas::api::Status;
 use sagas::wire::SagaId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
@@ -43,7 +43,7 @@ pub(super) struct UpdateRow {
 }
 
 /// One row of the event log, as the API reads it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventRow {
     pub saga_id: SagaId,
     pub seq: i32,
@@ -53,7 +53,7 @@ pub struct EventRow {
     pub state_after: String,
     pub at: DateTime<Utc>,
     /// The steps whose breaker was open when the input was applied.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked: Option<serde_json::Value>,
 }
 
@@ -462,13 +462,21 @@ fn record(r: &sqlx::postgres::PgRow) -> SagaRecord {
     }
 }
 
-/// A saga and its event log.
+/// A saga and its event log, read in one statement so that both come from one snapshot of
+/// the database (two statements could show a log newer than the row).
 pub async fn load_record(
     pool: &PgPool,
     id: SagaId,
 ) -> Result<Option<(SagaRecord, Vec<EventRow>)>, sqlx::Error> {
     let Some(row) = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {RECORD_COLUMNS} FROM orchestrator.sagas WHERE id = $1"
+        "SELECT {RECORD_COLUMNS},
+                (SELECT coalesce(json_agg(json_build_object(
+                            'saga_id', e.saga_id, 'seq', e.seq, 'kind', e.kind,
+                            'input', e.input, 'effects', e.effects,
+                            'state_after', e.state_after, 'at', e.at, 'blocked', e.blocked)
+                          ORDER BY e.seq), '[]'::json)
+                   FROM orchestrator.saga_events e WHERE e.saga_id = s.id)
+           FROM orchestrator.sagas s WHERE s.id = $1"
     )))
     .bind(id.as_uuid())
     .fetch_optional(pool)
@@ -476,25 +484,9 @@ pub async fn load_record(
     else {
         return Ok(None);
     };
-    let events = sqlx::query(
-        "SELECT saga_id, seq, kind, input, effects, state_after, at, blocked
-           FROM orchestrator.saga_events WHERE saga_id = $1 ORDER BY seq",
-    )
-    .bind(id.as_uuid())
-    .fetch_all(pool)
-    .await?
-    .iter()
-    .map(|r| EventRow {
-        saga_id: SagaId::from_uuid(r.get(0)),
-        seq: r.get(1),
-        kind: r.get(2),
-        input: r.get(3),
-        effects: r.get(4),
-        state_after: r.get(5),
-        at: r.get(6),
-        blocked: r.get(7),
-    })
-    .collect();
+    let events: serde_json::Value = row.get(10);
+    let events: Vec<EventRow> =
+        serde_json::from_value(events).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
     Ok(Some((record(&row), events)))
 }
 
