@@ -1,6 +1,17 @@
 //! JetStream plumbing shared by every worker: binding to a durable consumer, pulling with
 //! bounded concurrency and a graceful stop, answering commands (reply before ack), and setting
 //! poison messages aside on the dead-letter subject.
+//!
+//! A handler tells three things apart ([`Handler::handle`]): a command answered (the reply is
+//! stored, then the command acknowledged); one that cannot be handled now ([`Unavailable`]:
+//! handed back with a growing delay, dead-lettered on the consumer's last allowed delivery); and
+//! a poison command ([`Error::Poison`]: one the orchestrator cannot have sent, such as a command
+//! for a saga that is not an order, which is dead-lettered at once with the reason, acknowledged,
+//! and never acted on).
+//!
+//! On shutdown a consumer stops pulling, hands back at once (`Nak` without delay) the messages
+//! already pulled into its buffer but not started, so that another process takes them without
+//! waiting out the ack wait, and finishes the ones in hand.
 
 use std::future::Future;
 use std::time::Duration;
@@ -8,8 +19,8 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use backon::{ExponentialBuilder, Retryable};
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use sagas::wire::{Command, Event, ReplyOutcome, Service, Subjects, consumers, headers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -22,6 +33,24 @@ pub struct Unavailable(pub String);
 impl From<sqlx::Error> for Unavailable {
     fn from(e: sqlx::Error) -> Self {
         Unavailable(format!("database: {e}"))
+    }
+}
+
+/// Why a command was not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// It cannot be handled now: not acknowledged, it comes back later ([`retry_later`]).
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    /// It must never be acted on (it names a saga that is not an order, or does not match the
+    /// order it names): set aside on the dead-letter subject with this reason, and acknowledged.
+    #[error("poison command: {0}")]
+    Poison(String),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Unavailable(e.into())
     }
 }
 
@@ -85,8 +114,9 @@ pub async fn bind(
 }
 
 /// Pull from `consumer` and run `handle` on each message, at most `concurrency` at once, until
-/// `shutdown`; then stop pulling and finish the messages in hand. `handle` also gets the
-/// consumer's delivery limit (`MaxDeliver`), for [`retry_later`].
+/// `shutdown`; then stop pulling, hand back what was pulled but not started
+/// (`hand_back_buffered`), and finish the messages in hand. `handle` also gets the consumer's
+/// delivery limit (`MaxDeliver`), for [`retry_later`].
 pub async fn consume<F, Fut>(
     js: jetstream::Context,
     stream: String,
@@ -124,7 +154,10 @@ pub async fn consume<F, Fut>(
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break 'outer,
+                _ = shutdown.cancelled() => {
+                    hand_back_buffered(messages, consumer_name).await;
+                    break 'outer;
+                }
                 Some(_) = inflight.next(), if !inflight.is_empty() => {}
                 next = messages.next(), if inflight.len() < concurrency => match next {
                     Some(Ok(msg)) => inflight.push(handle(msg, max_deliver)),
@@ -136,6 +169,39 @@ pub async fn consume<F, Fut>(
     }
     while inflight.next().await.is_some() {}
     tracing::info!(consumer = consumer_name, "consumer stopped");
+}
+
+/// Hand back, without delay, the messages the pull stream already holds (pulled from the server
+/// in its last batch, not handed to a handler yet): without this they would wait out the
+/// consumer's ack wait before another process got them. They are taken out first and the
+/// stream is dropped (which unsubscribes from its inbox) before they are handed back, so that
+/// the server cannot deliver them again to this process's own pull request. Only what is ready
+/// now is taken; a message still on its way is redelivered after the ack wait, as after a crash.
+async fn hand_back_buffered(mut messages: jetstream::consumer::pull::Stream, consumer: &str) {
+    let mut held = Vec::new();
+    while let Some(Some(next)) = messages.next().now_or_never() {
+        match next {
+            Ok(msg) => held.push(msg),
+            // A heartbeat or pull error: nothing more is ready.
+            Err(e) => {
+                tracing::debug!(error = %e, consumer, "pull error while handing messages back");
+                break;
+            }
+        }
+    }
+    drop(messages);
+    for msg in &held {
+        if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+            tracing::warn!(error = %e, consumer, "could not hand back a pulled message; it is redelivered after its ack wait");
+        }
+    }
+    if !held.is_empty() {
+        tracing::info!(
+            consumer,
+            messages = held.len(),
+            "stopping: pulled messages handed back"
+        );
+    }
 }
 
 pub fn correlation_id(msg: &jetstream::Message) -> String {
@@ -214,17 +280,19 @@ pub async fn retry_later(
     }
 }
 
-/// A worker pool's answer to commands. Implementations are idempotent per `(saga_id, step)`.
+/// A worker pool's answer to commands. Implementations are idempotent per `(saga_id, step)`,
+/// and check before any effect that the command is one the orchestrator could have sent
+/// ([`crate::orders::check`]): a command for a saga that is not an order, or that does not
+/// match its order, is [`Error::Poison`] and does nothing.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(
-        &self,
-        cmd: &Command,
-    ) -> impl Future<Output = Result<ReplyOutcome, Unavailable>> + Send;
+    fn handle(&self, cmd: &Command) -> impl Future<Output = Result<ReplyOutcome, Error>> + Send;
 }
 
 /// Serve the commands of one worker pool: decode, handle, publish the reply and wait for
 /// JetStream to store it, and only then acknowledge the command. A crash in between means a
-/// redelivery, which the handler answers again without repeating the effect.
+/// redelivery, which the handler answers again without repeating the effect. A command that
+/// does not decode, belongs to another pool or that the handler finds poison is dead-lettered
+/// (origin `cmd-<service>`) and acknowledged; the consumer goes on.
 pub async fn serve_commands<H: Handler>(
     js: jetstream::Context,
     subjects: Subjects,
@@ -248,7 +316,12 @@ pub async fn serve_commands<H: Handler>(
         shutdown,
         move |msg, max_deliver| async move {
             let cid = correlation_id(&msg);
-            let span = tracing::info_span!("command", correlation_id = %cid, service = %service);
+            let span = tracing::info_span!(
+                "command",
+                correlation_id = %cid,
+                service = %service,
+                saga_id = tracing::field::Empty
+            );
             async move {
                 let cmd: Command = match serde_json::from_slice(&msg.payload) {
                     Ok(c) => c,
@@ -256,6 +329,8 @@ pub async fn serve_commands<H: Handler>(
                         return dead_letter(js_ref, subjects_ref, origin_ref, &msg, &format!("undecodable command: {e}")).await;
                     }
                 };
+                // Every line about this command from here on (a dead letter's too) names its saga.
+                tracing::Span::current().record("saga_id", tracing::field::display(cmd.saga_id));
                 if cmd.body.action().service() != service {
                     let why = format!("{} is not a {service} command", cmd.body.action().as_str());
                     return dead_letter(js_ref, subjects_ref, origin_ref, &msg, &why).await;
@@ -270,7 +345,11 @@ pub async fn serve_commands<H: Handler>(
                 }
                 let outcome = match handler.handle(&cmd).await {
                     Ok(o) => o,
-                    Err(e) => {
+                    // Logged by `dead_letter`, at warn, in this span (correlation and saga id).
+                    Err(Error::Poison(why)) => {
+                        return dead_letter(js_ref, subjects_ref, origin_ref, &msg, &why).await;
+                    }
+                    Err(Error::Unavailable(e)) => {
                         tracing::warn!(saga_id = %cmd.saga_id, step = %cmd.step, error = %e, "command not handled; it will be redelivered");
                         return retry_later(js_ref, subjects_ref, origin_ref, &msg, max_deliver, &e.to_string()).await;
                     }

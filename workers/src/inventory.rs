@@ -11,18 +11,27 @@
 //! per order (orders of a flash sale all want the same rows), and a batch costs a handful of
 //! statements whatever its size. Rows are locked reservations first, then variants in SKU
 //! order, so several processes never deadlock.
+//!
+//! A reserve or release acts only for a command the orchestrator could have sent: the writer
+//! reads the orders of the batch's sagas in the same statement that looks for confirmed orders
+//! at expiry (one lookup per batch, by saga id, the view's key), and a command whose saga is not
+//! an order, or that names another order ([`crate::orders::check_order`]), is poison: it holds
+//! no stock and leaves no tombstone, and is dead-lettered. A release for a known saga whose
+//! reserve never came still leaves its tombstone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
 use sagas::wire::{
-    Command, CommandBody, DomainEvent, Event, Line, OrderId, ReplyOutcome, SagaId, StepOutput,
+    Action, Command, CommandBody, DomainEvent, Event, Line, OrderId, ReplyOutcome, SagaId,
+    StepOutput,
 };
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::bus::{Handler, Unavailable};
+use crate::bus::{self, Handler, Unavailable};
+use crate::orders::{self, Order};
 
 /// What the writer is asked to do.
 #[derive(Debug, Clone)]
@@ -60,7 +69,7 @@ impl Op {
 
 struct Job {
     op: Op,
-    reply: oneshot::Sender<Result<ReplyOutcome, Unavailable>>,
+    reply: oneshot::Sender<Result<ReplyOutcome, bus::Error>>,
 }
 
 #[derive(Clone)]
@@ -90,7 +99,7 @@ fn released() -> ReplyOutcome {
 }
 
 impl Handler for Inventory {
-    async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, Unavailable> {
+    async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, bus::Error> {
         let op = match &cmd.body {
             CommandBody::ReserveStock {
                 order_id,
@@ -173,7 +182,7 @@ impl Inventory {
         Self { pool, jobs }
     }
 
-    async fn submit(&self, op: Op) -> Result<ReplyOutcome, Unavailable> {
+    async fn submit(&self, op: Op) -> Result<ReplyOutcome, bus::Error> {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job { op, reply })
@@ -183,13 +192,24 @@ impl Inventory {
             .map_err(|_| Unavailable("the inventory writer stopped".into()))?
     }
 
+    /// Submit an op of the service's own (a consumption or an expiry): only commands are checked
+    /// against their order, so it is never poison.
+    async fn submit_own(&self, op: Op) -> Result<ReplyOutcome, Unavailable> {
+        match self.submit(op).await {
+            Ok(outcome) => Ok(outcome),
+            Err(bus::Error::Unavailable(e)) => Err(e),
+            Err(bus::Error::Poison(why)) => Err(Unavailable(why)),
+        }
+    }
+
+    /// Reserve an order's lines, if the saga is that order's ([`bus::Error::Poison`] if not).
     pub async fn reserve(
         &self,
         saga: SagaId,
         order: OrderId,
         lines: &[Line],
         hold_seconds: u32,
-    ) -> Result<ReplyOutcome, Unavailable> {
+    ) -> Result<ReplyOutcome, bus::Error> {
         self.submit(Op::Reserve {
             saga,
             order,
@@ -199,14 +219,16 @@ impl Inventory {
         .await
     }
 
-    pub async fn release(&self, saga: SagaId, order: OrderId) -> Result<ReplyOutcome, Unavailable> {
+    /// Release an order's reservation (or leave a tombstone when there is none yet), if the saga
+    /// is that order's ([`bus::Error::Poison`] if not).
+    pub async fn release(&self, saga: SagaId, order: OrderId) -> Result<ReplyOutcome, bus::Error> {
         self.submit(Op::Release { saga, order }).await
     }
 
     /// Handle a domain event from the events stream.
     pub async fn on_event(&self, event: &Event) -> Result<(), Unavailable> {
         if let DomainEvent::OrderConfirmed { order_id, .. } = &event.event {
-            self.submit(Op::Consume { order: *order_id }).await?;
+            self.submit_own(Op::Consume { order: *order_id }).await?;
         }
         Ok(())
     }
@@ -246,7 +268,7 @@ impl Inventory {
         .await?;
         let n = due.len();
         let done = futures::future::join_all(due.into_iter().map(|o| {
-            self.submit(Op::Expire {
+            self.submit_own(Op::Expire {
                 order: OrderId::from_uuid(o),
             })
         }))
@@ -265,21 +287,38 @@ async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
         match apply(&pool, &ops).await {
             Ok(outcomes) => {
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = job.reply.send(Ok(outcome));
+                    let _ = job.reply.send(outcome.map_err(bus::Error::Poison));
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, ops = batch.len(), "inventory batch failed");
                 for job in batch {
-                    let _ = job.reply.send(Err(Unavailable(format!("database: {e}"))));
+                    let _ = job
+                        .reply
+                        .send(Err(Unavailable(format!("database: {e}")).into()));
                 }
             }
         }
     }
 }
 
-/// Apply `ops` in order, in one transaction; the outcome of each.
-async fn apply(pool: &PgPool, ops: &[Op]) -> Result<Vec<ReplyOutcome>, sqlx::Error> {
+/// The reason a command is poison, if it is: a reserve or a release whose saga is not an order
+/// (`by_saga`: the orders found, by saga id) or that names another order.
+fn poison(op: &Op, by_saga: &HashMap<Uuid, Order>) -> Option<String> {
+    let (action, saga, order) = match op {
+        Op::Reserve { saga, order, .. } => (Action::ReserveStock, saga, order),
+        Op::Release { saga, order } => (Action::ReleaseStock, saga, order),
+        Op::Consume { .. } | Op::Expire { .. } => return None,
+    };
+    orders::check_order(action, *saga, *order, by_saga.get(&saga.as_uuid())).err()
+}
+
+/// Apply `ops` in order, in one transaction; the outcome of each, or the reason it is poison
+/// (then it did nothing).
+async fn apply(
+    pool: &PgPool,
+    ops: &[Op],
+) -> Result<Vec<Result<ReplyOutcome, String>>, sqlx::Error> {
     let now = Utc::now();
     let mut tx = pool.begin().await?;
     // Lock the reservations the batch touches.
@@ -312,31 +351,46 @@ async fn apply(pool: &PgPool, ops: &[Op]) -> Result<Vec<ReplyOutcome>, sqlx::Err
             },
         );
     }
-    // Orders confirmed meanwhile, for expiries (asked of the Order service's view, by the
-    // saga id the reservation holds: the view's key, an index lookup whatever its size).
-    let expiring: Vec<Uuid> = ops
+    // The orders of the batch's sagas, asked of the Order service's view by saga id (the
+    // view's key, an index lookup whatever its size), in one statement: those of the commands,
+    // which must be orders of theirs, and those of the reservations expiring, which are consumed
+    // rather than released when their order was confirmed meanwhile.
+    let sagas: Vec<Uuid> = ops
         .iter()
         .filter_map(|o| match o {
+            Op::Reserve { saga, .. } | Op::Release { saga, .. } => Some(saga.as_uuid()),
             Op::Expire { order } => held.get(order).map(|h| h.saga.as_uuid()),
-            _ => None,
+            Op::Consume { .. } => None,
         })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
         .collect();
-    let confirmed: BTreeSet<Uuid> = if expiring.is_empty() {
-        BTreeSet::new()
+    let by_saga: HashMap<Uuid, Order> = if sagas.is_empty() {
+        HashMap::new()
     } else {
-        sqlx::query_scalar(
-            "SELECT id FROM orders.orders WHERE saga_id = ANY($1) AND status = 'confirmed'",
+        sqlx::query(
+            "SELECT o.saga_id, o.id, o.status FROM orders.orders o WHERE o.saga_id = ANY($1)",
         )
-        .bind(&expiring)
+        .bind(&sagas)
         .fetch_all(&mut *tx)
         .await?
-        .into_iter()
+        .iter()
+        .filter_map(|r| Order::at(r, 0))
+        .map(|o| (o.saga_id.as_uuid(), o))
         .collect()
     };
-    // Lock every variant any of them touches, in SKU order.
+    let confirmed: BTreeSet<Uuid> = by_saga
+        .values()
+        .filter(|o| o.status == "confirmed")
+        .filter_map(|o| o.id)
+        .collect();
+    let poisoned: Vec<Option<String>> = ops.iter().map(|op| poison(op, &by_saga)).collect();
+    // Lock every variant any of them touches, in SKU order (not those of a poison command).
     let mut skus: BTreeSet<String> = BTreeSet::new();
-    for op in ops {
-        if let Op::Reserve { lines, .. } = op {
+    for (op, poisoned) in ops.iter().zip(&poisoned) {
+        if let Op::Reserve { lines, .. } = op
+            && poisoned.is_none()
+        {
             skus.extend(lines.iter().map(|l| l.sku.as_str().to_owned()));
         }
     }
@@ -365,7 +419,11 @@ async fn apply(pool: &PgPool, ops: &[Op]) -> Result<Vec<ReplyOutcome>, sqlx::Err
 
     let mut movements: Vec<Movement> = Vec::new();
     let mut outcomes = Vec::with_capacity(ops.len());
-    for op in ops {
+    for (op, poisoned) in ops.iter().zip(poisoned) {
+        if let Some(why) = poisoned {
+            outcomes.push(Err(why));
+            continue;
+        }
         let outcome = match op {
             Op::Reserve {
                 saga,
@@ -523,7 +581,7 @@ async fn apply(pool: &PgPool, ops: &[Op]) -> Result<Vec<ReplyOutcome>, sqlx::Err
                 released()
             }
         };
-        outcomes.push(outcome);
+        outcomes.push(Ok(outcome));
     }
     write(&mut tx, &held, &stock, &movements, now).await?;
     tx.commit().await?;

@@ -1,16 +1,20 @@
 //! Workers that answer every command at once without IO: the `noop` variant of the benchmark,
 //! which measures what the orchestration itself costs. A payment token starting with
 //! `tok_decline` is declined, as the real processor would.
+//!
+//! Without IO there is no order to check a command against: unlike the real services
+//! ([`crate::orders::check`]), these answer any command that decodes, stray or forged ones
+//! included. They do nothing either, so nothing is charged, held or booked.
 
 use chrono::{Duration, Utc};
 use sagas::wire::{Command, CommandBody, ReplyOutcome, StepOutput};
 
-use crate::bus::{Handler, Unavailable};
+use crate::bus::{self, Handler};
 
 pub struct Noop;
 
 impl Handler for Noop {
-    async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, Unavailable> {
+    async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, bus::Error> {
         let output = match &cmd.body {
             CommandBody::ReserveStock { hold_seconds, .. } => StepOutput::StockReserved {
                 expires_at: Utc::now() + Duration::seconds(i64::from(*hold_seconds)),

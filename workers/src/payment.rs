@@ -13,6 +13,13 @@
 //! call still going on there (one that timed out here) cannot charge after it. No interleaving
 //! of charge and refund, no crash between the call and the write, and no late answer leaves
 //! money taken.
+//!
+//! Before either, [`Handler::handle`] checks the command against the order of its saga
+//! ([`crate::orders::check`]: the saga is an order, the order id and the amount are the
+//! order's): a stray, old or forged command charges nothing, refunds nothing and leaves no
+//! tombstone; it is dead-lettered. The order is read by the same batched statement as the
+//! charge row, so the check costs no round trip of its own. [`Payment::charge`] and
+//! [`Payment::refund`] are the effects alone, without the check (tests drive them directly).
 
 use chrono::Utc;
 use sagas::wire::{Command, CommandBody, Money, ReplyOutcome, SagaId, StepOutput};
@@ -23,8 +30,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::batch::Batcher;
-use crate::bus::{Handler, Unavailable};
+use crate::bus::{self, Handler, Unavailable};
 use crate::clients::{CallError, Processor};
+use crate::orders::{self, Order};
 
 #[derive(Clone)]
 pub struct Payment {
@@ -32,7 +40,7 @@ pub struct Payment {
     processor: Processor,
     /// How long a call may take before its `pending` row is written.
     pending_after: Duration,
-    lookups: Batcher<(SagaId, String), Option<Charge>>,
+    lookups: Batcher<(SagaId, String), Found>,
     claims: Batcher<Claim, (Charge, bool)>,
     settles: Batcher<Settle, Option<Charge>>,
     transitions: Batcher<Transition, bool>,
@@ -71,8 +79,14 @@ struct Charge {
     reason: Option<String>,
 }
 
+/// What a lookup finds for a command: its charge row, and the order of its saga.
+struct Found {
+    charge: Option<Charge>,
+    order: Option<Order>,
+}
+
 impl Handler for Payment {
-    async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, Unavailable> {
+    async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, bus::Error> {
         match &cmd.body {
             CommandBody::ChargePayment {
                 order_id,
@@ -80,18 +94,23 @@ impl Handler for Payment {
                 payment_token,
                 ..
             } => {
-                self.charge(
-                    cmd.saga_id,
-                    &cmd.step,
-                    order_id.as_uuid(),
-                    amount,
-                    payment_token,
-                )
-                .await
+                let found = self.checked(cmd).await?;
+                Ok(self
+                    .charge_from(
+                        found.charge,
+                        cmd.saga_id,
+                        &cmd.step,
+                        order_id.as_uuid(),
+                        amount,
+                        payment_token,
+                    )
+                    .await?)
             }
             CommandBody::RefundPayment { order_id, amount } => {
-                self.refund(cmd.saga_id, &cmd.step, order_id.as_uuid(), amount)
-                    .await
+                self.checked(cmd).await?;
+                Ok(self
+                    .refund(cmd.saga_id, &cmd.step, order_id.as_uuid(), amount)
+                    .await?)
             }
             other => Ok(refused(
                 "unsupported",
@@ -198,28 +217,44 @@ async fn claim_many(pool: &PgPool, claims: Vec<Claim>) -> Result<Vec<(Charge, bo
     Ok(out)
 }
 
-/// Read many rows in one statement.
+/// Read many rows, and the orders of their sagas, in one statement: one row per key (the
+/// charge is unique by saga and step, the order by saga), found by their primary or unique
+/// keys.
 async fn lookup_many(
     pool: &PgPool,
     keys: Vec<(SagaId, String)>,
-) -> Result<Vec<Option<Charge>>, sqlx::Error> {
+) -> Result<Vec<Found>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT c.saga_id, c.step, c.id, c.status, c.processor_ref, c.decline_code, c.reason
-           FROM payments.charges c
-           JOIN unnest($1::uuid[], $2::text[]) AS k(saga_id, step) ON c.saga_id = k.saga_id AND c.step = k.step",
+        "SELECT k.n, c.id, c.status, c.processor_ref, c.decline_code, c.reason,
+                o.saga_id, o.id, o.status, o.total_minor, o.currency
+           FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS k(saga_id, step, n)
+           LEFT JOIN payments.charges c ON c.saga_id = k.saga_id AND c.step = k.step
+           LEFT JOIN orders.orders o ON o.saga_id = k.saga_id",
     )
     .bind(keys.iter().map(|k| k.0.as_uuid()).collect::<Vec<_>>())
     .bind(keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>())
     .fetch_all(pool)
     .await?;
-    let by_key: HashMap<(Uuid, String), Charge> = rows
+    let mut found: Vec<Found> = keys
         .iter()
-        .map(|r| ((r.get(0), r.get(1)), charge_of(r, 2)))
+        .map(|_| Found {
+            charge: None,
+            order: None,
+        })
         .collect();
-    Ok(keys
-        .into_iter()
-        .map(|(saga, step)| by_key.get(&(saga.as_uuid(), step)).cloned())
-        .collect())
+    for r in &rows {
+        // WITH ORDINALITY counts from 1.
+        let n = usize::try_from(r.get::<i64, _>(0) - 1)
+            .map_err(|_| sqlx::Error::Protocol("a lookup row out of range".into()))?;
+        let Some(f) = found.get_mut(n) else {
+            return Err(sqlx::Error::Protocol("a lookup row out of range".into()));
+        };
+        if r.get::<Option<Uuid>, _>(1).is_some() {
+            f.charge = Some(charge_of(r, 1));
+        }
+        f.order = Order::with_total_at(r, 6);
+    }
+    Ok(found)
 }
 
 /// Record many calls' results in one statement: insert each row with its final status, or
@@ -359,6 +394,14 @@ impl Payment {
         format!("{saga}:{step}")
     }
 
+    /// The command's charge row, once the command is found to match the order of its saga;
+    /// [`bus::Error::Poison`] when it does not.
+    async fn checked(&self, cmd: &Command) -> Result<Found, bus::Error> {
+        let found = self.lookups.call((cmd.saga_id, cmd.step.clone())).await?;
+        orders::check(cmd, found.order.as_ref()).map_err(bus::Error::Poison)?;
+        Ok(found)
+    }
+
     async fn row(&self, saga: SagaId, step: &str) -> Result<Option<Charge>, sqlx::Error> {
         let row = sqlx::query(
             "SELECT id, status, processor_ref, decline_code, reason FROM payments.charges
@@ -430,6 +473,8 @@ impl Payment {
         }
     }
 
+    /// Charge `amount` for a saga's step, once: the effect alone, without the check that the
+    /// command matches its order ([`Handler::handle`] checks first).
     pub async fn charge(
         &self,
         saga: SagaId,
@@ -438,7 +483,21 @@ impl Payment {
         amount: &Money,
         token: &str,
     ) -> Result<ReplyOutcome, Unavailable> {
-        let recorded = self.lookups.call((saga, step.to_owned())).await?;
+        let recorded = self.lookups.call((saga, step.to_owned())).await?.charge;
+        self.charge_from(recorded, saga, step, order, amount, token)
+            .await
+    }
+
+    /// [`Payment::charge`], given the charge row the lookup found (`recorded`).
+    async fn charge_from(
+        &self,
+        recorded: Option<Charge>,
+        saga: SagaId,
+        step: &str,
+        order: Uuid,
+        amount: &Money,
+        token: &str,
+    ) -> Result<ReplyOutcome, Unavailable> {
         if let Some(row) = &recorded {
             match row.status.as_str() {
                 "succeeded" => return Ok(charged(row)),
@@ -583,6 +642,8 @@ impl Payment {
         Ok(id)
     }
 
+    /// Refund a saga's charge (or leave a tombstone when there is none yet): the effect alone,
+    /// without the check that the command matches its order ([`Handler::handle`] checks first).
     pub async fn refund(
         &self,
         saga: SagaId,

@@ -4,6 +4,13 @@
 //! when the call is slow); a cancel that comes first leaves a `voided` tombstone and voids the
 //! key at the carrier (which returns a booking already made under it, and refuses any later
 //! one); a booking that lands on a tombstone is cancelled at once.
+//!
+//! Before either, [`Handler::handle`] checks the command against the order of its saga
+//! ([`crate::orders::check`]: the saga is an order, and the order id is the order's): a stray,
+//! old or forged command books nothing, cancels nothing and leaves no tombstone; it is
+//! dead-lettered. The order is read by the same batched statement as the shipment row, so the
+//! check costs no round trip of its own. [`Shipping::create`] and [`Shipping::cancel`] are the
+//! effects alone, without the check (tests drive them directly).
 
 use chrono::Utc;
 use sagas::wire::{Address, Command, CommandBody, Line, OrderId, ReplyOutcome, SagaId, StepOutput};
@@ -14,8 +21,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::batch::Batcher;
-use crate::bus::{Handler, Unavailable};
+use crate::bus::{self, Handler, Unavailable};
 use crate::clients::{CallError, Carrier};
+use crate::orders::{self, Order};
 
 #[derive(Clone)]
 pub struct Shipping {
@@ -23,7 +31,7 @@ pub struct Shipping {
     carrier: Carrier,
     /// How long a call may take before its `pending` row is written.
     pending_after: Duration,
-    lookups: Batcher<OrderId, Option<Shipment>>,
+    lookups: Batcher<(SagaId, OrderId), Found>,
     claims: Batcher<Claim, (Shipment, bool)>,
     settles: Batcher<Settle, Option<Shipment>>,
     transitions: Batcher<Transition, bool>,
@@ -54,15 +62,29 @@ struct Shipment {
     reason: Option<String>,
 }
 
+/// What a lookup finds for a command: the order's shipment row, and the order of its saga.
+struct Found {
+    shipment: Option<Shipment>,
+    order: Option<Order>,
+}
+
 impl Handler for Shipping {
-    async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, Unavailable> {
+    async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, bus::Error> {
         match &cmd.body {
             CommandBody::CreateShipment {
                 order_id,
                 address,
                 lines,
-            } => self.create(cmd.saga_id, *order_id, address, lines).await,
-            CommandBody::CancelShipment { order_id } => self.cancel(cmd.saga_id, *order_id).await,
+            } => {
+                let found = self.checked(cmd, *order_id).await?;
+                Ok(self
+                    .create_from(found.shipment, cmd.saga_id, *order_id, address, lines)
+                    .await?)
+            }
+            CommandBody::CancelShipment { order_id } => {
+                self.checked(cmd, *order_id).await?;
+                Ok(self.cancel(cmd.saga_id, *order_id).await?)
+            }
             other => Ok(refused(
                 "unsupported",
                 format!("shipping does not {}", other.action().as_str()),
@@ -156,22 +178,43 @@ async fn claim_many(
         .collect()
 }
 
-/// Read many rows in one statement.
+/// Read many rows, and the orders of their sagas, in one statement: one row per key (the
+/// shipment is unique by order, the order by saga), found by their primary or unique keys.
 async fn lookup_many(
     pool: &PgPool,
-    orders: Vec<OrderId>,
-) -> Result<Vec<Option<Shipment>>, sqlx::Error> {
-    let ids: Vec<Uuid> = orders.iter().map(|o| o.as_uuid()).collect();
+    keys: Vec<(SagaId, OrderId)>,
+) -> Result<Vec<Found>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT order_id, id, status, carrier_ref, tracking_number, reason
-           FROM shipping.shipments WHERE order_id = ANY($1)",
+        "SELECT k.n, s.id, s.status, s.carrier_ref, s.tracking_number, s.reason,
+                o.saga_id, o.id, o.status
+           FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS k(saga_id, order_id, n)
+           LEFT JOIN shipping.shipments s ON s.order_id = k.order_id
+           LEFT JOIN orders.orders o ON o.saga_id = k.saga_id",
     )
-    .bind(&ids)
+    .bind(keys.iter().map(|k| k.0.as_uuid()).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.1.as_uuid()).collect::<Vec<_>>())
     .fetch_all(pool)
     .await?;
-    let by_order: HashMap<Uuid, Shipment> =
-        rows.iter().map(|r| (r.get(0), shipment_of(r, 1))).collect();
-    Ok(ids.iter().map(|o| by_order.get(o).cloned()).collect())
+    let mut found: Vec<Found> = keys
+        .iter()
+        .map(|_| Found {
+            shipment: None,
+            order: None,
+        })
+        .collect();
+    for r in &rows {
+        // WITH ORDINALITY counts from 1.
+        let n = usize::try_from(r.get::<i64, _>(0) - 1)
+            .map_err(|_| sqlx::Error::Protocol("a lookup row out of range".into()))?;
+        let Some(f) = found.get_mut(n) else {
+            return Err(sqlx::Error::Protocol("a lookup row out of range".into()));
+        };
+        if r.get::<Option<Uuid>, _>(1).is_some() {
+            f.shipment = Some(shipment_of(r, 1));
+        }
+        f.order = Order::at(r, 6);
+    }
+    Ok(found)
 }
 
 /// Record many calls' results in one statement (see payment.rs): insert each row with its
@@ -314,6 +357,14 @@ impl Shipping {
         format!("shipment:{order}")
     }
 
+    /// The order's shipment row, once the command is found to match the order of its saga;
+    /// [`bus::Error::Poison`] when it does not.
+    async fn checked(&self, cmd: &Command, order: OrderId) -> Result<Found, bus::Error> {
+        let found = self.lookups.call((cmd.saga_id, order)).await?;
+        orders::check(cmd, found.order.as_ref()).map_err(bus::Error::Poison)?;
+        Ok(found)
+    }
+
     async fn row(&self, order: OrderId) -> Result<Option<Shipment>, sqlx::Error> {
         let row = sqlx::query(
             "SELECT id, status, carrier_ref, tracking_number, reason FROM shipping.shipments WHERE order_id = $1",
@@ -381,6 +432,8 @@ impl Shipping {
         }
     }
 
+    /// Book the order's shipment, once: the effect alone, without the check that the command
+    /// matches its order ([`Handler::handle`] checks first).
     pub async fn create(
         &self,
         saga: SagaId,
@@ -388,7 +441,20 @@ impl Shipping {
         address: &Address,
         lines: &[Line],
     ) -> Result<ReplyOutcome, Unavailable> {
-        let recorded = self.lookups.call(order).await?;
+        let recorded = self.lookups.call((saga, order)).await?.shipment;
+        self.create_from(recorded, saga, order, address, lines)
+            .await
+    }
+
+    /// [`Shipping::create`], given the shipment row the lookup found (`recorded`).
+    async fn create_from(
+        &self,
+        recorded: Option<Shipment>,
+        saga: SagaId,
+        order: OrderId,
+        address: &Address,
+        lines: &[Line],
+    ) -> Result<ReplyOutcome, Unavailable> {
         if let Some(row) = recorded.clone() {
             match row.status.as_str() {
                 "created" => return Ok(created(&row)),
@@ -492,6 +558,9 @@ impl Shipping {
         ))
     }
 
+    /// Cancel the order's shipment (or leave a tombstone when there is none yet): the effect
+    /// alone, without the check that the command matches its order ([`Handler::handle`] checks
+    /// first).
     pub async fn cancel(&self, saga: SagaId, order: OrderId) -> Result<ReplyOutcome, Unavailable> {
         let done = ReplyOutcome::Succeeded {
             output: StepOutput::ShipmentCancelled,

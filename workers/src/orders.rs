@@ -1,0 +1,218 @@
+//! The orders a command may act for, read from the Order service's view (`orders.orders`), and
+//! the check that tells a command the orchestrator sent from a stray, old or forged one.
+//!
+//! The orchestrator publishes a command only from its outbox, after the commit that wrote the
+//! saga row, so the saga of a command it sent is always an order, and the command names that
+//! order (and, for a charge or a refund, its total): `sagas::checkout` builds every command from
+//! the order. A command that fails the check is poison ([`crate::bus::Error::Poison`]): it is
+//! dead-lettered and nothing is done, not even the tombstone of a compensation (a release,
+//! refund or cancel for a saga that does not exist has nothing of ours to undo). A compensation
+//! for a known saga whose forward effect never happened passes, and leaves its tombstone.
+//!
+//! Each service reads the order in a statement it runs anyway for a batch of commands (payment
+//! and shipping join it to their record lookup, the inventory writer to its batch's
+//! transaction), by `saga_id`: the view's key, the primary key of `orchestrator.sagas`, so a
+//! lookup is an index probe whatever the table's size. Statements select the view's columns
+//! `o.saga_id, o.id, o.status`, in this order, and [`Order::at`] reads them; the payment
+//! service adds `o.total_minor, o.currency` ([`Order::with_total_at`]). Only the columns a
+//! statement names are computed, and the totals are the ones that parse the saga's snapshot
+//! (json), so the others leave them out.
+//!
+//! Must never: write the view's tables (they are the orchestrator's), or be asked for anything
+//! but a command's own saga.
+
+use sagas::wire::{Action, Command, CommandBody, Currency, Money, OrderId, SagaId};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use uuid::Uuid;
+
+/// A checkout saga's order as the view shows it.
+#[derive(Debug, Clone)]
+pub struct Order {
+    pub saga_id: SagaId,
+    /// The order id (the saga's subject).
+    pub id: Option<Uuid>,
+    /// `pending`, `confirmed`, `cancelled` or `needs_attention`.
+    pub status: String,
+    /// The total, when the statement read it ([`Order::with_total_at`]).
+    pub total_minor: Option<i64>,
+    pub currency: Option<String>,
+}
+
+impl Order {
+    /// The order in the three columns that start at `offset` of a row (`o.saga_id, o.id,
+    /// o.status`), without its total; `None` when they are NULL (an outer join that found no
+    /// saga).
+    pub fn at(r: &PgRow, offset: usize) -> Option<Order> {
+        let saga: Option<Uuid> = r.get(offset);
+        saga.map(|saga| Order {
+            saga_id: SagaId::from_uuid(saga),
+            id: r.get(offset + 1),
+            status: r.get(offset + 2),
+            total_minor: None,
+            currency: None,
+        })
+    }
+
+    /// The order in the five columns that start at `offset` of a row (`o.saga_id, o.id,
+    /// o.status, o.total_minor, o.currency`), with its total.
+    pub fn with_total_at(r: &PgRow, offset: usize) -> Option<Order> {
+        Order::at(r, offset).map(|o| Order {
+            total_minor: r.get(offset + 3),
+            currency: r.get(offset + 4),
+            ..o
+        })
+    }
+
+    /// The total, as the orders view has it, for a message.
+    fn total(&self) -> String {
+        match (self.total_minor, self.currency.as_deref()) {
+            (Some(minor), Some(code)) => match Currency::parse(code) {
+                Ok(currency) => Money { minor, currency }.to_string(),
+                Err(_) => format!("{minor} (minor units) {code}"),
+            },
+            _ => "unknown".to_owned(),
+        }
+    }
+}
+
+/// Whether a command of `action` for `saga`, naming order `named`, is one the orchestrator
+/// could have sent: its saga is an order (`order`, found by the saga id), and that order is
+/// `named`. The order, or the reason the command is poison.
+pub fn check_order(
+    action: Action,
+    saga: SagaId,
+    named: OrderId,
+    order: Option<&Order>,
+) -> Result<&Order, String> {
+    let Some(order) = order else {
+        return Err(format!(
+            "{} command for unknown saga {saga}",
+            action.as_str()
+        ));
+    };
+    if order.id != Some(named.as_uuid()) {
+        let actual = order
+            .id
+            .map_or_else(|| "no order".to_owned(), |id| format!("order {id}"));
+        return Err(format!(
+            "{} command names order {named}, but saga {saga} is {actual}",
+            action.as_str()
+        ));
+    }
+    Ok(order)
+}
+
+/// [`check_order`] for a command, and for a charge or a refund, that its amount is the order's
+/// total (the orchestrator charges and refunds exactly that; an order read without its total
+/// matches no amount). `order` is the order of the command's saga, `None` when there is none.
+/// `Err` with the reason for a poison command.
+pub fn check(cmd: &Command, order: Option<&Order>) -> Result<(), String> {
+    let order = check_order(cmd.body.action(), cmd.saga_id, named(&cmd.body), order)?;
+    if let CommandBody::ChargePayment { amount, .. } | CommandBody::RefundPayment { amount, .. } =
+        &cmd.body
+        && (order.total_minor != Some(amount.minor)
+            || order.currency.as_deref() != Some(amount.currency.as_str()))
+    {
+        let what = match cmd.body.action() {
+            Action::ChargePayment => "charge",
+            _ => "refund",
+        };
+        return Err(format!(
+            "{what} amount {amount} does not match order total {} (saga {})",
+            order.total(),
+            cmd.saga_id
+        ));
+    }
+    Ok(())
+}
+
+/// The order a command names.
+fn named(body: &CommandBody) -> OrderId {
+    match body {
+        CommandBody::ReserveStock { order_id, .. }
+        | CommandBody::ReleaseStock { order_id }
+        | CommandBody::ChargePayment { order_id, .. }
+        | CommandBody::RefundPayment { order_id, .. }
+        | CommandBody::CreateShipment { order_id, .. }
+        | CommandBody::CancelShipment { order_id } => *order_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use sagas::wire::{CommandId, Phase};
+
+    fn eur(minor: i64) -> Money {
+        Money {
+            minor,
+            currency: Currency::parse("EUR").unwrap(),
+        }
+    }
+
+    fn command(saga: SagaId, body: CommandBody) -> Command {
+        Command {
+            id: CommandId::derive(saga, "charge_payment", Phase::Forward, 1),
+            saga_id: saga,
+            step: "charge_payment".into(),
+            phase: Phase::Forward,
+            attempt: 1,
+            dispatch: 0,
+            deadline: Utc::now(),
+            body,
+        }
+    }
+
+    fn order(saga: SagaId, id: OrderId, total: i64) -> Order {
+        Order {
+            saga_id: saga,
+            id: Some(id.as_uuid()),
+            status: "pending".into(),
+            total_minor: Some(total),
+            currency: Some("EUR".into()),
+        }
+    }
+
+    fn charge(order_id: OrderId, amount: Money) -> CommandBody {
+        CommandBody::ChargePayment {
+            order_id,
+            customer_id: "c".into(),
+            amount,
+            payment_token: "tok_visa".into(),
+        }
+    }
+
+    #[test]
+    fn a_command_of_its_order_passes_and_others_are_poison() {
+        let saga = SagaId::from_uuid(Uuid::now_v7());
+        let id = OrderId::from_uuid(Uuid::now_v7());
+        let known = order(saga, id, 200);
+
+        assert!(check(&command(saga, charge(id, eur(200))), Some(&known)).is_ok());
+        let release = CommandBody::ReleaseStock { order_id: id };
+        assert!(check(&command(saga, release.clone()), Some(&known)).is_ok());
+
+        let why = check(&command(saga, release), None).unwrap_err();
+        assert!(
+            why.contains("unknown saga") && why.contains(&saga.to_string()),
+            "{why}"
+        );
+
+        let other = OrderId::from_uuid(Uuid::now_v7());
+        let why = check(&command(saga, charge(other, eur(200))), Some(&known)).unwrap_err();
+        assert!(why.contains(&other.to_string()), "{why}");
+
+        let why = check(&command(saga, charge(id, eur(100))), Some(&known)).unwrap_err();
+        assert_eq!(
+            why,
+            format!("charge amount 1.00 EUR does not match order total 2.00 EUR (saga {saga})")
+        );
+        let usd = Money {
+            minor: 200,
+            currency: Currency::parse("USD").unwrap(),
+        };
+        assert!(check(&command(saga, charge(id, usd)), Some(&known)).is_err());
+    }
+}
