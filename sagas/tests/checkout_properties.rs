@@ -9,7 +9,9 @@
 //! Whatever happens, the saga ends, and:
 //! - `completed`: all three effects are in place;
 //! - `compensated`: every effect that happened was undone;
-//! - `failed`: only when a compensation failed permanently or ran out of attempts.
+//! - `failed`: exactly when, in the generated outcomes, a compensation failed permanently or
+//!   failed retryably as many times as its policy's `max_attempts` (a deadline counts as a
+//!   failed attempt once the command was sent `redispatches` more times without a reply).
 //!
 //! And replaying the saga's log through a fresh machine gives its snapshot.
 
@@ -17,6 +19,8 @@ mod support;
 
 use proptest::prelude::*;
 use sagas::api::{Input, Status};
+use sagas::checkout::Checkout;
+use sagas::stepwise::Definition;
 use sagas::wire::{Phase, ReplyOutcome};
 use support::{Harness, success_for};
 
@@ -80,7 +84,50 @@ struct World {
     undone: [bool; 3],
     /// The worker's definitive answer, once it gave one, per step (idempotency).
     forward_verdict: [Option<bool>; 3],
-    compensation_gave_up: bool,
+    /// A compensation answered a permanent failure, per step.
+    compensation_rejected: [bool; 3],
+    /// Compensation attempts that failed retryably, per step: a retryable failure reply, or
+    /// `redispatches + 1` silences in a row (the deadline of every dispatch of one attempt).
+    compensation_failures: [u32; 3],
+    /// Silences since the last compensation attempt of the step ended.
+    compensation_silences: [u32; 3],
+}
+
+impl World {
+    /// Count an answer to a compensation of step `s` (`None`: silence, the deadline fires).
+    /// The count follows from the answers alone, not from what the machine did with them, so
+    /// that a machine giving up early (or too late) disagrees with it.
+    fn compensation_answered(&mut self, s: usize, outcome: Option<&ReplyOutcome>) {
+        let policy = &Checkout::steps()[s].policy.compensation;
+        match outcome {
+            Some(ReplyOutcome::Failed {
+                retryable: false, ..
+            }) => {
+                self.compensation_rejected[s] = true;
+                self.compensation_silences[s] = 0;
+            }
+            Some(ReplyOutcome::Failed {
+                retryable: true, ..
+            }) => {
+                self.compensation_failures[s] += 1;
+                self.compensation_silences[s] = 0;
+            }
+            Some(ReplyOutcome::Succeeded { .. }) => self.compensation_silences[s] = 0,
+            None => {
+                self.compensation_silences[s] += 1;
+                if self.compensation_silences[s] > policy.redispatches {
+                    self.compensation_failures[s] += 1;
+                    self.compensation_silences[s] = 0;
+                }
+            }
+        }
+    }
+
+    /// Whether the outcomes of step `s`'s compensation leave the saga no choice but to fail.
+    fn compensation_gave_up(&self, s: usize) -> bool {
+        let policy = &Checkout::steps()[s].policy.compensation;
+        self.compensation_rejected[s] || self.compensation_failures[s] >= policy.max_attempts
+    }
 }
 
 fn step_index(step: &str) -> usize {
@@ -115,6 +162,10 @@ proptest! {
                 let current = h.in_flight.as_ref().map(|c| c.id);
                 let applied = h.feed(Input::Reply(old.reply(outcome.clone()))).is_some();
                 prop_assert!(!applied || current == Some(old.id));
+                if applied && old.phase == Phase::Compensation {
+                    // The machine took it as the current attempt's answer: so does the count.
+                    world.compensation_answered(step_index(&old.step), Some(outcome));
+                }
             }
             if h.status().is_terminal() {
                 break;
@@ -180,13 +231,13 @@ proptest! {
                         matches!(answer, Answer::Succeed).then(|| success_for(&cmd))
                     }
                     Answer::FailRetryable => Some(ReplyOutcome::Failed { retryable: true, code: "busy".into(), reason: "busy".into() }),
-                    Answer::FailPermanent => {
-                        world.compensation_gave_up = true;
-                        Some(ReplyOutcome::Failed { retryable: false, code: "stuck".into(), reason: "no".into() })
-                    }
+                    Answer::FailPermanent => Some(ReplyOutcome::Failed { retryable: false, code: "stuck".into(), reason: "no".into() }),
                     Answer::SilentNothing => None,
                 },
             };
+            if cmd.phase == Phase::Compensation {
+                world.compensation_answered(s, outcome.as_ref());
+            }
             match outcome {
                 Some(outcome) => {
                     seen.push((cmd.clone(), outcome.clone()));
@@ -198,14 +249,30 @@ proptest! {
                 }
             }
         }
+        let gave_up: Vec<usize> = (0..3).filter(|&s| world.compensation_gave_up(s)).collect();
         match h.status() {
             Status::Completed => prop_assert_eq!(world.done, [true, true, true]),
-            Status::Compensated => prop_assert_eq!(world.done, [false, false, false], "world {:?}", world),
+            Status::Compensated => {
+                prop_assert_eq!(world.done, [false, false, false], "world {:?}", world);
+                prop_assert!(gave_up.is_empty(), "compensated although a compensation could not succeed: {:?}", world);
+            }
             Status::Failed => {
+                // Failed only because the outcomes left no choice, and on a step whose
+                // outcomes did: never a compensation given up before its attempts ran out.
                 let snapshot = h.saga.snapshot();
-                let exhausted = snapshot["steps"].as_array().unwrap().iter()
-                    .any(|s| s["status"] == "compensation_failed");
-                prop_assert!(world.compensation_gave_up || exhausted, "failed without a failed compensation");
+                let failed_steps: Vec<usize> = snapshot["steps"].as_array().unwrap().iter()
+                    .enumerate()
+                    .filter(|(_, s)| s["status"] == "compensation_failed")
+                    .map(|(i, _)| i)
+                    .collect();
+                prop_assert_eq!(failed_steps.len(), 1, "one compensation failed: {}", snapshot);
+                prop_assert!(
+                    gave_up.contains(&failed_steps[0]),
+                    "failed on {} without a permanent failure or {} retryable failures of its compensation: {:?}",
+                    failed_steps[0],
+                    Checkout::steps()[failed_steps[0]].policy.compensation.max_attempts,
+                    world
+                );
             }
             other => prop_assert!(false, "not terminal: {:?}", other),
         }

@@ -284,6 +284,17 @@ impl App {
         }
     }
 
+    /// Run the orchestrator binary once with this app's environment, as an operator would
+    /// (e.g. `catalog load <file>`), and return what it printed and how it exited.
+    pub async fn orchestrator_command(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(binary("orchestrator"))
+            .args(args)
+            .envs(self.common_env())
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("cannot run orchestrator {args:?}: {e}"))
+    }
+
     pub fn is_running(&mut self, name: &str) -> bool {
         self.processes
             .get_mut(name)
@@ -690,7 +701,10 @@ impl App {
     /// Wait until every saga ended, then check that nothing was lost or done twice:
     /// - every completed saga kept exactly one charge, one consumed reservation, one shipment;
     /// - every compensated saga kept no charge, holds no stock, keeps no shipment;
-    /// - the third parties agree (charges refunded, shipments cancelled where they must be);
+    /// - the third parties agree, counted per saga: the processor kept exactly one charge of
+    ///   each completed saga and refunded none, kept none of a compensated saga's, refunded no
+    ///   charge twice; the carrier kept exactly one shipment per confirmed order, none of a
+    ///   cancelled one;
     /// - each SKU's stock is its start value minus the completed orders, nothing reserved, and
     ///   its audited movements add up to it;
     /// - every saga's event log replays to its snapshot.
@@ -780,70 +794,99 @@ impl App {
                 .into_iter()
                 .collect();
         let ledger = self.ledger().await;
-        let refunded: std::collections::BTreeSet<&str> = ledger["refunds"]
+        // Counted per saga rather than collected in a set: a second charge of one saga (under
+        // another key) or a second refund of one charge must not pass unnoticed.
+        let charge_sagas: BTreeMap<&str, &str> = ledger["charges"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| r["charge_id"].as_str().unwrap())
+            .map(|c| {
+                let key = c["idempotency_key"].as_str().unwrap();
+                (c["id"].as_str().unwrap(), key.split(':').next().unwrap())
+            })
             .collect();
-        let mut charged = std::collections::BTreeSet::new();
-        for c in ledger["charges"].as_array().unwrap() {
-            let key = c["idempotency_key"].as_str().unwrap();
-            let saga = key.split(':').next().unwrap();
-            let is_refunded = refunded.contains(c["id"].as_str().unwrap());
-            match statuses.get(saga).map(String::as_str) {
-                Some("completed") => {
-                    assert!(
-                        !is_refunded,
-                        "completed saga {saga} was refunded at the processor"
-                    );
-                    charged.insert(saga.to_owned());
-                }
-                Some("compensated") => assert!(
-                    is_refunded,
-                    "compensated saga {saga} kept its money at the processor"
-                ),
-                other => panic!("processor charge for saga {saga} in status {other:?}"),
+        let mut refunds_of: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in ledger["refunds"].as_array().unwrap() {
+            let charge = r["charge_id"].as_str().unwrap();
+            let key = r["idempotency_key"].as_str().unwrap();
+            let saga = charge_sagas
+                .get(charge)
+                .unwrap_or_else(|| panic!("refund {key} of a charge the ledger does not hold"));
+            assert_eq!(
+                key.split(':').next(),
+                Some(*saga),
+                "refund {key} is of another saga's charge"
+            );
+            *refunds_of.entry(charge).or_default() += 1;
+        }
+        for (charge, refunds) in &refunds_of {
+            assert_eq!(*refunds, 1, "charge {charge} refunded {refunds} times");
+        }
+        // Per saga: (charges kept, charges refunded) at the processor.
+        let mut charges: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for (charge, saga) in &charge_sagas {
+            let counts = charges.entry(*saga).or_default();
+            if refunds_of.contains_key(charge) {
+                counts.1 += 1;
+            } else {
+                counts.0 += 1;
             }
         }
-        let completed: Vec<&String> = statuses
-            .iter()
-            .filter(|(_, s)| *s == "completed")
-            .map(|(id, _)| id)
-            .collect();
-        for saga in &completed {
+        for saga in charges.keys() {
             assert!(
-                charged.contains(*saga),
-                "completed saga {saga} has no charge at the processor"
+                statuses.contains_key(*saga),
+                "processor charge for saga {saga}, which does not exist"
             );
         }
-        let mut shipped = 0;
+        // Per order: (shipments kept, shipments cancelled) at the carrier.
+        let mut shipments: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
         for s in ledger["shipments"].as_array().unwrap() {
             let order = s["idempotency_key"]
                 .as_str()
                 .unwrap()
                 .trim_start_matches("shipment:");
-            let cancelled = s["cancelled"].as_bool().unwrap();
-            match orders.get(order).map(String::as_str) {
-                Some("confirmed") => {
-                    assert!(
-                        !cancelled,
-                        "confirmed order {order}'s shipment was cancelled"
-                    );
-                    shipped += 1;
-                }
-                Some("cancelled") => assert!(
-                    cancelled,
-                    "cancelled order {order} kept its shipment at the carrier"
-                ),
-                other => panic!("carrier shipment for order {order} in status {other:?}"),
+            assert!(
+                orders.contains_key(order),
+                "carrier shipment for order {order}, which does not exist"
+            );
+            let counts = shipments.entry(order).or_default();
+            if s["cancelled"].as_bool().unwrap() {
+                counts.1 += 1;
+            } else {
+                counts.0 += 1;
             }
         }
-        assert_eq!(
-            shipped,
-            completed.len(),
-            "one shipment per completed order at the carrier"
-        );
+        for (saga, status) in &statuses {
+            let (kept, refunded) = charges.get(saga.as_str()).copied().unwrap_or_default();
+            match status.as_str() {
+                "completed" => assert_eq!(
+                    (kept, refunded),
+                    (1, 0),
+                    "completed saga {saga}: (kept, refunded) charges at the processor"
+                ),
+                // A declined card was never charged; a charge that was made is refunded, once.
+                "compensated" => assert!(
+                    kept == 0 && refunded <= 1,
+                    "compensated saga {saga}: {kept} charges kept, {refunded} refunded at the processor"
+                ),
+                other => panic!("saga {saga} ended {other}"),
+            }
+        }
+        for (order, status) in &orders {
+            let (kept, cancelled) = shipments.get(order.as_str()).copied().unwrap_or_default();
+            match status.as_str() {
+                "confirmed" => assert_eq!(
+                    (kept, cancelled),
+                    (1, 0),
+                    "confirmed order {order}: (kept, cancelled) shipments at the carrier"
+                ),
+                "cancelled" => assert!(
+                    kept == 0 && cancelled <= 1,
+                    "cancelled order {order}: {kept} shipments kept, {cancelled} cancelled at the carrier"
+                ),
+                other => panic!("order {order} is {other}"),
+            }
+        }
         // Stock: start minus what confirmed orders took, nothing reserved, movements add up.
         for (sku, _, start) in CATALOGUE {
             let sold = self

@@ -1,7 +1,7 @@
 //! Faults: processes killed at random moments, NATS restarted, PostgreSQL sessions terminated,
 //! a third party down, commands swallowed, poison messages, SIGTERM under load. Whatever
 //! happens, every saga ends, no effect happens twice, and no money or stock is left behind
-//! (`App::assert_invariants`).
+//! (`App::assert_invariants`). And readiness says when NATS is gone.
 
 use std::time::{Duration, Instant};
 
@@ -192,15 +192,36 @@ async fn wait_breaker(app: &App, step: &str, what: &str, ok: impl Fn(&Value) -> 
     }
 }
 
+/// `PUT /breakers/{step}` with `body`.
+async fn force(app: &App, step: &str, body: Value) -> reqwest::Response {
+    app.http
+        .put(format!("{}/breakers/{step}", app.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT /breakers/{step}: {e}"))
+}
+
+/// Forward attempts of the charge step dispatched so far, summed over all sagas.
+async fn charge_attempts(app: &App) -> i64 {
+    app.count(
+        "SELECT coalesce(sum((snapshot -> 'steps' -> 1 ->> 'attempts')::int), 0)::bigint FROM orchestrator.sagas",
+    )
+    .await
+}
+
 #[tokio::test]
 async fn an_open_breaker_parks_sagas_until_the_processor_recovers() {
+    // Ten attempts leave room for the probes and for the one or two attempts the parked sagas
+    // spend while an operator forces the breaker closed below: that no attempts are spent
+    // while the breaker is open is checked by counting them, not by running out of them.
     let mut options = Options::default()
         .orchestrator("SAGA_BREAKERS__FAILURE_THRESHOLD", "3")
         .orchestrator("SAGA_BREAKERS__OPEN_INITIAL_MS", "800")
         .orchestrator("SAGA_BREAKERS__OPEN_MAX_MS", "1500")
         .orchestrator(
             "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__MAX_ATTEMPTS",
-            "3",
+            "10",
         )
         .orchestrator(
             "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__BACKOFF_INITIAL_MS",
@@ -216,10 +237,14 @@ async fn an_open_breaker_parks_sagas_until_the_processor_recovers() {
         ids.push(app.place(&order(&[("A", 1)], "tok_visa")).await);
     }
     // The failures open the breaker; the sagas park instead of spending their attempts.
-    wait_breaker(&app, "charge_payment", "opened with sagas parked", |b| {
+    let opened = wait_breaker(&app, "charge_payment", "opened with sagas parked", |b| {
         b["state"] != "closed" && b["parked"].as_i64().unwrap() >= 5
     })
     .await;
+    // The breaker is read before the attempts here and after them below, so that a probe
+    // sent between two readings is counted on the side that makes the check looser.
+    let opened_before = opened["times_opened"].as_i64().unwrap();
+    let attempts_before = charge_attempts(&app).await;
     let metrics = app
         .http
         .get(format!("{}/metrics", app.base))
@@ -237,19 +262,52 @@ async fn an_open_breaker_parks_sagas_until_the_processor_recovers() {
     wait_breaker(
         &app,
         "charge_payment",
-        "re-opened after a failed probe",
-        |b| b["times_opened"].as_i64().unwrap() >= 3,
+        "re-opened twice after failed probes",
+        |b| b["times_opened"].as_i64().unwrap() >= opened_before + 2,
     )
     .await;
+    let attempts_after = charge_attempts(&app).await;
+    let opened_after = breaker(&app, "charge_payment").await["times_opened"]
+        .as_i64()
+        .unwrap();
+    // While the breaker blocks, a charge is attempted only as the probe of a half-open period,
+    // and each such period ends with the breaker opening again (the outage goes on); only the
+    // period under way when the counts were read may have a probe out and not yet re-opened.
+    // Sagas that kept retrying would spend far more.
+    let (spent, reopened) = (
+        attempts_after - attempts_before,
+        opened_after - opened_before,
+    );
+    assert!(
+        spent <= reopened + 1,
+        "{spent} charge attempts spent while the breaker opened {reopened} more times"
+    );
     assert_eq!(
         app.count("SELECT count(*) FROM orchestrator.sagas WHERE status IN ('compensating', 'compensated')").await,
         0,
         "no saga ran out of attempts while the breaker was open"
     );
-    let attempts = app
-        .count("SELECT coalesce(max((snapshot -> 'steps' -> 1 ->> 'attempts')::int), 0)::bigint FROM orchestrator.sagas")
-        .await;
-    assert!(attempts <= 3, "attempts spent: {attempts}");
+    // An operator forces the open breaker closed: it stops blocking at once, though its own
+    // state is still open or half-open; handed back, it blocks again while the outage lasts.
+    let r = force(
+        &app,
+        "charge_payment",
+        json!({"force": "closed", "reason": "let them through"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let b = breaker(&app, "charge_payment").await;
+    assert!(
+        b["forced"] == "closed" && b["blocking"] == false && b["state"] != "closed",
+        "forced closed: {b}"
+    );
+    let r = force(&app, "charge_payment", json!({"force": null})).await;
+    assert_eq!(r.status(), 200);
+    let b = breaker(&app, "charge_payment").await;
+    assert!(
+        b["forced"].is_null() && b["blocking"] == true && b["state"] != "closed",
+        "handed back: {b}"
+    );
     // The processor recovers: a probe succeeds, the breaker closes, every parked saga completes.
     app.control("processor", json!({"mode": "normal"})).await;
     for id in &ids {
@@ -264,13 +322,12 @@ async fn an_open_breaker_parks_sagas_until_the_processor_recovers() {
     );
 
     // An operator forces a breaker open: new sagas park on it; handing it back lets them go.
-    let r = app
-        .http
-        .put(format!("{}/breakers/create_shipment", app.base))
-        .json(&json!({"force": "open", "reason": "carrier maintenance"}))
-        .send()
-        .await
-        .unwrap();
+    let r = force(
+        &app,
+        "create_shipment",
+        json!({"force": "open", "reason": "carrier maintenance"}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let id = app.place(&order(&[("B", 1)], "tok_visa")).await;
     app.wait_for(
@@ -280,33 +337,15 @@ async fn an_open_breaker_parks_sagas_until_the_processor_recovers() {
     )
     .await;
     assert_eq!(breaker(&app, "create_shipment").await["forced"], "open");
-    let r = app
-        .http
-        .put(format!("{}/breakers/create_shipment", app.base))
-        .json(&json!({"force": null}))
-        .send()
-        .await
-        .unwrap();
+    let r = force(&app, "create_shipment", json!({"force": null})).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         app.wait_terminal(&id, Duration::from_secs(30)).await["status"],
         "completed"
     );
-    let r = app
-        .http
-        .put(format!("{}/breakers/no_such_step", app.base))
-        .json(&json!({"force": "open"}))
-        .send()
-        .await
-        .unwrap();
+    let r = force(&app, "no_such_step", json!({"force": "open"})).await;
     assert_eq!(r.status(), 404);
-    let r = app
-        .http
-        .put(format!("{}/breakers/create_shipment", app.base))
-        .json(&json!({"force": "ajar"}))
-        .send()
-        .await
-        .unwrap();
+    let r = force(&app, "create_shipment", json!({"force": "ajar"})).await;
     assert_eq!(r.status(), 422);
     app.assert_invariants(11, SETTLE).await;
 }
@@ -338,6 +377,42 @@ async fn a_swallowed_command_is_sent_again_after_its_deadline() {
         .filter(|e| e["kind"] == "timer_fired")
         .count();
     assert_eq!(resent, 3, "one deadline per step");
+    // Each deadline sent the same command again: the same id and attempt, one dispatch later
+    // (only its Nats-Msg-Id differs, so that JetStream does not drop it as a duplicate), so
+    // the worker's idempotency makes it safe.
+    let events = saga["events"].as_array().unwrap();
+    for step in ["reserve_stock", "charge_payment", "create_shipment"] {
+        let dispatches: Vec<(&Value, &Value)> = events
+            .iter()
+            .flat_map(|e| {
+                e["effects"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|f| f["effect"] == "dispatch" && f["step"] == step)
+                    .map(move |f| (e, f))
+            })
+            .collect();
+        assert_eq!(
+            dispatches.len(),
+            2,
+            "{step}: sent, then sent again: {dispatches:?}"
+        );
+        let ((sent_by, sent), (resent_by, resent)) = (dispatches[0], dispatches[1]);
+        assert_ne!(sent_by["kind"], "timer_fired", "{step}: {sent_by}");
+        assert_eq!(resent_by["kind"], "timer_fired", "{step}: {resent_by}");
+        assert!(sent["id"].is_string(), "{step}: {sent}");
+        assert_eq!(
+            (&resent["id"], &resent["attempt"]),
+            (&sent["id"], &sent["attempt"]),
+            "{step}: the deadline re-sends the same command"
+        );
+        assert_eq!(
+            (&sent["dispatch"], &resent["dispatch"]),
+            (&json!(0), &json!(1)),
+            "{step}"
+        );
+    }
     assert_eq!(app.ledger().await["charges"].as_array().unwrap().len(), 1);
     assert_eq!(app.count("SELECT count(*) FROM payments.charges").await, 1);
     app.assert_invariants(1, SETTLE).await;
@@ -354,7 +429,49 @@ async fn poison_messages_are_dead_lettered_and_the_system_keeps_serving() {
         "phase": "forward", "attempt": 1, "outcome": "succeeded",
         "output": {"kind": "payment_charged", "charge_id": uuid::Uuid::now_v7(), "processor_ref": "x"}
     });
+    // Well-formed commands the orchestrator never sent: for a saga that does not exist, and a
+    // charge of another amount than its order's total for one that does. Workers act only for
+    // an order, as the order is.
+    let real = app.place(&order(&[("A", 1)], "tok_visa")).await;
+    let real = app.wait_terminal(&real, Duration::from_secs(30)).await;
+    assert_eq!(real["status"], "completed");
+    let stray = uuid::Uuid::now_v7();
+    let command = |saga: &Value, step: &str, body: Value| {
+        let mut c = json!({
+            "id": uuid::Uuid::now_v7(), "saga_id": saga, "step": step, "phase": "forward",
+            "attempt": 2, "dispatch": 0, "deadline": "2099-01-01T00:00:00Z",
+        });
+        c.as_object_mut()
+            .unwrap()
+            .extend(body.as_object().unwrap().clone());
+        serde_json::to_vec(&c).unwrap()
+    };
+    let stray_charge = command(
+        &json!(stray),
+        "charge_payment",
+        json!({"action": "charge_payment", "order_id": uuid::Uuid::now_v7(), "customer_id": "cust-1",
+               "amount": {"minor": 100_000, "currency": "EUR"}, "payment_token": "tok_visa"}),
+    );
+    let stray_reserve = command(
+        &json!(stray),
+        "reserve_stock",
+        json!({"action": "reserve_stock", "order_id": stray, "hold_seconds": 60,
+               "lines": [{"sku": "A", "quantity": 1}]}),
+    );
+    let total = real["data"]["total"]["minor"]
+        .as_i64()
+        .expect("the order's total");
+    let overcharge = command(
+        &real["id"],
+        "charge_payment",
+        json!({"action": "charge_payment", "order_id": real["data"]["order_id"], "customer_id": "cust-1",
+               "amount": {"minor": total + 1, "currency": real["data"]["total"]["currency"]},
+               "payment_token": "tok_visa"}),
+    );
     let poison: Vec<(String, Vec<u8>)> = vec![
+        (format!("{p}.cmd.payment"), stray_charge.clone()),
+        (format!("{p}.cmd.inventory"), stray_reserve.clone()),
+        (format!("{p}.cmd.payment"), overcharge.clone()),
         (format!("{p}.cmd.payment"), b"\x00\xff not json".to_vec()),
         (
             format!("{p}.cmd.inventory"),
@@ -370,6 +487,11 @@ async fn poison_messages_are_dead_lettered_and_the_system_keeps_serving() {
             serde_json::to_vec(&unknown_saga).unwrap(),
         ),
     ];
+    // No two are alike, so that a dead letter (its original subject and its payload, which is
+    // kept as it was) names the one poison message it carries.
+    for (i, message) in poison.iter().enumerate() {
+        assert!(!poison[..i].contains(message), "poison {i} is not unique");
+    }
     for (subject, payload) in &poison {
         js.publish(subject.clone(), payload.clone().into())
             .await
@@ -393,35 +515,97 @@ async fn poison_messages_are_dead_lettered_and_the_system_keeps_serving() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut origins = Vec::new();
-    for seq in 1..=poison.len() as u64 {
+    // Every dead letter: (original subject, reason, payload).
+    let mut stream = dlq.clone();
+    let state = &stream.info().await.unwrap().state;
+    let (first, last) = (state.first_sequence, state.last_sequence);
+    let mut letters = Vec::new();
+    for seq in first..=last {
         let m = dlq.get_raw_message(seq).await.unwrap();
-        let reason = m
-            .headers
-            .get("Dead-Letter-Reason")
-            .map(|v| v.to_string())
-            .unwrap_or_default();
-        let origin = m
-            .headers
-            .get("Dead-Letter-Subject")
-            .map(|v| v.to_string())
-            .unwrap_or_default();
+        let header = |name: &str| {
+            m.headers
+                .get(name)
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        };
+        let (origin, reason) = (header("Dead-Letter-Subject"), header("Dead-Letter-Reason"));
         assert!(!reason.is_empty(), "dead letter {seq} has a reason");
-        assert!(
-            poison.iter().any(|(s, _)| *s == origin),
-            "dead letter {seq} names its subject: {origin}"
-        );
-        origins.push((origin, reason));
+        letters.push((origin, reason, m.payload.to_vec()));
     }
-    assert!(
-        origins.iter().any(|(_, r)| r.contains("unknown saga")),
-        "a reply for an unknown saga is dead-lettered: {origins:?}"
+    // Each poison message was set aside exactly once: one dead-lettered twice cannot stand in
+    // for another that never arrived.
+    for (subject, payload) in &poison {
+        let copies = letters
+            .iter()
+            .filter(|(origin, _, body)| origin == subject && body == payload)
+            .count();
+        assert_eq!(
+            copies,
+            1,
+            "{subject} {:?} dead-lettered {copies} times: {letters:?}",
+            String::from_utf8_lossy(payload)
+        );
+    }
+    assert_eq!(
+        letters.len(),
+        poison.len(),
+        "only the poison is dead-lettered: {letters:?}"
+    );
+    let unknown_saga = serde_json::to_vec(&unknown_saga).unwrap();
+    let reason_of = |payload: &[u8]| {
+        letters
+            .iter()
+            .find(|(_, _, body)| body == payload)
+            .map(|(_, reason, _)| reason.clone())
+            .unwrap_or_default()
+    };
+    for (payload, why, what) in [
+        (&unknown_saga, "unknown saga", "a reply for an unknown saga"),
+        (
+            &stray_charge,
+            "unknown saga",
+            "a charge for an unknown saga",
+        ),
+        (
+            &stray_reserve,
+            "unknown saga",
+            "a reservation for an unknown saga",
+        ),
+        (
+            &overcharge,
+            "does not match order total",
+            "a charge of another amount",
+        ),
+    ] {
+        let reason = reason_of(payload);
+        assert!(
+            reason.contains(why),
+            "{what} is dead-lettered as such: {reason:?}"
+        );
+    }
+    // None of them did anything: one charge, of the real saga, and no stock held for the stray.
+    let ledger = app.ledger().await;
+    assert_eq!(ledger["charges"].as_array().unwrap().len(), 1, "{ledger}");
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM inventory.reservations WHERE order_id = '{stray}'"
+        ))
+        .await,
+        0
     );
     // And the consumers still serve.
     let id = app.place(&order(&[("A", 1)], "tok_visa")).await;
     assert_eq!(
         app.wait_terminal(&id, Duration::from_secs(30)).await["status"],
         "completed"
+    );
+    // Meanwhile no poison message was dead-lettered a second time (say, redelivered after its
+    // dead letter was stored but before it was acknowledged).
+    let mut stream = dlq.clone();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        poison.len() as u64,
+        "dead letters after the saga"
     );
 }
 
@@ -435,6 +619,13 @@ async fn sigterm_under_load_loses_nothing_and_repeats_nothing() {
     assert_eq!(
         app.terminate("orchestrator", Duration::from_secs(30)).await,
         Some(0)
+    );
+    // It published everything it had committed before it exited: nothing waits in the outbox
+    // for a restart (or for another orchestrator's sweep).
+    assert_eq!(
+        app.count("SELECT count(*) FROM orchestrator.outbox").await,
+        0,
+        "outbox rows left behind by a graceful shutdown"
     );
     for w in WORKERS {
         assert_eq!(
@@ -654,4 +845,54 @@ async fn two_orchestrators_side_by_side_share_the_sagas_safely() {
             "{base} applied no reply: both must share the work"
         );
     }
+}
+
+async fn readyz(app: &App) -> reqwest::Response {
+    app.http
+        .get(format!("{}/readyz", app.base))
+        .send()
+        .await
+        .expect("GET /readyz")
+}
+
+#[tokio::test]
+async fn readiness_follows_nats_down_and_back() {
+    // The test's own nats-server, which it may kill; no workers: nothing but readiness is
+    // looked at.
+    let mut nats = Nats::start().await;
+    let mut app = App::spawn_with(Options {
+        nats_url: Some(nats.url()),
+        ..Options::without_workers()
+    })
+    .await;
+    assert_eq!(readyz(&app).await.status(), 200);
+    nats.kill();
+    // Not ready while JetStream does not answer: a problem that says when to ask again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = readyz(&app).await;
+        if r.status() != 200 {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still 200 with NATS down; logs in {}",
+            app.logs.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(problem["type"], "/problems/unavailable", "{problem}");
+    assert_eq!(problem["status"], 503, "{problem}");
+    // Ready again once NATS is back (same port, same store), without a restart.
+    nats.restart().await;
+    app.wait_ready(Duration::from_secs(30)).await;
+    assert!(
+        app.is_running("orchestrator"),
+        "the orchestrator rode out the outage; logs in {}",
+        app.logs.display()
+    );
 }
