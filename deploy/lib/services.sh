@@ -6,7 +6,9 @@
 # Source this file; it only defines functions (no side effects, does not change
 # shell options) and works with or without `set -euo pipefail` in the caller.
 #
-#   ensure_postgres   PGHOST_TCP (default 127.0.0.1), PGPORT (default 5432)
+#   ensure_postgres   PGHOST_TCP (default 127.0.0.1), PGPORT (default 5432); then,
+#                     if psql is there, checks that the application's default URL
+#                     (below) can log in, and warns with the fix when it cannot
 #   ensure_nats       NATS_HOST  (default 127.0.0.1), NATS_PORT (default 4222)
 #   ensure_services   both of the above
 #
@@ -23,6 +25,16 @@
 # Whenever this library installs or starts PostgreSQL itself it sets the
 # password of the `postgres` role to `postgres`, so that URL works with both
 # trust and scram-sha-256 (Debian's default for TCP on localhost) pg_hba rules.
+#
+# nats-server: when this library installs the Debian package on a host that runs
+# systemd, apt enables and starts the package's nats-server.service, which listens
+# on 127.0.0.1:4222 *without* JetStream (config /etc/nats-server.conf). This
+# library then stops and disables that unit (systemctl disable --now nats-server)
+# and starts its own `nats-server -js` instead: as root with start-stop-daemon
+# (store /var/lib/nats-server, log /var/log/nats-server.log), otherwise detached
+# with setsid/nohup (store and log under $XDG_DATA_HOME/saga-orchestrator, i.e.
+# ~/.local/share/saga-orchestrator). A server without JetStream that was already
+# running is never touched: the error says what it is and how to fix it.
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -40,6 +52,36 @@ _svc_err() {
 
 _svc_is_root() {
     [[ "$(id -u)" -eq 0 ]]
+}
+
+# Does this host run systemd (not, e.g., a container without an init system)?
+_svc_have_systemd() {
+    [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1
+}
+
+# Pid of the process listening on TCP port $1 (from ss; nothing when ss is
+# missing or does not show the owner, e.g. another user's process when not root).
+_svc_port_pid() {
+    command -v ss >/dev/null 2>&1 || return 0
+    ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true
+}
+
+# A directory for this user's data (nats store and log when not root); works
+# with HOME unset (e.g. under some service managers) and `set -u`.
+_svc_data_dir() {
+    if [[ -n "${XDG_DATA_HOME:-}" ]]; then
+        printf '%s\n' "$XDG_DATA_HOME/saga-orchestrator"
+        return 0
+    fi
+    local home=${HOME:-}
+    if [[ -z "$home" ]]; then
+        home=$(getent passwd "$(id -u)" 2>/dev/null | cut -d: -f6) || home=""
+    fi
+    if [[ -n "$home" && -d "$home" && -w "$home" ]]; then
+        printf '%s\n' "$home/.local/share/saga-orchestrator"
+    else
+        printf '%s\n' "${TMPDIR:-/tmp}/saga-orchestrator-$(id -u)"
+    fi
 }
 
 # Run a command as root: directly when root, through sudo otherwise.
@@ -165,7 +207,36 @@ _svc_pg_wait() {
     done
 }
 
+# Can the application's default URL, postgres://postgres:postgres@HOST:PORT/postgres,
+# log in? Only warns (with the fix) when it cannot: DATABASE_URL may point elsewhere.
+_svc_pg_check_app_login() {
+    local host=$1 port=$2 urlhost=$1 url err
+    command -v psql >/dev/null 2>&1 || return 0
+    [[ "$host" == *:* ]] && urlhost="[$host]"
+    url="postgres://postgres:postgres@$urlhost:$port/postgres"
+    local cmd=(psql -X -q -w -d "$url" -c 'select 1')
+    command -v timeout >/dev/null 2>&1 && cmd=(timeout 15 "${cmd[@]}")
+    if err=$(PGCONNECT_TIMEOUT=5 "${cmd[@]}" 2>&1 >/dev/null); then
+        return 0
+    fi
+    [[ -n "$err" ]] || err="(no answer within 15 s)"
+    log "WARNING: PostgreSQL answers at $host:$port, but the URL the processes and tests use by default,"
+    log "  $url, cannot log in:"
+    printf '%s\n' "$err" | sed 's/^/      /' >&2
+    log "  Either give the role postgres that password (and let pg_hba.conf accept password"
+    log "  logins, scram-sha-256 or md5, from $host):"
+    log "      sudo -u postgres psql -p $port -c \"ALTER USER postgres PASSWORD 'postgres'\""
+    log "  or set DATABASE_URL (deploy/bench: BENCH_DATABASE_URL) to a URL that works."
+    return 0
+}
+
 ensure_postgres() {
+    _svc_ensure_postgres || return 1
+    _svc_pg_check_app_login "${PGHOST_TCP:-127.0.0.1}" "${PGPORT:-5432}"
+    return 0
+}
+
+_svc_ensure_postgres() {
     local host=${PGHOST_TCP:-127.0.0.1} port=${PGPORT:-5432}
     local cluster_name=${SAGA_PG_CLUSTER:-main}
     local etcdir=${SAGA_PG_ETCDIR:-/etc/postgresql}
@@ -295,8 +366,56 @@ _svc_nats_check_js() {
         _svc_err "nats-server at $host:$port is running but JetStream is not enabled." \
             "Restart it with JetStream (nats-server -js -sd <store dir>), or point NATS_HOST/NATS_PORT" \
             "(and NATS_URL) at a JetStream-enabled server."
+        if _svc_nats_unit_listens "$port"; then
+            log "It is the nats-server.service of the Debian package nats-server (systemd; config"
+            log "/etc/nats-server.conf), which runs without JetStream. Either stop and disable it, so that"
+            log "this script starts its own JetStream server on the next run:"
+            log "    sudo systemctl disable --now nats-server"
+            log "or enable JetStream in /etc/nats-server.conf (a block"
+            log "    jetstream { store_dir: \"<a directory the service may write>\" }"
+            log ") and restart it: sudo systemctl restart nats-server"
+        fi
         return 1
     fi
+}
+
+# Is the Debian package's systemd unit nats-server.service running, and (when
+# ss can tell) is it the process listening on port $1?
+_svc_nats_unit_listens() {
+    local port=$1 main listener
+    _svc_have_systemd || return 1
+    systemctl is-active --quiet nats-server.service 2>/dev/null || return 1
+    main=$(systemctl show -p MainPID --value nats-server.service 2>/dev/null) || main=""
+    listener=$(_svc_port_pid "$port")
+    if [[ -n "$listener" && -n "$main" && "$main" != 0 && "$listener" != "$main" ]]; then
+        return 1
+    fi
+    return 0
+}
+
+# `apt-get install nats-server` on a host running systemd enables and starts the
+# package's nats-server.service: it listens on 127.0.0.1:4222 without JetStream
+# and would hold that port now and after every boot. Called only right after this
+# library installed the package: stop and disable that unit.
+_svc_nats_disable_packaged_unit() {
+    local host=$1 port=$2
+    _svc_have_systemd || return 0
+    if ! systemctl is-active --quiet nats-server.service 2>/dev/null &&
+        ! systemctl is-enabled --quiet nats-server.service 2>/dev/null; then
+        return 0
+    fi
+    log "Stopping and disabling nats-server.service, which the package started without JetStream" \
+        "(config /etc/nats-server.conf); a JetStream server is started instead"
+    _svc_as_root "stop the packaged nats-server service" systemctl disable --now nats-server.service >&2 || {
+        _svc_err "could not stop and disable nats-server.service (it runs without JetStream)." \
+            "Run: sudo systemctl disable --now nats-server, and re-run."
+        return 1
+    }
+    # `systemctl stop` waits for the process to exit; give the socket a moment all the same.
+    local deadline=$((SECONDS + 10))
+    while _svc_tcp_open "$host" "$port" && ((SECONDS < deadline)); do
+        sleep 0.2
+    done
 }
 
 _svc_nats_bin() {
@@ -335,8 +454,18 @@ ensure_nats() {
             _svc_err "package nats-server installed but /usr/sbin/nats-server not found"
             return 1
         fi
+        # On systemd, apt has just started the package's server without JetStream.
+        _svc_nats_disable_packaged_unit "$host" "$port" || return 1
     else
         log "Using nats-server binary $bin"
+    fi
+
+    # Something may listen there by now (a server the package started that could not be
+    # stopped, or one started meanwhile): use it if it has JetStream, else say what it is.
+    if _svc_tcp_open "$host" "$port"; then
+        _svc_nats_check_js "$host" "$port" || return 1
+        log "nats-server is reachable at $host:$port"
+        return 0
     fi
 
     # The default port keeps the conventional paths; any other port gets its
@@ -349,7 +478,8 @@ ensure_nats() {
         store=/var/lib/nats-server$suffix
         logfile=/var/log/nats-server$suffix.log
     else
-        local base=${XDG_DATA_HOME:-$HOME/.local/share}/saga-orchestrator
+        local base
+        base=$(_svc_data_dir)
         store=$base/nats$suffix
         logfile=$base/nats$suffix.log
     fi

@@ -5,8 +5,16 @@
 //!
 //! Closed loop (`-n`, `-c`): `c` clients, each placing its next checkout when the previous saga
 //! ended, after a warm-up. Open loop (`--rate`, `--duration-secs`): checkouts started at a
-//! fixed rate. The last line is the workload's report line.
+//! fixed rate; each saga's latency counts from the moment its request was due, so a load
+//! generator that falls behind shows in the latency (no coordinated omission). The last line
+//! is the workload's report line.
+//!
+//! Exit status: 0 when every measured saga ended completed or compensated; 1 when any did not
+//! (an error: refused, failed, or not ended within `--saga-timeout-secs`), or with `--strict`
+//! when any ended otherwise than the workload expects (order `i` compensated exactly when
+//! `i % 10 == 9`). The report line is printed either way.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -53,9 +61,13 @@ struct Cli {
     /// A saga not ended after this long counts as an error.
     #[arg(long, default_value_t = 60)]
     saga_timeout_secs: u64,
-    /// One line per saga on stderr.
+    /// One line per saga on stderr: its id, the order's index and its final status.
     #[arg(long)]
     verbose: bool,
+    /// Also exit 1 when a saga ends otherwise than the workload expects (order `i` compensated
+    /// exactly when `i % 10 == 9`, every other completed), not only on errors.
+    #[arg(long)]
+    strict: bool,
     /// Print latency per minute (soak runs).
     #[arg(long)]
     per_minute: bool,
@@ -68,9 +80,66 @@ enum Outcome {
     Error,
 }
 
+/// The outcome the workload expects of order `i`.
+fn expected(i: usize) -> Outcome {
+    if i % 10 == 9 {
+        Outcome::Compensated
+    } else {
+        Outcome::Completed
+    }
+}
+
+struct Sample {
+    /// When the saga was seen to end (or given up on).
+    done: Instant,
+    /// Latency in ms, from the moment the request was due.
+    ms: f64,
+    outcome: Outcome,
+    /// The order's index.
+    i: usize,
+}
+
 #[derive(Default)]
 struct Results {
-    samples: Vec<(Instant, f64, Outcome)>,
+    samples: Vec<Sample>,
+}
+
+impl Results {
+    fn record(&mut self, i: usize, (ms, outcome): (f64, Outcome)) {
+        self.samples.push(Sample {
+            done: Instant::now(),
+            ms,
+            outcome,
+            i,
+        });
+    }
+
+    fn count(&self, o: Outcome) -> usize {
+        self.samples.iter().filter(|s| s.outcome == o).count()
+    }
+
+    /// Sagas that ended (not in error) otherwise than the workload expects.
+    fn unexpected(&self) -> usize {
+        self.samples
+            .iter()
+            .filter(|s| s.outcome != Outcome::Error && s.outcome != expected(s.i))
+            .count()
+    }
+}
+
+/// The longest wait to ask the server for: the time left until `deadline`, in whole seconds,
+/// at least 1 and at most 60 (the server's default `http.max_wait_seconds`).
+fn wait_secs(deadline: Instant) -> u64 {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .as_secs()
+        .clamp(1, 60)
+}
+
+/// A short pause before asking again after a failed poll, never past `deadline`.
+async fn pause(deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::sleep(Duration::from_millis(100).min(left)).await;
 }
 
 struct Client {
@@ -95,23 +164,26 @@ impl Client {
     }
 
     /// Place checkout `i` and wait for its saga to end: `Prefer: wait` answers with the
-    /// outcome when the saga ends in time; otherwise a long poll (`?wait`) follows. Returns the
-    /// latency in ms.
-    async fn run_one(&self, i: usize) -> (f64, Outcome) {
-        let started = Instant::now();
-        let deadline = started + Duration::from_secs(self.cli.saga_timeout_secs);
-        let wait = self.cli.saga_timeout_secs.min(60);
+    /// outcome when the saga ends in time; otherwise a long poll (`?wait`) follows. `due` is
+    /// when the request should have been sent (in the open loop, its slot in the schedule,
+    /// which may be earlier than now if this process fell behind): the latency, in ms, and the
+    /// saga's deadline count from it.
+    async fn run_one(&self, i: usize, due: Instant) -> (f64, Outcome) {
+        let deadline = due + Duration::from_secs(self.cli.saga_timeout_secs);
         let r = self
             .http
             .post(format!("{}/checkout", self.cli.url))
-            .header("Prefer", format!("wait={wait}"))
+            .header("Prefer", format!("wait={}", wait_secs(deadline)))
             .json(&self.body(i))
             .send()
             .await;
         let mut v = match r {
             Ok(r) if matches!(r.status().as_u16(), 200 | 202) => match r.json::<Value>().await {
                 Ok(v) => v,
-                Err(_) => return (0.0, Outcome::Error),
+                Err(e) => {
+                    eprintln!("checkout {i}: unreadable answer: {e}");
+                    return (0.0, Outcome::Error);
+                }
             },
             Ok(r) => {
                 eprintln!("checkout {i}: HTTP {}", r.status());
@@ -122,38 +194,85 @@ impl Client {
                 return (0.0, Outcome::Error);
             }
         };
-        let id = v["saga_id"].as_str().unwrap_or_default().to_owned();
+        let id = match v["saga_id"].as_str() {
+            Some(id) if !id.is_empty() => id.to_owned(),
+            _ => {
+                eprintln!("checkout {i}: answer without a saga_id: {v}");
+                return (0.0, Outcome::Error);
+            }
+        };
         loop {
-            let outcome = match v["status"].as_str() {
-                Some("completed") => Some(Outcome::Completed),
-                Some("compensated") => Some(Outcome::Compensated),
-                Some("failed") => Some(Outcome::Error),
+            let status = v["status"].as_str().unwrap_or("unknown").to_owned();
+            let outcome = match status.as_str() {
+                "completed" => Some(Outcome::Completed),
+                "compensated" => Some(Outcome::Compensated),
+                "failed" => Some(Outcome::Error),
                 _ => None,
             };
             if let Some(o) = outcome {
-                let ms = started.elapsed().as_secs_f64() * 1000.0;
-                if self.cli.verbose {
-                    eprintln!("saga {id} {o:?} in {ms:.1} ms");
+                let ms = due.elapsed().as_secs_f64() * 1000.0;
+                if o == Outcome::Error {
+                    eprintln!("saga {id} (checkout {i}): {status} in {ms:.1} ms");
+                    return (0.0, o);
+                }
+                if self.cli.verbose || o != expected(i) {
+                    let note = if o == expected(i) {
+                        String::new()
+                    } else {
+                        format!(" (expected {})", status_name(expected(i)))
+                    };
+                    eprintln!("saga {id} (checkout {i}): {status} in {ms:.1} ms{note}");
                 }
                 return (ms, o);
             }
-            if Instant::now() > deadline {
+            if Instant::now() >= deadline {
                 eprintln!(
-                    "saga {id}: not ended after {} s",
+                    "saga {id} (checkout {i}): not ended after {} s (status {status})",
                     self.cli.saga_timeout_secs
                 );
                 return (0.0, Outcome::Error);
             }
-            v = match self
+            let answer = match self
                 .http
-                .get(format!("{}/sagas/{id}?wait={wait}", self.cli.url))
+                .get(format!(
+                    "{}/sagas/{id}?wait={}",
+                    self.cli.url,
+                    wait_secs(deadline)
+                ))
                 .send()
                 .await
             {
-                Ok(r) => r.json::<Value>().await.unwrap_or_default(),
-                Err(_) => Value::Null,
+                Ok(r) if r.status().as_u16() == 200 => r
+                    .json::<Value>()
+                    .await
+                    .map_err(|e| format!("unreadable answer: {e}")),
+                Ok(r) => Err(format!("HTTP {}", r.status())),
+                Err(e) => Err(e.to_string()),
             };
+            match answer {
+                Ok(next) if next["status"].is_string() => v = next,
+                Ok(next) => {
+                    if self.cli.verbose {
+                        eprintln!("saga {id} (checkout {i}): answer without a status: {next}");
+                    }
+                    pause(deadline).await;
+                }
+                Err(e) => {
+                    if self.cli.verbose {
+                        eprintln!("saga {id} (checkout {i}): poll failed: {e}");
+                    }
+                    pause(deadline).await;
+                }
+            }
         }
+    }
+}
+
+fn status_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Completed => "completed",
+        Outcome::Compensated => "compensated",
+        Outcome::Error => "error",
     }
 }
 
@@ -200,8 +319,8 @@ async fn closed_loop(
                     if i >= end {
                         break;
                     }
-                    let (ms, o) = client.run_one(i).await;
-                    results.lock().await.samples.push((Instant::now(), ms, o));
+                    let r = client.run_one(i, Instant::now()).await;
+                    results.lock().await.record(i, r);
                 }
             })
         })
@@ -212,41 +331,53 @@ async fn closed_loop(
     started.elapsed()
 }
 
+/// Start checkout `i` at `start + i / rate` for every `i` with `i / rate < duration`. Each
+/// saga's latency counts from its slot in that schedule, not from when its task first ran:
+/// when this process falls behind (a burst of due ticks, a busy runtime), the delay is part
+/// of the latency the user would have seen.
 async fn open_loop(
     client: Arc<Client>,
     rate: f64,
     duration: Duration,
     results: Arc<Mutex<Results>>,
 ) -> (Duration, usize) {
-    let started = Instant::now();
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    // Saga `i` is due at `start + i / rate`: computed from its index, so that exactly
+    // ceil(rate x duration) start whatever the rounding of an interval. When the load generator
+    // falls behind, the late ones start at once, and their latency still counts from when they
+    // were due (no coordinated omission).
+    let count = (rate * duration.as_secs_f64()).ceil() as usize;
+    let start = tokio::time::Instant::now();
     // Finished tasks are reaped as the run goes: a finished task's memory is only freed once
     // it is joined, and a soak starts hundreds of thousands.
     let mut tasks = tokio::task::JoinSet::new();
-    let mut i = 0;
-    while started.elapsed() < duration {
-        tick.tick().await;
+    for i in 0..count {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due).await;
         while let Some(done) = tasks.try_join_next() {
             done.expect("client task");
         }
         let (client, results) = (client.clone(), results.clone());
+        let due = due.into_std();
         tasks.spawn(async move {
-            let (ms, o) = client.run_one(i).await;
-            results.lock().await.samples.push((Instant::now(), ms, o));
+            let r = client.run_one(i, due).await;
+            results.lock().await.record(i, r);
         });
-        i += 1;
     }
     while let Some(done) = tasks.join_next().await {
         done.expect("client task");
     }
-    (started.elapsed(), i)
+    (start.elapsed(), count)
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(rate) = cli.rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        eprintln!("--rate must be a positive number of sagas per second, got {rate}");
+        return ExitCode::from(2);
+    }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(cli.c.max(64))
         .timeout(Duration::from_secs(cli.saga_timeout_secs + 5))
@@ -259,7 +390,12 @@ async fn main() {
     if cli.warmup > 0 {
         eprintln!("warming up with {} sagas", cli.warmup);
         let warm = Arc::new(Mutex::new(Results::default()));
-        closed_loop(client.clone(), 0, cli.warmup, warm).await;
+        closed_loop(client.clone(), 0, cli.warmup, warm.clone()).await;
+        let warm = warm.lock().await;
+        let errors = warm.count(Outcome::Error);
+        if errors > 0 {
+            eprintln!("warm-up: {errors} of {} sagas in error", cli.warmup);
+        }
     }
     let results = Arc::new(Mutex::new(Results::default()));
     let measure_start = Instant::now();
@@ -282,12 +418,11 @@ async fn main() {
         }
     };
     let results = results.lock().await;
-    let count = |o| results.samples.iter().filter(|s| s.2 == o).count();
     let mut latencies: Vec<f64> = results
         .samples
         .iter()
-        .filter(|s| s.2 != Outcome::Error)
-        .map(|s| s.1)
+        .filter(|s| s.outcome != Outcome::Error)
+        .map(|s| s.ms)
         .collect();
     latencies.sort_by(f64::total_cmp);
     if cli.per_minute {
@@ -297,9 +432,10 @@ async fn main() {
                 .samples
                 .iter()
                 .filter(|s| {
-                    s.2 != Outcome::Error && (s.0 - measure_start).as_secs() / 60 == m as u64
+                    s.outcome != Outcome::Error
+                        && (s.done - measure_start).as_secs() / 60 == m as u64
                 })
-                .map(|s| s.1)
+                .map(|s| s.ms)
                 .collect();
             window.sort_by(f64::total_cmp);
             if !window.is_empty() {
@@ -320,6 +456,17 @@ async fn main() {
             rss_kib as f64 / 1024.0
         );
     }
+    let errors = results.count(Outcome::Error);
+    let unexpected = results.unexpected();
+    if errors > 0 {
+        eprintln!("loadgen: {errors} of {n} sagas in error (refused, failed or not ended)");
+    }
+    if unexpected > 0 {
+        eprintln!(
+            "loadgen: {unexpected} of {n} sagas ended otherwise than the workload expects \
+             (order i compensates exactly when i % 10 == 9)"
+        );
+    }
     let throughput = n as f64 / elapsed.as_secs_f64();
     println!(
         "{}: variant={} N={} C={} throughput={:.1} sagas/s p50={:.1} p95={:.1} p99={:.1} completed={} compensated={} errors={}",
@@ -331,8 +478,13 @@ async fn main() {
         percentile(&latencies, 50.0),
         percentile(&latencies, 95.0),
         percentile(&latencies, 99.0),
-        count(Outcome::Completed),
-        count(Outcome::Compensated),
-        count(Outcome::Error)
+        results.count(Outcome::Completed),
+        results.count(Outcome::Compensated),
+        errors
     );
+    if errors > 0 || (cli.strict && unexpected > 0) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
