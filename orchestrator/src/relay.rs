@@ -7,7 +7,13 @@
 //! (the process crashed between commit and publish, NATS was down, the hand-off queue was
 //! full). Publishing a row twice is harmless: `Nats-Msg-Id` is the command or event id, so
 //! JetStream stores it once within its duplicate window, and the workers are idempotent anyway.
+//!
+//! A row JetStream acknowledged is deleted by the engine's next commit, in the same statement
+//! as the batch it writes anyway ([`Handle::take_acked`]): a transaction of its own per
+//! hand-off would double the commits of a lightly loaded orchestrator. When the engine has no
+//! batch to write, the relay deletes them itself on its next tick.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -32,10 +38,26 @@ pub struct Message {
     pub payload: Bytes,
 }
 
+/// The ids of rows JetStream acknowledged and nobody deleted yet. Whoever takes them deletes
+/// them: the engine in its next commit, or the relay on its tick.
+#[derive(Clone, Default)]
+struct Acked(Arc<Mutex<Vec<i64>>>);
+
+impl Acked {
+    fn push(&self, ids: impl IntoIterator<Item = i64>) {
+        self.0.lock().expect("acked lock").extend(ids);
+    }
+
+    fn take(&self) -> Vec<i64> {
+        std::mem::take(&mut *self.0.lock().expect("acked lock"))
+    }
+}
+
 /// The engine's side of the hand-off.
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::Sender<Vec<Message>>,
+    acked: Acked,
 }
 
 impl Handle {
@@ -46,12 +68,24 @@ impl Handle {
             tracing::debug!(error = %e, "relay queue full; the scan will publish these rows");
         }
     }
+
+    /// The rows JetStream acknowledged since the last take, for the engine to delete in the
+    /// commit it is about to make. If that commit fails, [`Handle::untake`] them.
+    pub fn take_acked(&self) -> Vec<i64> {
+        self.acked.take()
+    }
+
+    /// Give back rows taken with [`Handle::take_acked`] whose delete did not commit.
+    pub fn untake(&self, ids: Vec<i64>) {
+        self.acked.push(ids);
+    }
 }
 
 pub struct Relay {
     js: jetstream::Context,
     pool: PgPool,
     rx: mpsc::Receiver<Vec<Message>>,
+    acked: Acked,
     settings: config::Relay,
     metrics: Metrics,
 }
@@ -64,12 +98,17 @@ impl Relay {
         metrics: Metrics,
     ) -> (Handle, Relay) {
         let (tx, rx) = mpsc::channel(1024);
+        let acked = Acked::default();
         (
-            Handle { tx },
+            Handle {
+                tx,
+                acked: acked.clone(),
+            },
             Relay {
                 js,
                 pool,
                 rx,
+                acked,
                 settings,
                 metrics,
             },
@@ -87,10 +126,6 @@ impl Relay {
         let mut tick = tokio::time::interval(config::ms(self.settings.scan_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buffer = Vec::new();
-        // Acknowledged rows are deleted in bulk: while more hand-offs are queued, their ids
-        // wait here (a row published but not yet deleted is only published again by a scan,
-        // and JetStream drops the duplicate).
-        let mut acked: Vec<i64> = Vec::new();
         loop {
             tokio::select! {
                 n = self.rx.recv_many(&mut buffer, 64) => {
@@ -100,18 +135,18 @@ impl Relay {
                     let batch: Vec<Message> = buffer.drain(..).flatten().collect();
                     let done = self.publish(&batch).await;
                     self.metrics.published(done.len(), batch.len() - done.len(), false);
-                    acked.extend(done);
-                    if self.rx.is_empty() || acked.len() >= self.settings.max_batch * 4 {
-                        self.delete_acked(&mut acked).await;
-                    }
+                    // Deleted by the engine's next commit, or by this loop's next tick (a row
+                    // published but not yet deleted is only published again by a scan, and
+                    // JetStream drops the duplicate).
+                    self.acked.push(done);
                 }
                 _ = tick.tick() => {
-                    self.delete_acked(&mut acked).await;
+                    self.delete_acked().await;
                     self.scan(config::ms(self.settings.scan_grace_ms)).await;
                 }
             }
         }
-        self.delete_acked(&mut acked).await;
+        self.delete_acked().await;
         self.scan(Duration::ZERO).await;
         tracing::info!("relay stopped");
     }
@@ -168,16 +203,17 @@ impl Relay {
         Ok(if done.is_empty() { 0 } else { found })
     }
 
-    async fn delete_acked(&self, acked: &mut Vec<i64>) {
+    /// Delete the acknowledged rows the engine did not take (it had nothing to commit).
+    async fn delete_acked(&self) {
+        let acked = self.acked.take();
         if acked.is_empty() {
             return;
         }
-        if let Err(e) = delete(&self.pool, acked).await {
+        if let Err(e) = delete(&self.pool, &acked).await {
             // Published but still in the table: the scan publishes them again, JetStream drops
             // the duplicates.
             tracing::warn!(error = %e, rows = acked.len(), "could not delete published outbox rows");
         }
-        acked.clear();
     }
 
     /// Publish all, then await all acks. Returns the ids JetStream acknowledged.

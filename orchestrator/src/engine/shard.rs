@@ -146,13 +146,17 @@ impl Shard {
                         let rounds: HashMap<SagaId, usize> =
                             batch.iter().map(|(r, n)| (r.saga_id(), *n)).collect();
                         let requests = batch.into_iter().map(|(r, _)| r).collect();
-                        if let Some(prepared) = self.prepare(requests).await {
+                        if let Some(mut prepared) = self.prepare(requests).await {
                             in_flight.extend(prepared.work.keys().copied());
                             let pool = self.pool.clone();
+                            // Rows the relay published go out with this commit; if it fails,
+                            // they are handed back for the next one.
+                            prepared.batch.published = self.relay.take_acked();
+                            let published = prepared.batch.published.clone();
                             commits.push(async move {
                                 let started = std::time::Instant::now();
                                 let result = store::commit(&pool, prepared.batch).await;
-                                (prepared.work, prepared.followers, prepared.inputs, rounds, started, result)
+                                (prepared.work, prepared.followers, prepared.inputs, rounds, started, result, published)
                             });
                         }
                         continue;
@@ -162,8 +166,11 @@ impl Shard {
                     break;
                 }
                 tokio::select! {
-                    Some((work, followers, inputs, rounds, started, result)) = commits.next(), if !commits.is_empty() => {
+                    Some((work, followers, inputs, rounds, started, result, published)) = commits.next(), if !commits.is_empty() => {
                         self.metrics.batch(inputs, started.elapsed().as_secs_f64());
+                        if result.is_err() {
+                            self.relay.untake(published);
+                        }
                         for id in work.keys() {
                             in_flight.remove(id);
                         }

@@ -113,6 +113,9 @@ pub(super) struct Batch {
     /// Sagas none of whose inputs changed them, with the version the verdict was reached at:
     /// the commit checks that it is still the stored one.
     pub checks: Vec<(SagaId, i64)>,
+    /// Outbox rows JetStream acknowledged (the relay's), deleted by this statement rather than
+    /// by a transaction of their own.
+    pub published: Vec<i64>,
 }
 
 impl Batch {
@@ -121,6 +124,7 @@ impl Batch {
             && self.updates.is_empty()
             && self.timers.is_empty()
             && self.checks.is_empty()
+            && self.published.is_empty()
     }
 }
 
@@ -151,7 +155,7 @@ fn uuids<'a>(ids: impl Iterator<Item = &'a SagaId>) -> Vec<Uuid> {
 /// new sagas are inserted (unless their idempotency key is taken), changed ones updated if
 /// their version is still the one we read, unchanged ones checked to be still at the version
 /// we read; the event-log, outbox and timer writes of a saga happen only if its own row was
-/// written or checked (`ok`).
+/// written or checked (`ok`). Outbox rows the relay published are deleted on the way.
 const COMMIT: &str = "
 WITH ins AS (
     INSERT INTO orchestrator.sagas
@@ -207,6 +211,8 @@ WITH ins AS (
      WHERE t.saga_id = d.saga_id AND t.key = d.key
        AND (d.fire_at IS NULL OR t.fire_at = d.fire_at)
        AND d.saga_id IN (SELECT id FROM ok)
+), odel AS (
+    DELETE FROM orchestrator.outbox WHERE id = ANY($44::int8[])
 )
 SELECT 0::int4, id::text, 0::int8 FROM ok
 UNION ALL
@@ -307,6 +313,7 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
         .bind(&del.2)
         .bind(uuids(batch.checks.iter().map(|(id, _)| id)))
         .bind(batch.checks.iter().map(|(_, v)| *v).collect::<Vec<_>>())
+        .bind(&batch.published)
         .fetch_all(pool)
         .await?;
     let mut written: HashSet<Uuid> = HashSet::with_capacity(n.len() + u.len());
