@@ -8,6 +8,20 @@ use serde_json::{Value, json};
 /// How much earlier than asked a wait may end: timers and clocks are not exact.
 const TOLERANCE: Duration = Duration::from_millis(100);
 
+/// `POST /checkout` of one order with this `Prefer` header; the answer and how long it took.
+async fn checkout_preferring(app: &App, prefer: &str) -> (reqwest::Response, Duration) {
+    let started = Instant::now();
+    let r = app
+        .http
+        .post(format!("{}/checkout", app.base))
+        .header("Prefer", prefer)
+        .json(&order(&[("A", 1)], "tok_visa"))
+        .send()
+        .await
+        .unwrap();
+    (r, started.elapsed())
+}
+
 #[tokio::test]
 async fn prefer_wait_answers_with_the_outcome_when_the_saga_ends_in_time() {
     let app = App::spawn().await;
@@ -42,16 +56,7 @@ async fn prefer_wait_answers_with_the_outcome_when_the_saga_ends_in_time() {
 async fn a_wait_that_runs_out_is_an_ordinary_202_and_a_long_poll_returns_at_the_end() {
     let app = App::spawn().await;
     app.control("processor", json!({"mode": "hang"})).await;
-    let started = Instant::now();
-    let r = app
-        .http
-        .post(format!("{}/checkout", app.base))
-        .header("Prefer", "respond-async, wait=1")
-        .json(&order(&[("A", 1)], "tok_visa"))
-        .send()
-        .await
-        .unwrap();
-    let elapsed = started.elapsed();
+    let (r, elapsed) = checkout_preferring(&app, "respond-async, wait=1").await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["preference-applied"], "wait=1");
     assert!(
@@ -184,16 +189,7 @@ async fn invalid_waits_are_refused_and_valid_ones_are_kept() {
     );
 
     // wait=0 answers at once (well before the client would give up after 30 s).
-    let started = Instant::now();
-    let r = app
-        .http
-        .post(format!("{}/checkout", app.base))
-        .header("Prefer", "wait=0")
-        .json(&order(&[("A", 1)], "tok_visa"))
-        .send()
-        .await
-        .unwrap();
-    let elapsed = started.elapsed();
+    let (r, elapsed) = checkout_preferring(&app, "wait=0").await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["preference-applied"], "wait=0");
     assert!(

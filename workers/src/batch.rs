@@ -12,6 +12,22 @@ use crate::bus::Unavailable;
 
 type Reply<O> = oneshot::Sender<Result<O, Arc<sqlx::Error>>>;
 
+/// The input a row of a batched lookup answers: the statement numbers its keys with `unnest(..)
+/// WITH ORDINALITY` (from 1) and returns that number in `column`; `Err` for a number outside
+/// the `inputs` keys.
+pub fn input_of(
+    row: &sqlx::postgres::PgRow,
+    column: usize,
+    inputs: usize,
+) -> Result<usize, sqlx::Error> {
+    use sqlx::Row;
+    let n: i64 = row.try_get(column)?;
+    usize::try_from(n - 1)
+        .ok()
+        .filter(|i| *i < inputs)
+        .ok_or_else(|| sqlx::Error::Protocol(format!("a lookup row names input {n} of {inputs}")))
+}
+
 pub struct Batcher<I, O> {
     tx: mpsc::Sender<(I, Reply<O>)>,
 }

@@ -203,12 +203,7 @@ async fn lookup_many(
         })
         .collect();
     for r in &rows {
-        // WITH ORDINALITY counts from 1.
-        let n = usize::try_from(r.get::<i64, _>(0) - 1)
-            .map_err(|_| sqlx::Error::Protocol("a lookup row out of range".into()))?;
-        let Some(f) = found.get_mut(n) else {
-            return Err(sqlx::Error::Protocol("a lookup row out of range".into()));
-        };
+        let f = &mut found[crate::batch::input_of(r, 0, keys.len())?];
         if r.get::<Option<Uuid>, _>(1).is_some() {
             f.shipment = Some(shipment_of(r, 1));
         }
