@@ -234,6 +234,66 @@ async fn a_declined_card_compensates_and_keeps_nothing() {
 }
 
 #[tokio::test]
+async fn a_shipment_that_fails_for_good_refunds_then_releases_in_reverse() {
+    let app = App::spawn().await;
+    // The carrier refuses an address it cannot deliver to: the last step fails permanently,
+    // after the stock was reserved and the card charged.
+    let mut body = order(&[("A", 2)], "tok_visa");
+    body["shipping_address"]["country"] = json!("XX");
+    let id = app.place(&body).await;
+    let saga = app.wait_terminal(&id, WITHIN).await;
+    assert_eq!(saga["status"], "compensated", "{saga:#}");
+    assert_eq!(saga["steps"][2]["status"], "rejected");
+    assert_eq!(saga["steps"][1]["status"], "compensated");
+    assert_eq!(saga["steps"][0]["status"], "compensated");
+
+    // Undone in reverse: the refund is dispatched before the release.
+    let dispatched: Vec<String> = saga["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e["effects"].as_array().cloned().unwrap_or_default())
+        .filter(|f| f["effect"] == "dispatch")
+        .map(|f| f["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        dispatched,
+        [
+            "reserve_stock",
+            "charge_payment",
+            "create_shipment",
+            "refund_payment",
+            "release_stock"
+        ],
+        "{saga:#}"
+    );
+
+    // Nothing kept: the charge refunded once, at the processor too; the stock back; no
+    // shipment; the order cancelled.
+    let order = order_id(&saga);
+    assert_eq!(
+        app.count(&format!("SELECT count(*) FROM payments.charges WHERE order_id = '{order}' AND status = 'refunded'")).await,
+        1
+    );
+    let ledger = app.ledger().await;
+    assert_eq!(ledger["charges"].as_array().unwrap().len(), 1, "{ledger}");
+    assert_eq!(ledger["refunds"].as_array().unwrap().len(), 1, "{ledger}");
+    assert!(
+        ledger["shipments"].as_array().unwrap().is_empty(),
+        "{ledger}"
+    );
+    assert_eq!(stock(&app, "A").await, (1000, 0));
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM orders.orders WHERE id = '{order}' AND status = 'cancelled'"
+        ))
+        .await,
+        1
+    );
+    app.assert_invariants(1, WITHIN).await;
+}
+
+#[tokio::test]
 async fn an_out_of_stock_line_fails_at_reservation_with_nothing_charged() {
     let app = App::spawn().await;
     // Two SCARCE exist; the order wants three (and some A, which must not stay reserved).
