@@ -8,7 +8,8 @@ use orchestrator::{catalog, db, telemetry};
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc: the saga hot path allocates many small, short-lived buffers (JSON, rows,
-/// messages); it spends markedly less CPU on them than glibc's allocator (BENCHMARKS.md).
+/// messages); it spends less CPU on them than glibc's allocator (2.26 -> 2.20 ms per saga, 787 ->
+/// 795 sagas/s, BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
