@@ -133,14 +133,7 @@ async fn invalid_waits_are_refused_and_valid_ones_are_kept() {
         "wait=1.5",
         "wait=+5",
     ] {
-        let r = app
-            .http
-            .post(format!("{}/checkout", app.base))
-            .header("Prefer", prefer)
-            .json(&order(&[("A", 1)], "tok_visa"))
-            .send()
-            .await
-            .unwrap();
+        let (r, _) = checkout_preferring(&app, prefer).await;
         assert_invalid_wait(prefer, r).await;
     }
     assert_eq!(
