@@ -1,9 +1,12 @@
 //! Circuit breakers, one per saga step (failsafe). The engine records the outcome of every
 //! attempt it applies: a success or a permanent failure is a success for the breaker (the
-//! service answered), a retryable failure or a deadline is a failure. After
-//! `breakers.failure_threshold` consecutive failures the breaker opens: from then on a saga
-//! that reaches the step parks (`parked`), spending no attempt, until the breaker lets calls
-//! through again. When the breaker's open period ends it turns half-open and the unparker
+//! service answered), a retryable failure or a deadline is a failure. A breaker protects a
+//! downstream that is failing *for everybody*, so it counts a saga's failures once: after
+//! `breakers.failure_threshold` consecutive failures from that many different sagas (no success
+//! in between) it opens. One saga that keeps failing (a customer's card that the processor keeps
+//! refusing retryably, a compensation stuck on its own data) never opens it alone, and so never
+//! parks everybody else. From then on a saga that reaches the step parks (`parked`), spending no
+//! attempt, until the breaker lets calls through again. When the breaker's open period ends it turns half-open and the unparker
 //! resumes ONE parked saga as a probe; its outcome closes the breaker (and every parked saga
 //! is resumed) or opens it again for longer.
 //!
@@ -13,13 +16,14 @@
 //! hot path. What an operator forces (open or closed) is different: it is stored in
 //! `orchestrator.breaker_overrides` and every orchestrator applies it within a second.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use failsafe::failure_policy::ConsecutiveFailures;
 use sagas::policy::{Backoff, Delays};
+use sagas::wire::SagaId;
 use serde::{Deserialize, Serialize};
 
 use crate::config;
@@ -113,6 +117,9 @@ struct Breaker {
     recorder: Recorder,
     /// The saga sent as the half-open probe, and since when.
     probe: Mutex<Option<Instant>>,
+    /// The sagas that failed since the last success: failsafe counts a saga's first failure of
+    /// a streak only, so its consecutive failures are failures of distinct sagas.
+    failing: Mutex<HashSet<SagaId>>,
 }
 
 /// A breaker as `GET /breakers` shows it.
@@ -165,6 +172,7 @@ impl Breakers {
                         machine,
                         recorder,
                         probe: Mutex::new(None),
+                        failing: Mutex::new(HashSet::new()),
                     },
                 )
             })
@@ -206,15 +214,28 @@ impl Breakers {
             .collect()
     }
 
-    /// Record what an attempt of `step` came to.
-    pub fn record(&self, step: &str, ok: bool) {
+    /// Record what an attempt of `step` by `saga` came to.
+    pub fn record(&self, step: &str, saga: SagaId, ok: bool) {
         let Some(b) = self.by_step.get(step) else {
             return;
         };
         if ok {
+            b.failing.lock().expect("failing lock").clear();
             b.machine.on_success();
         } else {
-            b.machine.on_error();
+            let state = self.state(b);
+            let mut failing = b.failing.lock().expect("failing lock");
+            // A half-open breaker's probe failing opens it again, whoever the probe was; a
+            // closed breaker counts each saga once per streak.
+            let counts = state == State::HalfOpen || failing.insert(saga);
+            drop(failing);
+            if counts {
+                b.machine.on_error();
+                if self.state(b) == State::Open {
+                    // A new streak starts when it lets calls through again.
+                    b.failing.lock().expect("failing lock").clear();
+                }
+            }
         }
         // Any outcome settles a half-open breaker (closed or open again): the probe is done.
         if self.state(b) != State::HalfOpen {
@@ -280,5 +301,69 @@ impl Breakers {
                 times_opened: b.recorder.opened.load(Ordering::Relaxed),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breakers(threshold: u32) -> Breakers {
+        let settings = config::Breakers {
+            failure_threshold: threshold,
+            open_initial_ms: 60_000,
+            open_max_ms: 60_000,
+            probe_timeout_ms: 1_000,
+            unpark_interval_ms: 100,
+        };
+        Breakers::new(&["charge_payment"], &settings, Metrics::new())
+    }
+
+    fn saga(n: u128) -> SagaId {
+        SagaId::from_uuid(uuid::Uuid::from_u128(n))
+    }
+
+    fn state(b: &Breakers) -> State {
+        b.views()[0].state
+    }
+
+    #[test]
+    fn one_saga_failing_for_ever_never_opens_the_breaker() {
+        let b = breakers(3);
+        for _ in 0..1_000 {
+            b.record("charge_payment", saga(1), false);
+        }
+        assert_eq!(state(&b), State::Closed);
+        assert!(b.blocked().is_empty());
+        // Two more sagas failing make three distinct ones in a row: now it opens.
+        b.record("charge_payment", saga(2), false);
+        assert_eq!(state(&b), State::Closed);
+        b.record("charge_payment", saga(3), false);
+        assert_eq!(state(&b), State::Open);
+        assert!(b.blocked().contains("charge_payment"));
+    }
+
+    #[test]
+    fn a_success_starts_the_count_again() {
+        let b = breakers(3);
+        b.record("charge_payment", saga(1), false);
+        b.record("charge_payment", saga(2), false);
+        b.record("charge_payment", saga(9), true);
+        b.record("charge_payment", saga(1), false);
+        b.record("charge_payment", saga(2), false);
+        assert_eq!(state(&b), State::Closed);
+        b.record("charge_payment", saga(3), false);
+        assert_eq!(state(&b), State::Open);
+    }
+
+    #[test]
+    fn distinct_sagas_interleaved_with_repeats_count_once_each() {
+        let b = breakers(4);
+        for n in [1, 1, 2, 1, 2, 2, 3, 1, 3] {
+            b.record("charge_payment", saga(n), false);
+        }
+        assert_eq!(state(&b), State::Closed, "three sagas, however often");
+        b.record("charge_payment", saga(4), false);
+        assert_eq!(state(&b), State::Open);
     }
 }

@@ -172,7 +172,8 @@ pub struct Timers {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Breakers {
-    /// Consecutive failures (retryable failures or deadlines) of a step that open its breaker.
+    /// Consecutive failures (retryable failures or deadlines) of a step, each from a different
+    /// saga, that open its breaker.
     pub failure_threshold: u32,
     /// How long a breaker stays open the first time; doubled (with jitter) up to the max.
     pub open_initial_ms: u64,

@@ -354,6 +354,82 @@ async fn an_open_breaker_parks_sagas_until_the_processor_recovers() {
 }
 
 #[tokio::test]
+async fn one_saga_failing_for_ever_parks_nobody_else() {
+    // A customer whose card the processor refuses retryably on every attempt: that saga keeps
+    // retrying (as many attempts as a policy allows), and its failures come back faster than
+    // anybody else's. Breakers that counted them would open (the orchestrator's after three,
+    // the payment worker's after two) and park every other checkout.
+    let mut options = Options::default()
+        .orchestrator("SAGA_BREAKERS__FAILURE_THRESHOLD", "3")
+        .orchestrator(
+            "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__MAX_ATTEMPTS",
+            "10000",
+        )
+        .orchestrator(
+            "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__BACKOFF_INITIAL_MS",
+            "20",
+        )
+        .orchestrator(
+            "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__BACKOFF_MAX_MS",
+            "50",
+        );
+    options
+        .worker_env
+        .push(("SAGA_PROCESSOR__BREAKER_FAILURES".into(), "2".into()));
+    let app = App::spawn_with(options).await;
+    let stuck = app.place(&order(&[("A", 1)], "tok_fail_transient")).await;
+    let attempts = format!(
+        "SELECT coalesce((snapshot -> 'steps' -> 1 ->> 'attempts')::bigint, 0) FROM orchestrator.sagas WHERE id = '{stuck}'"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while app.count(&attempts).await < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the failing saga stopped retrying"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Other checkouts flow meanwhile, while the failing one goes on failing.
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(app.place(&order(&[("B", 1)], "tok_visa")).await);
+    }
+    for id in &ids {
+        let saga = app.wait_terminal(id, Duration::from_secs(60)).await;
+        assert_eq!(saga["status"], "completed", "{saga:#}");
+    }
+    let failing_since = app.count(&attempts).await;
+    assert!(failing_since >= 10, "it failed {failing_since} times");
+    assert_eq!(
+        app.count("SELECT count(*) FROM orchestrator.saga_events WHERE state_after IN ('parked', 'compensation_parked')")
+            .await,
+        0,
+        "no saga ever parked"
+    );
+    assert_eq!(
+        breaker(&app, "charge_payment").await["times_opened"],
+        0,
+        "the charge breaker never opened"
+    );
+    let stuck_saga = app.saga(&stuck).await;
+    assert_eq!(stuck_saga["status"], "running", "{stuck_saga:#}");
+    // Its customer gives up; the saga compensates like any other.
+    let r = app
+        .http
+        .post(format!("{}/sagas/{stuck}/cancel", app.base))
+        .json(&json!({"reason": "the customer gave up"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        app.wait_terminal(&stuck, Duration::from_secs(60)).await["status"],
+        "compensated"
+    );
+    app.assert_invariants(21, SETTLE).await;
+}
+
+#[tokio::test]
 async fn a_swallowed_command_is_sent_again_after_its_deadline() {
     let mut options = Options::default();
     for step in ["RESERVE_STOCK", "CHARGE_PAYMENT", "CREATE_SHIPMENT"] {

@@ -33,9 +33,13 @@ struct Remote {
     http: reqwest::Client,
     base: String,
     name: &'static str,
-    /// Consecutive unavailability opens it; while open, calls fail fast (retryable) instead of
-    /// piling up on a party that is down.
+    /// Consecutive unavailability, for as many different callers, opens it; while open, calls
+    /// fail fast (retryable) instead of piling up on a party that is down.
     breaker: Breaker,
+    /// The callers (idempotency keys) that found the party unavailable since its last answer:
+    /// each counts once, so one caller whose own call keeps failing (a card the processor
+    /// keeps refusing with a 503) cannot open the breaker for everybody.
+    failing: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Remote {
@@ -65,11 +69,13 @@ impl Remote {
                     backoff,
                 ))
                 .build(),
+            failing: Default::default(),
         }
     }
 
-    /// Run a call through the breaker: only unavailability counts against the party.
-    async fn guarded<T, F>(&self, call: F) -> Result<T, CallError>
+    /// Run a call of `caller` through the breaker: only unavailability counts against the
+    /// party, once per caller until the party answers someone.
+    async fn guarded<T, F>(&self, caller: &str, call: F) -> Result<T, CallError>
     where
         F: std::future::Future<Output = Result<T, CallError>>,
     {
@@ -80,19 +86,32 @@ impl Remote {
             )));
         }
         let result = call.await;
+        let mut failing = self.failing.lock().expect("breaker lock");
         match &result {
-            Err(CallError::Unavailable(_)) => self.breaker.on_error(),
-            _ => self.breaker.on_success(),
+            Err(CallError::Unavailable(_)) => {
+                if failing.insert(caller.to_owned()) {
+                    self.breaker.on_error();
+                    if !self.breaker.is_call_permitted() {
+                        // Open: a new streak starts when it lets calls through again.
+                        failing.clear();
+                    }
+                }
+            }
+            _ => {
+                failing.clear();
+                self.breaker.on_success();
+            }
         }
         result
     }
 
     async fn post<T: for<'de> Deserialize<'de>>(
         &self,
+        caller: &str,
         path: &str,
         body: serde_json::Value,
     ) -> Result<T, CallError> {
-        self.guarded(self.post_unguarded(path, body)).await
+        self.guarded(caller, self.post_unguarded(path, body)).await
     }
 
     async fn post_unguarded<T: for<'de> Deserialize<'de>>(
@@ -170,7 +189,7 @@ impl Processor {
     ) -> Result<String, CallError> {
         let body = json!({"idempotency_key": key, "amount_minor": amount_minor, "currency": currency, "token": token});
         self.0
-            .post::<Created>("/processor/v1/charges", body)
+            .post::<Created>(key, "/processor/v1/charges", body)
             .await
             .map(|c| c.id)
     }
@@ -183,6 +202,7 @@ impl Processor {
         let v: Voided = self
             .0
             .post(
+                key,
                 &format!("/processor/v1/charges/by-key/{key}/void"),
                 json!({}),
             )
@@ -194,7 +214,7 @@ impl Processor {
     pub async fn refund(&self, key: &str, charge_ref: &str) -> Result<String, CallError> {
         let body = json!({"idempotency_key": key, "charge_id": charge_ref});
         self.0
-            .post::<Created>("/processor/v1/refunds", body)
+            .post::<Created>(key, "/processor/v1/refunds", body)
             .await
             .map(|c| c.id)
     }
@@ -213,7 +233,7 @@ impl Carrier {
     pub async fn ship(&self, key: &str, country: &str) -> Result<(String, String), CallError> {
         let body = json!({"idempotency_key": key, "country": country});
         self.0
-            .post::<ShipmentCreated>("/carrier/v1/shipments", body)
+            .post::<ShipmentCreated>(key, "/carrier/v1/shipments", body)
             .await
             .map(|s| (s.id, s.tracking_number))
     }
@@ -224,6 +244,7 @@ impl Carrier {
         let v: Voided = self
             .0
             .post(
+                key,
                 &format!("/carrier/v1/shipments/by-key/{key}/void"),
                 json!({}),
             )
@@ -234,6 +255,7 @@ impl Carrier {
     pub async fn cancel(&self, carrier_ref: &str) -> Result<(), CallError> {
         self.0
             .post::<serde_json::Value>(
+                carrier_ref,
                 &format!("/carrier/v1/shipments/{carrier_ref}/cancel"),
                 json!({}),
             )

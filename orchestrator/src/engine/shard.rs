@@ -362,7 +362,7 @@ impl Shard {
                 published.extend(rows.iter().cloned());
             }
             for (step, ok) in w.health.drain(..) {
-                self.breakers.record(&step, ok);
+                self.breakers.record(&step, id, ok);
             }
             let status = w.entry.saga.status();
             if w.base_version.is_none()
