@@ -129,17 +129,18 @@ impl Status {
         }
     }
 
+    /// Every status, in the order a saga may pass through them.
+    pub const ALL: [Status; 6] = [
+        Status::Running,
+        Status::Parked,
+        Status::Compensating,
+        Status::Completed,
+        Status::Compensated,
+        Status::Failed,
+    ];
+
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Status::Running,
-            Status::Compensating,
-            Status::Parked,
-            Status::Completed,
-            Status::Compensated,
-            Status::Failed,
-        ]
-        .into_iter()
-        .find(|x| x.as_str() == s)
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
     }
 }
 

@@ -340,23 +340,39 @@ async fn one_idempotency_key_yields_one_saga_even_when_sent_concurrently() {
     ids.dedup();
     assert_eq!(ids.len(), 1, "{ids:?}");
 
-    // The same key with another request is refused, and points at the first saga.
+    // The same key with another request is refused, without naming any saga.
     let other = app
         .checkout(&order(&[("A", 2)], "tok_visa"), Some("order-42"))
         .await;
     assert_eq!(other.status(), 422);
     let problem: Value = other.json().await.unwrap();
     assert_eq!(problem["type"], "/problems/idempotency-key-reused");
-    assert_eq!(problem["saga_id"], first["saga_id"]);
+    let text = problem.to_string();
+    assert!(
+        !text.contains(first["saga_id"].as_str().unwrap()),
+        "{problem}"
+    );
+
+    // A key is the customer's own: another customer with the same key (and the same body,
+    // but for the customer) gets a saga of their own, and learns nothing of the first.
+    let mut theirs = body.clone();
+    theirs["customer"]["id"] = json!("cust-2");
+    let theirs = app.checkout(&theirs, Some("order-42")).await;
+    assert!(theirs.headers().get("idempotent-replayed").is_none());
+    let theirs = accepted(theirs).await;
+    assert_ne!(theirs["saga_id"], first["saga_id"]);
+    assert_ne!(theirs["order_id"], first["order_id"]);
 
     assert_eq!(
         app.count("SELECT count(*) FROM orchestrator.sagas").await,
-        2
+        3
     );
     app.wait_terminal(first["saga_id"].as_str().unwrap(), WITHIN)
         .await;
     app.wait_terminal(ids[0].as_str().unwrap(), WITHIN).await;
-    assert_eq!(app.ledger().await["charges"].as_array().unwrap().len(), 2);
+    app.wait_terminal(theirs["saga_id"].as_str().unwrap(), WITHIN)
+        .await;
+    assert_eq!(app.ledger().await["charges"].as_array().unwrap().len(), 3);
 }
 
 #[tokio::test]
@@ -477,8 +493,8 @@ async fn bad_input_gets_a_problem_and_writes_nothing() {
                 .post(format!("{}/checkout", app.base))
                 .header("Idempotency-Key", "")
                 .json(&good),
-            400,
-            "/problems/invalid-idempotency-key",
+            422,
+            "/problems/invalid-request",
             None,
         ),
         (

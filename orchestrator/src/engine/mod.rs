@@ -53,9 +53,11 @@ impl From<sqlx::Error> for Error {
 }
 
 /// A client's idempotency key with a digest of its request, so that a key reused with another
-/// request is told apart from a retry.
+/// request is told apart from a retry. A key is unique within its scope (the client it
+/// belongs to): the same key in another scope is another request.
 #[derive(Debug, Clone)]
 pub struct Idempotency {
+    pub scope: String,
     pub key: String,
     pub request_hash: Vec<u8>,
 }

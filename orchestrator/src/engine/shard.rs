@@ -220,13 +220,13 @@ impl Shard {
         };
         let mut work: HashMap<SagaId, Work> = HashMap::new();
         // Keys started in this batch: a second start with one of them waits for the first.
-        let mut keys: HashMap<String, SagaId> = HashMap::new();
+        let mut keys: HashMap<(String, String), SagaId> = HashMap::new();
         let mut key_followers: Vec<(Request, SagaId)> = Vec::new();
         for request in requests {
             match request {
                 Request::Start { id, new, reply } => {
                     if let Some(idem) = &new.idempotency
-                        && let Some(first) = keys.get(&idem.key)
+                        && let Some(first) = keys.get(&(idem.scope.clone(), idem.key.clone()))
                     {
                         let first = *first;
                         key_followers.push((Request::Start { id, new, reply }, first));
@@ -235,7 +235,7 @@ impl Shard {
                     match self.start(id, &new, &env) {
                         Ok(mut w) => {
                             if let Some(idem) = &new.idempotency {
-                                keys.insert(idem.key.clone(), id);
+                                keys.insert((idem.scope.clone(), idem.key.clone()), id);
                             }
                             let status = w.entry.saga.status();
                             w.answers
@@ -682,6 +682,11 @@ impl Batch {
                     parked_on: saga.parked_on().map(str::to_owned),
                     version: w.entry.version,
                     correlation_id: w.entry.correlation_id.clone(),
+                    idempotency_scope: w
+                        .idempotency
+                        .as_ref()
+                        .map(|i| i.scope.clone())
+                        .unwrap_or_default(),
                     idempotency_key: w.idempotency.as_ref().map(|i| i.key.clone()),
                     request_hash: w.idempotency.as_ref().map(|i| i.request_hash.clone()),
                     at: now,

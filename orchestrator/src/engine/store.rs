@@ -25,6 +25,7 @@ pub(super) struct NewSagaRow {
     pub parked_on: Option<String>,
     pub version: i64,
     pub correlation_id: String,
+    pub idempotency_scope: String,
     pub idempotency_key: Option<String>,
     pub request_hash: Option<Vec<u8>>,
     pub at: DateTime<Utc>,
@@ -160,14 +161,15 @@ const COMMIT: &str = "
 WITH ins AS (
     INSERT INTO orchestrator.sagas
         (id, saga_type, state, status, snapshot, version, correlation_id, idempotency_key,
-         request_hash, created_at, updated_at, parked_on, subject)
+         request_hash, created_at, updated_at, parked_on, subject, idempotency_scope)
     SELECT u.id, u.saga_type, u.state, u.status, u.snapshot::json, u.version, u.correlation_id,
-           u.idempotency_key, u.request_hash, u.at, u.at, u.parked_on, u.subject
+           u.idempotency_key, u.request_hash, u.at, u.at, u.parked_on, u.subject, u.scope
       FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
-                  $7::text[], $8::text[], $9::bytea[], $10::timestamptz[], $11::text[], $12::text[])
+                  $7::text[], $8::text[], $9::bytea[], $10::timestamptz[], $11::text[], $12::text[],
+                  $45::text[])
         AS u(id, saga_type, state, status, snapshot, version, correlation_id, idempotency_key,
-             request_hash, at, parked_on, subject)
-    ON CONFLICT (idempotency_key) DO NOTHING
+             request_hash, at, parked_on, subject, scope)
+    ON CONFLICT (idempotency_scope, idempotency_key) DO NOTHING
     RETURNING id
 ), upd AS (
     UPDATE orchestrator.sagas s
@@ -314,6 +316,11 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
         .bind(uuids(batch.checks.iter().map(|(id, _)| id)))
         .bind(batch.checks.iter().map(|(_, v)| *v).collect::<Vec<_>>())
         .bind(&batch.published)
+        .bind(
+            n.iter()
+                .map(|r| r.idempotency_scope.as_str())
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(pool)
         .await?;
     let mut written: HashSet<Uuid> = HashSet::with_capacity(n.len() + u.len());
@@ -371,26 +378,29 @@ async fn holders_of(
     pool: &PgPool,
     lost: &[&NewSagaRow],
 ) -> Result<HashMap<SagaId, Existing>, sqlx::Error> {
-    let keys: Vec<&str> = lost
+    let (scopes, keys): (Vec<&str>, Vec<&str>) = lost
         .iter()
-        .filter_map(|r| r.idempotency_key.as_deref())
-        .collect();
+        .filter_map(|r| Some((r.idempotency_scope.as_str(), r.idempotency_key.as_deref()?)))
+        .unzip();
     let rows = sqlx::query(
-        "SELECT idempotency_key, id, status, request_hash FROM orchestrator.sagas
-          WHERE idempotency_key = ANY($1)",
+        "SELECT s.idempotency_scope, s.idempotency_key, s.id, s.status, s.request_hash
+           FROM orchestrator.sagas s
+           JOIN unnest($1::text[], $2::text[]) AS k(scope, key)
+             ON s.idempotency_scope = k.scope AND s.idempotency_key = k.key",
     )
+    .bind(&scopes)
     .bind(&keys)
     .fetch_all(pool)
     .await?;
     let mut by_key = HashMap::new();
     for row in rows {
-        let status: String = row.get(2);
+        let status: String = row.get(3);
         by_key.insert(
-            row.get::<String, _>(0),
+            (row.get::<String, _>(0), row.get::<String, _>(1)),
             Existing {
-                id: SagaId::from_uuid(row.get(1)),
+                id: SagaId::from_uuid(row.get(2)),
                 status: Status::parse(&status).unwrap_or(Status::Running),
-                request_hash: row.get(3),
+                request_hash: row.get(4),
             },
         );
     }
@@ -399,7 +409,7 @@ async fn holders_of(
         let existing = r
             .idempotency_key
             .as_ref()
-            .and_then(|k| by_key.get(k))
+            .and_then(|k| by_key.get(&(r.idempotency_scope.clone(), k.clone())))
             .cloned()
             .ok_or_else(|| sqlx::Error::Protocol(format!("saga {} was not inserted", r.id)))?;
         out.insert(r.id, existing);

@@ -39,13 +39,20 @@ pub async fn list(State(state): State<AppState>) -> Result<Response, Problem> {
     Ok(axum::Json(serde_json::json!({ "breakers": breakers })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForceRequest {
-    /// `"open"`, `"closed"`, or `null` to let the breaker decide again.
+    /// `"open"`, `"closed"`, or `null` to let the breaker decide again. Required: an operator
+    /// says which.
+    #[serde(deserialize_with = "required_or_null")]
     pub force: Option<String>,
     #[serde(default)]
-    pub reason: String,
+    pub reason: Option<String>,
+}
+
+/// A field that must be present, and may be `null`.
+fn required_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
 }
 
 /// Force a breaker open or closed for every orchestrator, or hand it back (`force: null`).
@@ -57,15 +64,25 @@ pub async fn force(
     if !state.breakers.has(&step) {
         return Err(Problem::not_found(format!("no breaker for step {step:?}")));
     }
+    let mut errors = Vec::new();
+    let reason = super::input::optional_text(&mut errors, "/reason", req.reason.as_deref(), 500)
+        .unwrap_or_default();
     let force = match req.force.as_deref() {
         None => None,
-        Some(s) => Some(Force::parse(s).ok_or_else(|| {
-            Problem::invalid(vec![FieldError::new(
-                "/force",
-                "must be \"open\", \"closed\" or null",
-            )])
-        })?),
+        Some(s) => {
+            let force = Force::parse(s);
+            if force.is_none() {
+                errors.push(FieldError::new(
+                    "/force",
+                    format!("must be \"open\", \"closed\" or null, got {s:?}"),
+                ));
+            }
+            force
+        }
     };
+    if !errors.is_empty() {
+        return Err(Problem::invalid(errors));
+    }
     match force {
         Some(f) => {
             sqlx::query(
@@ -74,7 +91,7 @@ pub async fn force(
             )
             .bind(&step)
             .bind(f.as_str())
-            .bind(req.reason.chars().take(500).collect::<String>())
+            .bind(&reason)
             .execute(&state.pool)
             .await?;
         }
@@ -94,7 +111,7 @@ pub async fn force(
             tracing::warn!(error = %e, "override stored; it applies at the next unparker pass")
         }
     }
-    tracing::warn!(step, ?force, reason = %req.reason, "breaker override set");
+    tracing::warn!(step, ?force, reason = %reason, "breaker override set");
     let view = state.breakers.views().into_iter().find(|v| v.step == step);
     Ok((StatusCode::OK, axum::Json(view)).into_response())
 }

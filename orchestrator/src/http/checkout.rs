@@ -9,6 +9,7 @@ use sagas::wire::{Address, Customer, Line, OrderId, Quantity, SagaId, Sku};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::input::{self, text};
 use super::problem::{FieldError, JsonBody, Problem};
 use super::{AppState, CorrelationId};
 use crate::engine::{Idempotency, NewSaga, Started};
@@ -66,36 +67,12 @@ struct Valid {
     address: Address,
 }
 
-fn text(errors: &mut Vec<FieldError>, pointer: &str, value: &str, max: usize) -> String {
-    let trimmed = value.trim();
-    if trimmed.is_empty() {
-        errors.push(FieldError::new(pointer, "must not be empty"));
-    } else if trimmed.chars().count() > max {
-        errors.push(FieldError::new(
-            pointer,
-            format!("must be at most {max} characters"),
-        ));
-    } else if trimmed.chars().any(char::is_control) {
-        errors.push(FieldError::new(
-            pointer,
-            "must not contain control characters",
-        ));
-    }
-    trimmed.to_owned()
-}
-
 fn validate(req: &CheckoutRequest, max_lines: usize) -> Result<Valid, Problem> {
     let mut errors = Vec::new();
     let customer = Customer {
         id: text(&mut errors, "/customer/id", &req.customer.id, 128),
-        email: text(&mut errors, "/customer/email", &req.customer.email, 254),
+        email: input::email(&mut errors, "/customer/email", &req.customer.email),
     };
-    if !customer.email.is_empty() && !is_email(&customer.email) {
-        errors.push(FieldError::new(
-            "/customer/email",
-            "is not an email address",
-        ));
-    }
     if req.items.is_empty() {
         errors.push(FieldError::new("/items", "the cart is empty"));
     } else if req.items.len() > max_lines {
@@ -131,11 +108,12 @@ fn validate(req: &CheckoutRequest, max_lines: usize) -> Result<Valid, Problem> {
     let address = Address {
         name: text(&mut errors, "/shipping_address/name", &a.name, 200),
         line1: text(&mut errors, "/shipping_address/line1", &a.line1, 200),
-        line2: a
-            .line2
-            .as_deref()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| text(&mut errors, "/shipping_address/line2", l, 200)),
+        line2: input::optional_text(
+            &mut errors,
+            "/shipping_address/line2",
+            a.line2.as_deref(),
+            200,
+        ),
         city: text(&mut errors, "/shipping_address/city", &a.city, 100),
         postal_code: text(
             &mut errors,
@@ -146,6 +124,7 @@ fn validate(req: &CheckoutRequest, max_lines: usize) -> Result<Valid, Problem> {
         country: a.country.trim().to_owned(),
     };
     if address.country.len() != 2 || !address.country.bytes().all(|b| b.is_ascii_uppercase()) {
+        // Also refuses any control character: only two capitals pass.
         errors.push(FieldError::new(
             "/shipping_address/country",
             "must be an ISO 3166-1 alpha-2 code such as ES",
@@ -163,36 +142,9 @@ fn validate(req: &CheckoutRequest, max_lines: usize) -> Result<Valid, Problem> {
     }
 }
 
-fn is_email(s: &str) -> bool {
-    match s.split_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty()
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-                && !s.contains(char::is_whitespace)
-        }
-        None => false,
-    }
-}
-
+/// The client's `Idempotency-Key`: 1 to 255 visible ASCII characters.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let bad = || {
-        Problem::bad_request(
-            "invalid-idempotency-key",
-            "The Idempotency-Key header is invalid",
-            "Idempotency-Key must be 1 to 255 visible ASCII characters",
-        )
-    };
-    let s = value.to_str().map_err(|_| bad())?;
-    let s = s.trim_matches('"');
-    if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad());
-    }
-    Ok(Some(s.to_owned()))
+    input::token_header(headers, "Idempotency-Key", 255)
 }
 
 pub async fn create(
@@ -247,6 +199,9 @@ pub async fn create(
             serde_json::to_value(&state.settings.checkout.policies).expect("policies serialize");
     }
     let idempotency = key.map(|key| Idempotency {
+        // A key is the customer's own: another customer's same key is another request, and
+        // a replay or a conflict never shows one customer another's saga.
+        scope: format!("customer:{}", request.customer.id.trim()),
         key,
         // The digest of the request as received (canonical JSON of the parsed body).
         request_hash: Sha256::digest(serde_json::to_vec(&request).expect("requests serialize"))
@@ -270,14 +225,13 @@ pub async fn create(
             let order = super::sagas::order_id_of(&state.pool, id).await?;
             (id, status, order.unwrap_or_default(), true)
         }
-        Started::KeyReused { id } => {
+        Started::KeyReused { .. } => {
             return Err(Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency-key-reused",
                 "Idempotency key reused",
-                "this Idempotency-Key was already used with a different request",
-            )
-            .with_extra(serde_json::json!({ "saga_id": id })));
+                "this Idempotency-Key was already used by this customer with a different request; use a new key for a new request",
+            ));
         }
     };
     if let Some(seconds) = wait
@@ -350,7 +304,11 @@ mod tests {
     fn pointers(r: &CheckoutRequest) -> Vec<String> {
         match validate(r, 50) {
             Ok(_) => vec![],
-            Err(p) => p.errors.iter().map(|e| e.pointer.clone()).collect(),
+            Err(p) => p
+                .errors
+                .iter()
+                .map(|e| e.pointer.clone().unwrap_or_default())
+                .collect(),
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod breakers;
 pub mod checkout;
 pub mod health;
+pub mod input;
 pub mod problem;
 pub mod sagas;
 pub mod wait;
@@ -76,15 +77,14 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Take the caller's `X-Correlation-Id` (or make one), run the request in a span that carries
-/// it, and echo it on the response.
+/// it, and echo it on the response. A correlation id is stored with the saga and sent with
+/// every message: one that is not 1 to 128 visible ASCII characters is refused (422).
 async fn correlate(mut req: Request, next: Next) -> Response {
-    let id = req
-        .headers()
-        .get(&CORRELATION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(crate::telemetry::new_correlation_id);
+    let id = match input::token_header(req.headers(), "X-Correlation-Id", 128) {
+        Ok(Some(id)) => id,
+        Ok(None) => crate::telemetry::new_correlation_id(),
+        Err(problem) => return problem.into_response(),
+    };
     req.extensions_mut().insert(CorrelationId(id.clone()));
     let span = tracing::info_span!(
         "http",

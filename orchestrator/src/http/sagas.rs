@@ -1,7 +1,7 @@
 //! Inspecting and steering sagas: `GET /sagas`, `GET /sagas/{id}`, `POST /sagas/{id}/cancel`.
 
 use axum::Extension;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use sagas::api::{Input, Status};
@@ -9,7 +9,8 @@ use sagas::wire::SagaId;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use super::problem::{OptionalJsonBody, PathParam, Problem};
+use super::input;
+use super::problem::{OptionalJsonBody, PathParam, Problem, parse_query};
 use super::{AppState, CorrelationId};
 use crate::engine::{self, Applied, EventRow, Origin, SagaRecord};
 
@@ -79,7 +80,7 @@ impl From<&SagaRecord> for Summary {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GetQuery {
     /// Long poll: answer when the saga ended, or after this many seconds.
@@ -89,11 +90,10 @@ pub struct GetQuery {
 pub async fn get(
     State(state): State<AppState>,
     PathParam(raw): PathParam,
-    query: Result<Query<GetQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
     let id = parse_id(&raw)?;
-    let Query(q) =
-        query.map_err(|e| Problem::bad_request("invalid-query", "Invalid query", e.body_text()))?;
+    let q: GetQuery = parse_query(query.as_deref())?;
     if let Some(raw) = q.wait {
         let seconds = super::wait::parse(&raw, state.settings.http.max_wait_seconds)?;
         state
@@ -145,47 +145,47 @@ fn complete_steps(mut steps: serde_json::Value) -> serde_json::Value {
     steps
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     pub status: Option<String>,
-    pub limit: Option<i64>,
+    pub limit: Option<String>,
     /// A saga id: the page starts after it (the `next` link of the page before).
     pub before: Option<String>,
 }
 
 pub async fn list(
     State(state): State<AppState>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
-    let Query(q) =
-        query.map_err(|e| Problem::bad_request("invalid-query", "Invalid query", e.body_text()))?;
+    let q: ListQuery = parse_query(query.as_deref())?;
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(Status::parse(s).ok_or_else(|| {
-            Problem::bad_request(
-                "invalid-query",
-                "Invalid query",
-                format!("status must be running, compensating, completed, compensated or failed, got {s:?}"),
+            let all: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+            Problem::bad_query(
+                "status",
+                format!("must be one of {}, got {s:?}", all.join(", ")),
             )
         })?),
     };
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::bad_request(
-            "invalid-query",
-            "Invalid query",
-            "limit must be between 1 and 500",
-        ));
-    }
+    let limit = match q.limit.as_deref() {
+        None => 50,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=500).contains(n))
+            .ok_or_else(|| {
+                Problem::bad_query(
+                    "limit",
+                    format!("must be a whole number from 1 to 500, got {raw:?}"),
+                )
+            })?,
+    };
     let before = match q.before.as_deref() {
         None => None,
         Some(raw) => Some(raw.parse::<SagaId>().map_err(|_| {
-            Problem::bad_request(
-                "invalid-query",
-                "Invalid query",
-                format!("before must be a saga id, got {raw:?}"),
-            )
+            Problem::bad_query("before", format!("must be a saga id, got {raw:?}"))
         })?),
     };
     let records = engine::list_records(&state.pool, status, before, limit).await?;
@@ -201,7 +201,7 @@ pub async fn list(
     Ok(axum::Json(serde_json::json!({ "sagas": sagas, "next": next })).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CancelRequest {
     #[serde(default)]
@@ -216,11 +216,12 @@ pub async fn cancel(
     OptionalJsonBody(request): OptionalJsonBody<CancelRequest>,
 ) -> Result<Response, Problem> {
     let id = parse_id(&raw)?;
-    let reason = request
-        .reason
-        .filter(|r| !r.trim().is_empty())
+    let mut errors = Vec::new();
+    let reason = input::optional_text(&mut errors, "/reason", request.reason.as_deref(), 500)
         .unwrap_or_else(|| "cancelled by request".to_owned());
-    let reason: String = reason.chars().take(500).collect();
+    if !errors.is_empty() {
+        return Err(Problem::invalid(errors));
+    }
     let origin = Origin {
         correlation_id: Some(correlation_id),
         ..Default::default()
