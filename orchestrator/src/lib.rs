@@ -23,6 +23,7 @@ pub mod http;
 pub mod maintenance;
 pub mod metrics;
 pub mod nats;
+pub mod privacy;
 pub mod relay;
 pub mod replies;
 pub mod startup;

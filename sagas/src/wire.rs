@@ -235,10 +235,27 @@ pub struct Address {
     pub country: String,
 }
 
+/// A customer as the saga knows them: personal data, kept in the saga's own storage and never
+/// put on the wire (commands, replies and events name the customer by [`CustomerRef`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Customer {
     pub id: String,
     pub email: String,
+}
+
+/// A customer as messages name them: by id only. A service that needs to reach the customer
+/// reads the contact details from the read model it is allowed to read, so that no message,
+/// dead letter or log line carries personal data. (It reads an older message's `{id, email}`
+/// too, and drops the email.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerRef {
+    pub id: String,
+}
+
+impl From<&Customer> for CustomerRef {
+    fn from(c: &Customer) -> Self {
+        Self { id: c.id.clone() }
+    }
 }
 
 /// A worker pool. Each pool is a separate process kind, scaled on its own, reading its own subject.
@@ -335,19 +352,20 @@ pub enum CommandBody {
     ReleaseStock {
         order_id: OrderId,
     },
+    /// The card is not in the command: the payment service reads the saga's payment token
+    /// from the secrets store (`orchestrator.saga_secrets`), so that it is never on the wire.
     ChargePayment {
         order_id: OrderId,
         customer_id: String,
         amount: Money,
-        payment_token: String,
     },
     RefundPayment {
         order_id: OrderId,
         amount: Money,
     },
+    /// The address is not in the command: the shipping service reads it from the order.
     CreateShipment {
         order_id: OrderId,
-        address: Address,
         lines: Vec<Line>,
     },
     CancelShipment {
@@ -481,7 +499,7 @@ pub enum DomainEvent {
     OrderConfirmed {
         order_id: OrderId,
         saga_id: SagaId,
-        customer: Customer,
+        customer: CustomerRef,
         lines: Vec<Line>,
         total: Money,
     },
@@ -490,7 +508,7 @@ pub enum DomainEvent {
     OrderCancelled {
         order_id: OrderId,
         saga_id: SagaId,
-        customer: Customer,
+        customer: CustomerRef,
         reason: String,
         needs_operator: bool,
     },

@@ -1,6 +1,7 @@
 //! Workers that answer every command at once without IO: the `noop` variant of the benchmark,
-//! which measures what the orchestration itself costs. A payment token starting with
-//! `tok_decline` is declined, as the real processor would.
+//! which measures what the orchestration itself costs. The charge of a customer whose id starts
+//! with `decline` is declined (the benchmark's failure injection: the card itself is a secret
+//! the command does not carry, and a noop worker reads nothing).
 //!
 //! Without IO there is no order to check a command against: unlike the real services
 //! ([`crate::orders::check`]), these answer any command that decodes, stray or forged ones
@@ -20,8 +21,8 @@ impl Handler for Noop {
                 expires_at: Utc::now() + Duration::seconds(i64::from(*hold_seconds)),
             },
             CommandBody::ReleaseStock { .. } => StepOutput::StockReleased,
-            CommandBody::ChargePayment { payment_token, .. }
-                if payment_token.starts_with("tok_decline") =>
+            CommandBody::ChargePayment { customer_id, .. }
+                if customer_id.starts_with("decline") =>
             {
                 return Ok(ReplyOutcome::Failed {
                     retryable: false,

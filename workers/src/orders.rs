@@ -180,7 +180,6 @@ mod tests {
             order_id,
             customer_id: "c".into(),
             amount,
-            payment_token: "tok_visa".into(),
         }
     }
 

@@ -79,22 +79,29 @@ struct Charge {
     reason: Option<String>,
 }
 
-/// What a lookup finds for a command: its charge row, and the order of its saga.
+/// What a lookup finds for a command: its charge row, the order of its saga, and the saga's
+/// payment token (a secret: never logged, never put in a message).
 struct Found {
     charge: Option<Charge>,
     order: Option<Order>,
+    token: Option<String>,
 }
 
 impl Handler for Payment {
     async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, bus::Error> {
         match &cmd.body {
             CommandBody::ChargePayment {
-                order_id,
-                amount,
-                payment_token,
-                ..
+                order_id, amount, ..
             } => {
                 let found = self.checked(cmd).await?;
+                // The token is deleted when the saga ends: a charge command that comes after
+                // that is stale, and its saga no longer waits for it.
+                let Some(token) = found.token else {
+                    return Ok(refused(
+                        "payment_token_unavailable",
+                        "the saga holds no payment token (it has ended)",
+                    ));
+                };
                 Ok(self
                     .charge_from(
                         found.charge,
@@ -102,7 +109,7 @@ impl Handler for Payment {
                         &cmd.step,
                         order_id.as_uuid(),
                         amount,
-                        payment_token,
+                        &token,
                     )
                     .await?)
             }
@@ -226,10 +233,12 @@ async fn lookup_many(
 ) -> Result<Vec<Found>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT k.n, c.id, c.status, c.processor_ref, c.decline_code, c.reason,
-                o.saga_id, o.id, o.status, o.total_minor, o.currency
+                o.saga_id, o.id, o.status, o.total_minor, o.currency, t.value
            FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS k(saga_id, step, n)
            LEFT JOIN payments.charges c ON c.saga_id = k.saga_id AND c.step = k.step
-           LEFT JOIN orders.orders o ON o.saga_id = k.saga_id",
+           LEFT JOIN orders.orders o ON o.saga_id = k.saga_id
+           LEFT JOIN orchestrator.saga_secrets t
+                  ON t.saga_id = k.saga_id AND t.name = 'payment_token'",
     )
     .bind(keys.iter().map(|k| k.0.as_uuid()).collect::<Vec<_>>())
     .bind(keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>())
@@ -240,6 +249,7 @@ async fn lookup_many(
         .map(|_| Found {
             charge: None,
             order: None,
+            token: None,
         })
         .collect();
     for r in &rows {
@@ -248,6 +258,7 @@ async fn lookup_many(
             f.charge = Some(charge_of(r, 1));
         }
         f.order = Order::with_total_at(r, 6);
+        f.token = r.get(11);
     }
     Ok(found)
 }

@@ -62,23 +62,29 @@ struct Shipment {
     reason: Option<String>,
 }
 
-/// What a lookup finds for a command: the order's shipment row, and the order of its saga.
+/// What a lookup finds for a command: the order's shipment row, the order of its saga, and
+/// where it goes (read from the order: commands carry no personal data).
 struct Found {
     shipment: Option<Shipment>,
     order: Option<Order>,
+    address: Option<serde_json::Value>,
 }
 
 impl Handler for Shipping {
     async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, bus::Error> {
         match &cmd.body {
-            CommandBody::CreateShipment {
-                order_id,
-                address,
-                lines,
-            } => {
+            CommandBody::CreateShipment { order_id, lines } => {
                 let found = self.checked(cmd, *order_id).await?;
+                let address: Address = found
+                    .address
+                    .and_then(|a| serde_json::from_value(a).ok())
+                    .ok_or_else(|| {
+                    bus::Error::Poison(format!(
+                        "order {order_id} has no shipping address that can be read"
+                    ))
+                })?;
                 Ok(self
-                    .create_from(found.shipment, cmd.saga_id, *order_id, address, lines)
+                    .create_from(found.shipment, cmd.saga_id, *order_id, &address, lines)
                     .await?)
             }
             CommandBody::CancelShipment { order_id } => {
@@ -186,7 +192,7 @@ async fn lookup_many(
 ) -> Result<Vec<Found>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT k.n, s.id, s.status, s.carrier_ref, s.tracking_number, s.reason,
-                o.saga_id, o.id, o.status
+                o.saga_id, o.id, o.status, o.shipping_address
            FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS k(saga_id, order_id, n)
            LEFT JOIN shipping.shipments s ON s.order_id = k.order_id
            LEFT JOIN orders.orders o ON o.saga_id = k.saga_id",
@@ -200,6 +206,7 @@ async fn lookup_many(
         .map(|_| Found {
             shipment: None,
             order: None,
+            address: None,
         })
         .collect();
     for r in &rows {
@@ -208,6 +215,7 @@ async fn lookup_many(
             f.shipment = Some(shipment_of(r, 1));
         }
         f.order = Order::at(r, 6);
+        f.address = r.get(9);
     }
     Ok(found)
 }

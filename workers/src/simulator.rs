@@ -63,7 +63,10 @@ pub struct Charge {
     pub idempotency_key: String,
     pub amount_minor: i64,
     pub currency: String,
-    pub token: String,
+    /// The card, as a processor's dashboard shows it: its last four characters. The token
+    /// itself is kept nowhere, so that no output of the system (this ledger included) holds
+    /// one.
+    pub card_last4: String,
     pub calls: u32,
 }
 
@@ -235,7 +238,15 @@ async fn make_charge(sim: Simulator, req: ChargeRequest) -> Response {
             idempotency_key: req.idempotency_key.clone(),
             amount_minor: req.amount_minor,
             currency: req.currency.clone(),
-            token: req.token.clone(),
+            card_last4: req
+                .token
+                .chars()
+                .rev()
+                .take(4)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect(),
             calls: 0,
         });
     c.calls += 1;

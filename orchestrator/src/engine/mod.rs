@@ -69,6 +69,10 @@ pub struct NewSaga {
     pub request: serde_json::Value,
     pub correlation_id: String,
     pub idempotency: Option<Idempotency>,
+    /// What the saga's steps need and nobody may see (a payment token), by name: written with
+    /// the saga in its first commit to `orchestrator.saga_secrets`, never into its snapshot,
+    /// event log or messages, and deleted by the commit that ends it.
+    pub secrets: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

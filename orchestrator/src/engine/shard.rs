@@ -56,6 +56,8 @@ struct Work {
     requests: Vec<Request>,
     answers: Vec<Answer>,
     idempotency: Option<super::Idempotency>,
+    /// The secrets of a saga created in this round.
+    secrets: Vec<(String, String)>,
     changed: bool,
     /// What the applied inputs say about the health of their steps, for the breakers once the
     /// commit went through (a re-applied or failed batch must not count twice).
@@ -446,6 +448,7 @@ impl Shard {
         };
         let mut w = Work::new(entry, false);
         w.idempotency = new.idempotency.clone();
+        w.secrets = new.secrets.clone();
         w.changed = true;
         w.record(
             &self.subjects,
@@ -537,6 +540,7 @@ impl Work {
             requests: Vec::new(),
             answers: Vec::new(),
             idempotency: None,
+            secrets: Vec::new(),
             changed: false,
             health: Vec::new(),
         }
@@ -671,6 +675,12 @@ impl Batch {
             }
             let saga = &w.entry.saga;
             let status = saga.status();
+            for (name, value) in std::mem::take(&mut w.secrets) {
+                batch.secrets.push((*id, name, value));
+            }
+            if status.is_terminal() {
+                batch.ended.push(*id);
+            }
             match w.base_version {
                 None => batch.new_sagas.push(NewSagaRow {
                     id: *id,

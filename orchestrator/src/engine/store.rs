@@ -117,6 +117,10 @@ pub(super) struct Batch {
     /// Outbox rows JetStream acknowledged (the relay's), deleted by this statement rather than
     /// by a transaction of their own.
     pub published: Vec<i64>,
+    /// Secrets of the new sagas: (saga, name, value).
+    pub secrets: Vec<(SagaId, String, String)>,
+    /// Sagas this batch ends: their secrets are deleted.
+    pub ended: Vec<SagaId>,
 }
 
 impl Batch {
@@ -215,6 +219,14 @@ WITH ins AS (
        AND d.saga_id IN (SELECT id FROM ok)
 ), odel AS (
     DELETE FROM orchestrator.outbox WHERE id = ANY($44::int8[])
+), sset AS (
+    INSERT INTO orchestrator.saga_secrets (saga_id, name, value)
+    SELECT c.saga_id, c.name, c.value
+      FROM unnest($46::uuid[], $47::text[], $48::text[]) AS c(saga_id, name, value)
+     WHERE c.saga_id IN (SELECT id FROM ok)
+), sdel AS (
+    DELETE FROM orchestrator.saga_secrets
+     WHERE saga_id = ANY($49::uuid[]) AND saga_id IN (SELECT id FROM ok)
 )
 SELECT 0::int4, id::text, 0::int8 FROM ok
 UNION ALL
@@ -321,6 +333,22 @@ pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx:
                 .map(|r| r.idempotency_scope.as_str())
                 .collect::<Vec<_>>(),
         )
+        .bind(uuids(batch.secrets.iter().map(|(id, _, _)| id)))
+        .bind(
+            batch
+                .secrets
+                .iter()
+                .map(|(_, n, _)| n.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .secrets
+                .iter()
+                .map(|(_, _, v)| v.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(uuids(batch.ended.iter()))
         .fetch_all(pool)
         .await?;
     let mut written: HashSet<Uuid> = HashSet::with_capacity(n.len() + u.len());

@@ -189,7 +189,7 @@ pub async fn create(
         order_id,
         customer: valid.customer,
         lines: priced,
-        payment_token: valid.payment_token,
+        payment_token_hint: checkout::token_hint(&valid.payment_token),
         shipping_address: valid.address,
         reservation_hold_seconds: state.settings.checkout.reservation_hold_seconds,
     };
@@ -215,6 +215,7 @@ pub async fn create(
                 request: start,
                 correlation_id: correlation_id.clone(),
                 idempotency,
+                secrets: vec![(checkout::PAYMENT_TOKEN.to_owned(), valid.payment_token)],
             },
             wait.is_some(),
         )

@@ -124,7 +124,10 @@ pub async fn get(
         cancel_reason: field("cancel_reason"),
         events,
     };
-    Ok(axum::Json(view).into_response())
+    // Every reader is public until the API authenticates operators.
+    let mut body = serde_json::to_value(&view).expect("a saga view serializes");
+    crate::privacy::public_view(&mut body);
+    Ok(axum::Json(body).into_response())
 }
 
 /// Snapshots leave out what is zero or empty; the API shows every field of every step.

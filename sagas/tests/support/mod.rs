@@ -20,7 +20,7 @@ pub fn start_request() -> serde_json::Value {
             {"sku": "TSHIRT-M", "quantity": 2, "unit_price": {"minor": 1500, "currency": "EUR"}},
             {"sku": "MUG", "quantity": 1, "unit_price": {"minor": 900, "currency": "EUR"}}
         ],
-        "payment_token": "tok_visa",
+        "payment_token_hint": "…sa",
         "shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "Madrid",
                               "postal_code": "28001", "country": "ES"}
     })

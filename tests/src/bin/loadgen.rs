@@ -150,13 +150,15 @@ struct Client {
 
 impl Client {
     fn body(&self, i: usize) -> Value {
-        let token = if i % 10 == 9 {
-            "tok_decline"
+        // Declined by the simulated processor (real) and by the noop payment worker (which sees
+        // the customer id, not the card).
+        let (token, customer) = if i % 10 == 9 {
+            ("tok_decline", "decline")
         } else {
-            "tok_visa"
+            ("tok_visa", "load")
         };
         json!({
-            "customer": {"id": format!("load-{}", i % 1000), "email": "load@example.com"},
+            "customer": {"id": format!("{customer}-{}", i % 1000), "email": "load@example.com"},
             "items": self.cli.skus.iter().map(|s| json!({"sku": s, "quantity": 1})).collect::<Vec<_>>(),
             "payment_token": token,
             "shipping_address": {"name": "Load Test", "line1": "1 Bench St", "city": "Madrid",
