@@ -442,6 +442,11 @@ impl Settings {
                 })
                 .map_err(|e| Error::Invalid(e.0))?;
         }
+        sagas::checkout::check_hold(
+            self.checkout.reservation_hold_seconds,
+            &self.checkout.policies,
+        )
+        .map_err(|e| Error::Invalid(format!("checkout.reservation_hold_seconds: {e}")))?;
         Ok(())
     }
 
@@ -572,6 +577,34 @@ mod tests {
             assert!(e.contains(named), "{key}={value}: {e}");
         }
         assert!(Settings::load_from(env(&[("SAGA_REPLIES__MAX_DELIVER", "-1")])).is_ok());
+    }
+
+    #[test]
+    fn a_hold_shorter_than_a_step_in_flight_is_refused() {
+        // The charge may be in flight for 2 x 15 s by default: a 40 s hold cannot be renewed
+        // ahead of it (30 s plus 10 s of slack).
+        let e = Settings::load_from(env(&[("SAGA_CHECKOUT__RESERVATION_HOLD_SECONDS", "40")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("checkout.reservation_hold_seconds") && e.contains("charge_payment"),
+            "{e}"
+        );
+        // Short deadlines make a short hold fine.
+        let mut short = vec![("SAGA_CHECKOUT__RESERVATION_HOLD_SECONDS", "8")];
+        short.extend([
+            (
+                "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__DEADLINE_MS",
+                "2000",
+            ),
+            (
+                "SAGA_CHECKOUT__POLICIES__CREATE_SHIPMENT__FORWARD__DEADLINE_MS",
+                "2000",
+            ),
+        ]);
+        assert!(Settings::load_from(env(&short)).is_ok());
+        short[1].1 = "3000";
+        assert!(Settings::load_from(env(&short)).is_err());
     }
 }
 

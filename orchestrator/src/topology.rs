@@ -172,15 +172,6 @@ impl Topology {
                 50,
             ),
         ));
-        all.push((
-            streams::EVENTS,
-            self.consumer(
-                consumers::INVENTORY_EVENTS,
-                s.event("OrderConfirmed"),
-                Duration::from_secs(30),
-                50,
-            ),
-        ));
         all
     }
 
@@ -195,6 +186,13 @@ impl Topology {
                     name,
                     source: e.into(),
                 })?;
+        }
+        for (role, name) in consumers::RETIRED {
+            if let Ok(stream) = js.get_stream(self.stream_name(role)).await
+                && stream.delete_consumer(name).await.is_ok()
+            {
+                tracing::info!(consumer = name, "deleted a consumer nothing reads any more");
+            }
         }
         for (role, config) in self.consumers() {
             let stream_name = self.stream_name(role);

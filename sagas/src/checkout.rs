@@ -1,10 +1,20 @@
-//! The checkout saga: reserve the stock of an order, charge the customer, book the shipment.
+//! The checkout saga: reserve the stock of an order, charge the customer, book the shipment,
+//! then commit the stock (the sale).
 //!
-//! All three steps are compensatable: a permanent failure (out of stock, card declined, address
-//! the carrier refuses), exhausted attempts or a cancel undo the finished ones in reverse:
-//! cancel the shipment, refund the payment, release the stock. The order is confirmed when the
-//! last step succeeds; the inventory service then turns the reservation into a stock movement
-//! when it sees `OrderConfirmed`.
+//! The first three steps are compensatable: a permanent failure (out of stock, card declined,
+//! address the carrier refuses), exhausted attempts or a cancel undo the finished ones in
+//! reverse: cancel the shipment, refund the payment, release the stock. The last step,
+//! `commit_stock`, is the pivot: the inventory service consumes the order's reservation, in the
+//! transaction that checks the stock is there, and the order is confirmed when it succeeds.
+//! A reservation is a hold with an expiry; if it ran out while the saga was held up (a stalled
+//! step, an outage, a breaker open for longer than the hold) and the stock went to another
+//! order, the commit fails and everything is undone, the charge refunded. So whatever the
+//! timing, the units of completed orders never exceed the stock, and each completed order's
+//! units were consumed from its own reservation (ARCHITECTURE.md, "Stock").
+//!
+//! To make that rare, the saga renews its reservation before charging or shipping when it
+//! could run out while the step is in flight (`must_redo`), and the orchestrator refuses at
+//! start-up a hold too short for that ([`check_hold`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -54,8 +64,10 @@ const fn forward(deadline_ms: u64) -> Policy {
 
 /// The index of the reservation step.
 const RESERVE: usize = 0;
+/// The index of the commit (the pivot).
+const COMMIT: usize = 3;
 
-static STEPS: [StepDef; 3] = [
+static STEPS: [StepDef; 4] = [
     StepDef {
         name: "reserve_stock",
         kind: StepKind::Compensatable,
@@ -83,6 +95,23 @@ static STEPS: [StepDef; 3] = [
         compensation: Some(Action::CancelShipment),
         policy: StepPolicy {
             forward: forward(10_000),
+            compensation: COMPENSATION,
+        },
+    },
+    // The pivot: once the stock is committed the order is confirmed and nothing is undone. By
+    // then the customer paid and the parcel is booked, so it is tried longer than the others
+    // before the saga gives up and undoes all that. (A pivot has no compensation; the release
+    // of the first step returns stock that a commit whose answer was lost did consume.)
+    StepDef {
+        name: "commit_stock",
+        kind: StepKind::Pivot,
+        action: Action::CommitStock,
+        compensation: None,
+        policy: StepPolicy {
+            forward: Policy {
+                max_attempts: 6,
+                ..forward(10_000)
+            },
             compensation: COMPENSATION,
         },
     },
@@ -207,6 +236,7 @@ impl Definition for Checkout {
                 hold_seconds: order.reservation_hold_seconds,
             },
             Action::ReleaseStock => CommandBody::ReleaseStock { order_id },
+            Action::CommitStock => CommandBody::CommitStock { order_id },
             Action::ChargePayment => CommandBody::ChargePayment {
                 order_id,
                 customer_id: order.customer.id.clone(),
@@ -230,16 +260,31 @@ impl Definition for Checkout {
         }
     }
 
-    /// A reservation that expires (or is about to) before payment or shipment is renewed
-    /// first: the customer still gets the order if the stock is there, and nothing is charged
-    /// or shipped against stock the inventory service may already have released. If the stock
-    /// is gone, the renewal fails permanently and the saga compensates (refunding a charge that
-    /// was already taken).
-    fn must_redo(order: &Order, next: usize, now: Timestamp) -> Option<usize> {
+    /// A reservation that could run out while the next payment or shipment attempt is in
+    /// flight (`in_flight`: its deadline times its dispatches) is renewed first, with some
+    /// slack: the customer keeps the stock if it is there, and is not charged against stock the
+    /// inventory service may have released. If the stock is gone, the renewal fails
+    /// permanently and the saga compensates (refunding a charge already taken). A hold too
+    /// short to cover the step is not renewed over and over: then the commit decides (and
+    /// [`check_hold`] refuses such a hold at start-up). The commit itself is not preceded by a
+    /// renewal: it takes the stock of an expired reservation if the stock is still there.
+    fn must_redo(
+        order: &Order,
+        next: usize,
+        now: Timestamp,
+        in_flight: std::time::Duration,
+    ) -> Option<usize> {
+        if next == RESERVE || next >= COMMIT {
+            return None;
+        }
         let expires_at = order.reservation_expires_at?;
-        let hold = i64::from(order.reservation_hold_seconds);
-        let margin = chrono::Duration::seconds((hold / 4).clamp(1, 60));
-        (next > RESERVE && now + margin >= expires_at).then_some(RESERVE)
+        let hold = std::time::Duration::from_secs(u64::from(order.reservation_hold_seconds));
+        let margin = in_flight + slack(hold);
+        if hold <= margin {
+            return None;
+        }
+        let margin = chrono::Duration::from_std(margin).ok()?;
+        (now + margin >= expires_at).then_some(RESERVE)
     }
 
     fn subject(order: &Order) -> Option<String> {
@@ -271,6 +316,48 @@ impl Definition for Checkout {
             },
         }]
     }
+}
+
+/// The renewal's slack beyond a step's time in flight: a quarter of the hold, from one second
+/// to a minute.
+fn slack(hold: std::time::Duration) -> std::time::Duration {
+    (hold / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    )
+}
+
+/// Whether a reservation of `hold_seconds` can be renewed ahead of every step it must cover
+/// (charge and shipment, with `policies` overriding their defaults): the hold must be longer
+/// than the longest time such a step is in flight (its deadline times its dispatches) plus the
+/// slack. With a shorter hold, reservations would run out under steps that are merely slow, and
+/// orders paid for would lose their stock. `Err` says which step needs how long.
+pub fn check_hold(
+    hold_seconds: u32,
+    policies: &std::collections::BTreeMap<String, crate::policy::StepPolicyOverride>,
+) -> Result<(), Invalid> {
+    let hold = std::time::Duration::from_secs(u64::from(hold_seconds));
+    for def in &STEPS[RESERVE + 1..COMMIT] {
+        let policy = match policies.get(def.name) {
+            Some(o) => o.forward.apply(&def.policy.forward),
+            None => def.policy.forward.clone(),
+        };
+        let in_flight = policy.deadline() * (policy.redispatches + 1);
+        let needed = in_flight + slack(hold);
+        if hold <= needed {
+            return Err(Invalid(format!(
+                "a reservation hold of {hold_seconds} s is too short: {} can be in flight for {} ms \
+                 (a {} ms deadline, {} dispatches), and the hold must be longer than that plus {} ms \
+                 of slack so that it can be renewed first",
+                def.name,
+                in_flight.as_millis(),
+                policy.deadline_ms,
+                policy.redispatches + 1,
+                slack(hold).as_millis()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The name of the checkout's payment token among its secrets.

@@ -93,9 +93,16 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
     fn command(data: &Self::Data, step: &StepDef, phase: Phase) -> CommandBody;
     /// Keep what a finished step handed back, if the definition needs it later.
     fn record(_data: &mut Self::Data, _step: &StepDef, _output: &StepOutput) {}
-    /// Before step `next` is dispatched: `Some(earlier)` to do an earlier, finished step again
-    /// first (for a checkout, to renew a stock reservation that is about to expire).
-    fn must_redo(_data: &Self::Data, _next: usize, _now: Timestamp) -> Option<usize> {
+    /// Before an attempt of step `next` is dispatched: `Some(earlier)` to do an earlier,
+    /// finished step again first (for a checkout, to renew a stock reservation that could run
+    /// out while the attempt is in flight). `in_flight` is how long the attempt may take at
+    /// most before the saga gives up on it: its deadline times its dispatches.
+    fn must_redo(
+        _data: &Self::Data,
+        _next: usize,
+        _now: Timestamp,
+        _in_flight: std::time::Duration,
+    ) -> Option<usize> {
         None
     }
     /// The domain events to publish when the saga ends.
@@ -295,6 +302,13 @@ pub struct Stepwise<D: Definition> {
     pub failure: Option<Failure>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub past_pivot: bool,
+    /// The forward step whose breaker let this saga through when it resumed (a half-open
+    /// breaker's probe, or a breaker that closed). Its next dispatch goes out even if the
+    /// breaker blocks again meanwhile: a resumed saga may have to renew an earlier step first
+    /// (a reservation that ran out while it was parked), and the probe must still reach the
+    /// step it probes, or the breaker would never hear how that step is doing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub let_through: Option<String>,
     #[serde(skip)]
     marker: PhantomData<fn() -> D>,
 }
@@ -583,7 +597,10 @@ impl<D: Definition> Stepwise<D> {
                     return Handled;
                 }
                 match phase {
-                    Phase::Forward => self.proceed(ctx, step),
+                    Phase::Forward => {
+                        self.let_through = Some(s.clone());
+                        self.proceed(ctx, step)
+                    }
                     Phase::Compensation => Transition(self.send(ctx, step, phase, attempt)),
                 }
             }
@@ -636,7 +653,9 @@ impl<D: Definition> Stepwise<D> {
     /// Dispatch attempt `attempt` of `step` in `phase`, or park on the step when its breaker is
     /// open (the attempt is not spent). Returns the state to move to.
     fn send(&mut self, ctx: &mut Ctx, step: usize, phase: Phase, attempt: u32) -> State {
-        if ctx.blocked.contains(self.name(step)) {
+        let let_through =
+            phase == Phase::Forward && self.let_through.as_deref() == Some(self.name(step));
+        if ctx.blocked.contains(self.name(step)) && !let_through {
             self.steps[step].status = match phase {
                 Phase::Forward => StepStatus::Parked,
                 Phase::Compensation => StepStatus::CompensationParked,
@@ -646,6 +665,9 @@ impl<D: Definition> Stepwise<D> {
                 Phase::Forward => State::parked(step, attempt),
                 Phase::Compensation => State::compensation_parked(step, attempt),
             };
+        }
+        if let_through {
+            self.let_through = None;
         }
         self.dispatch(ctx, step, phase, attempt, 0);
         match phase {
@@ -749,7 +771,9 @@ impl<D: Definition> Stepwise<D> {
     /// step again first (a stock reservation about to expire): then renew that one, and come
     /// back to `step` when it succeeded.
     fn proceed(&mut self, ctx: &mut Ctx, step: usize) -> Outcome<State> {
-        if let Some(redo) = D::must_redo(&self.data, step, ctx.now)
+        let policy = self.policy(step, Phase::Forward);
+        let in_flight = policy.deadline() * (policy.redispatches + 1);
+        if let Some(redo) = D::must_redo(&self.data, step, ctx.now, in_flight)
             && redo < step
         {
             let record = &mut self.steps[redo];
@@ -819,6 +843,23 @@ impl<D: Definition> Stepwise<D> {
 
     /// Compensate the highest step that needs it, or end `compensated`.
     fn compensate_next(&mut self, ctx: &mut Ctx) -> Outcome<State> {
+        self.let_through = None;
+        // A forward step left behind in the middle of an attempt (waiting to retry or parked,
+        // when the saga turned around on another step, e.g. a renewal that failed) may still
+        // take effect: its command can be in a queue. It is undone to be sure, like a step
+        // abandoned in flight; one never dispatched has nothing to undo.
+        for record in &mut self.steps {
+            if matches!(
+                record.status,
+                StepStatus::Running | StepStatus::Retrying | StepStatus::Parked
+            ) {
+                record.status = if record.attempts > 0 {
+                    StepStatus::Abandoned
+                } else {
+                    StepStatus::Pending
+                };
+            }
+        }
         for step in (0..D::steps().len()).rev() {
             if self.steps[step].needs_compensation(&D::steps()[step]) {
                 return Transition(self.send(ctx, step, Phase::Compensation, 1));
@@ -1110,6 +1151,7 @@ impl<D: Definition> Instance<D> {
             cancel_reason: None,
             failure: None,
             past_pivot: false,
+            let_through: None,
             marker: PhantomData,
         };
         let mut ctx = Ctx::new(env);

@@ -312,6 +312,8 @@ impl Phase {
 pub enum Action {
     ReserveStock,
     ReleaseStock,
+    /// Turn an order's reservation into a sale: the stock leaves the books.
+    CommitStock,
     ChargePayment,
     RefundPayment,
     CreateShipment,
@@ -321,7 +323,7 @@ pub enum Action {
 impl Action {
     pub fn service(self) -> Service {
         match self {
-            Action::ReserveStock | Action::ReleaseStock => Service::Inventory,
+            Action::ReserveStock | Action::ReleaseStock | Action::CommitStock => Service::Inventory,
             Action::ChargePayment | Action::RefundPayment => Service::Payment,
             Action::CreateShipment | Action::CancelShipment => Service::Shipping,
         }
@@ -331,6 +333,7 @@ impl Action {
         match self {
             Action::ReserveStock => "reserve_stock",
             Action::ReleaseStock => "release_stock",
+            Action::CommitStock => "commit_stock",
             Action::ChargePayment => "charge_payment",
             Action::RefundPayment => "refund_payment",
             Action::CreateShipment => "create_shipment",
@@ -349,7 +352,14 @@ pub enum CommandBody {
         /// How long the reservation holds before the inventory service may release it.
         hold_seconds: u32,
     },
+    /// Undo a reservation: put held stock back, or, when the order's stock was already
+    /// committed (the order did not complete after all), return it to the shelf.
     ReleaseStock {
+        order_id: OrderId,
+    },
+    /// Consume the order's reservation: the sale. Refused (permanently) when the reservation
+    /// ran out and its stock went to another order meanwhile.
+    CommitStock {
         order_id: OrderId,
     },
     /// The card is not in the command: the payment service reads the saga's payment token
@@ -378,6 +388,7 @@ impl CommandBody {
         match self {
             CommandBody::ReserveStock { .. } => Action::ReserveStock,
             CommandBody::ReleaseStock { .. } => Action::ReleaseStock,
+            CommandBody::CommitStock { .. } => Action::CommitStock,
             CommandBody::ChargePayment { .. } => Action::ChargePayment,
             CommandBody::RefundPayment { .. } => Action::RefundPayment,
             CommandBody::CreateShipment { .. } => Action::CreateShipment,
@@ -442,6 +453,7 @@ pub enum StepOutput {
         expires_at: Timestamp,
     },
     StockReleased,
+    StockCommitted,
     PaymentCharged {
         charge_id: Uuid,
         processor_ref: String,
@@ -545,9 +557,11 @@ pub mod consumers {
     pub const REPLIES: &str = "orchestrator";
     /// The notification service's consumer of domain events.
     pub const NOTIFICATION_EVENTS: &str = "notification";
-    /// The inventory service's consumer of order events (it consumes reservations on
-    /// `OrderConfirmed`).
-    pub const INVENTORY_EVENTS: &str = "inventory-events";
+    /// Consumers that earlier versions declared and that nothing reads any more, with the
+    /// role of their stream: the orchestrator deletes them at start-up, so that they do not
+    /// hold messages for nobody. (`inventory-events` consumed reservations on `OrderConfirmed`,
+    /// before the sale became the checkout's `commit_stock` step.)
+    pub const RETIRED: &[(&str, &str)] = &[("EVENTS", "inventory-events")];
 }
 
 /// NATS header names used across the system.

@@ -55,6 +55,14 @@ const CASES: &[Case] = &[
             ),
             (
                 Step::Ok,
+                &[
+                    "dispatch commit_stock fwd #1",
+                    "deadline commit_stock fwd #1 +10000ms",
+                ],
+                "running",
+            ),
+            (
+                Step::Ok,
                 &["cancel timer step", "emit OrderConfirmed"],
                 "completed",
             ),
@@ -236,6 +244,14 @@ const CASES: &[Case] = &[
             ),
             (
                 Step::Ok,
+                &[
+                    "dispatch commit_stock fwd #1",
+                    "deadline commit_stock fwd #1 +10000ms",
+                ],
+                "running",
+            ),
+            (
+                Step::Ok,
                 &["cancel timer step", "emit OrderConfirmed"],
                 "completed",
             ),
@@ -362,6 +378,14 @@ const CASES: &[Case] = &[
             ),
             (
                 Step::Ok,
+                &[
+                    "dispatch commit_stock fwd #1",
+                    "deadline commit_stock fwd #1 +10000ms",
+                ],
+                "running",
+            ),
+            (
+                Step::Ok,
                 &["cancel timer step", "emit OrderConfirmed"],
                 "completed",
             ),
@@ -438,6 +462,126 @@ const CASES: &[Case] = &[
             (Step::Cancel, &["ignored"], "failed"),
         ],
         status: Status::Failed,
+        events: &["OrderCancelled"],
+    },
+    Case {
+        name: "the stock is gone at the commit: cancel the shipment, refund, release",
+        steps: &[
+            (
+                Step::Ok,
+                &[
+                    "dispatch charge_payment fwd #1",
+                    "deadline charge_payment fwd #1 +15000ms",
+                ],
+                "running",
+            ),
+            (
+                Step::Ok,
+                &[
+                    "dispatch create_shipment fwd #1",
+                    "deadline create_shipment fwd #1 +10000ms",
+                ],
+                "running",
+            ),
+            (
+                Step::Ok,
+                &[
+                    "dispatch commit_stock fwd #1",
+                    "deadline commit_stock fwd #1 +10000ms",
+                ],
+                "running",
+            ),
+            (
+                Step::Perm("stock_gone"),
+                &[
+                    "dispatch cancel_shipment comp #1",
+                    "deadline create_shipment comp #1 +10000ms",
+                ],
+                "compensating",
+            ),
+            (
+                Step::Ok,
+                &[
+                    "dispatch refund_payment comp #1",
+                    "deadline charge_payment comp #1 +10000ms",
+                ],
+                "compensating",
+            ),
+            (
+                Step::Ok,
+                &[
+                    "dispatch release_stock comp #1",
+                    "deadline reserve_stock comp #1 +10000ms",
+                ],
+                "compensating",
+            ),
+            (
+                Step::Ok,
+                &["cancel timer step", "emit OrderCancelled"],
+                "compensated",
+            ),
+        ],
+        status: Status::Compensated,
+        events: &["OrderCancelled"],
+    },
+    Case {
+        name: "cancel while committing: everything is undone (the release returns a lost commit's stock)",
+        steps: &[
+            (
+                Step::Ok,
+                &[
+                    "dispatch charge_payment fwd #1",
+                    "deadline charge_payment fwd #1 +15000ms",
+                ],
+                "running",
+            ),
+            (
+                Step::Ok,
+                &[
+                    "dispatch create_shipment fwd #1",
+                    "deadline create_shipment fwd #1 +10000ms",
+                ],
+                "running",
+            ),
+            (
+                Step::Ok,
+                &[
+                    "dispatch commit_stock fwd #1",
+                    "deadline commit_stock fwd #1 +10000ms",
+                ],
+                "running",
+            ),
+            (
+                Step::Cancel,
+                &[
+                    "dispatch cancel_shipment comp #1",
+                    "deadline create_shipment comp #1 +10000ms",
+                ],
+                "compensating",
+            ),
+            (
+                Step::Ok,
+                &[
+                    "dispatch refund_payment comp #1",
+                    "deadline charge_payment comp #1 +10000ms",
+                ],
+                "compensating",
+            ),
+            (
+                Step::Ok,
+                &[
+                    "dispatch release_stock comp #1",
+                    "deadline reserve_stock comp #1 +10000ms",
+                ],
+                "compensating",
+            ),
+            (
+                Step::Ok,
+                &["cancel timer step", "emit OrderCancelled"],
+                "compensated",
+            ),
+        ],
+        status: Status::Compensated,
         events: &["OrderCancelled"],
     },
 ];
@@ -699,6 +843,7 @@ fn an_open_breaker_parks_the_saga_without_spending_an_attempt() {
     );
     h.ok();
     h.ok();
+    h.ok();
     assert_eq!(h.status(), Status::Completed);
     assert_eq!(h.replayed_snapshot(), h.saga.snapshot());
 }
@@ -775,8 +920,9 @@ fn a_reservation_about_to_expire_is_renewed_before_the_payment() {
     let mut h = Harness::start_with(req);
     reserve_for(&mut h, 120);
     assert_eq!(h.command().step, "charge_payment");
-    // The charge fails retryably and the retry comes 100 s later: less than the margin (a
-    // quarter of the hold) is left, so the stock is reserved again first.
+    // The charge fails retryably and the retry comes 100 s later: less than the margin is left
+    // (the charge's 30 s in flight, plus a quarter of the hold), so the stock is reserved
+    // again first.
     h.fail(true, "processor_unavailable");
     h.now += chrono::Duration::seconds(100);
     let effects = h.fire().unwrap();
@@ -792,6 +938,10 @@ fn a_reservation_about_to_expire_is_renewed_before_the_payment() {
         "dispatch charge_payment fwd #2"
     );
     h.ok();
+    // The commit is not preceded by a renewal: it takes an expired hold's stock itself.
+    h.now += chrono::Duration::seconds(500);
+    let effects = h.ok().unwrap();
+    assert_eq!(describe(&effects, h.now)[0], "dispatch commit_stock fwd #1");
     h.ok();
     assert_eq!(h.status(), Status::Completed);
     assert_eq!(h.replayed_snapshot(), h.saga.snapshot());
@@ -818,6 +968,102 @@ fn a_renewal_that_finds_no_stock_refunds_what_was_charged() {
     );
     h.ok();
     assert_eq!(h.status(), Status::Compensated);
+}
+
+#[test]
+fn a_renewal_that_fails_also_undoes_a_step_left_mid_attempt() {
+    let mut req = support::start_request();
+    req["reservation_hold_seconds"] = 120.into();
+    let mut h = Harness::start_with(req);
+    reserve_for(&mut h, 120);
+    h.ok();
+    assert_eq!(h.command().step, "create_shipment");
+    // The booking's answer does not come (the carrier's worker is down); its retry comes
+    // 100 s later, so the reservation is renewed first, and the stock is gone.
+    h.fail(true, "carrier_unavailable");
+    h.now += chrono::Duration::seconds(100);
+    let effects = h.fire().unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch reserve_stock fwd #2"
+    );
+    // The first booking may still go through (its command can be in a queue): it is
+    // cancelled, the charge refunded; the expired reservation holds nothing to release.
+    let effects = h.fail(false, "out_of_stock").unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch cancel_shipment comp #1"
+    );
+    let effects = h.ok().unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch refund_payment comp #1"
+    );
+    let effects = h.ok().unwrap();
+    assert_eq!(
+        describe(&effects, h.now),
+        ["cancel timer step", "emit OrderCancelled"]
+    );
+    assert_eq!(h.status(), Status::Compensated);
+    assert_eq!(h.replayed_snapshot(), h.saga.snapshot());
+}
+
+#[test]
+fn a_probe_that_must_renew_first_still_reaches_the_step_it_probes() {
+    let mut req = support::start_request();
+    req["reservation_hold_seconds"] = 120.into();
+    let mut h = Harness::start_with(req);
+    reserve_for(&mut h, 120);
+    h.blocked.insert("create_shipment".into());
+    h.ok();
+    assert_eq!(h.saga.parked_on(), Some("create_shipment"));
+    // Parked past most of its hold; the half-open breaker picks it as its probe (the engine
+    // feeds the resume as if the breaker were closed).
+    h.now += chrono::Duration::seconds(100);
+    h.blocked.clear();
+    let effects = h
+        .feed(Input::Resume {
+            step: "create_shipment".into(),
+        })
+        .unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch reserve_stock fwd #2"
+    );
+    // The renewal's answer comes while the breaker is still half-open for everybody else:
+    // the probe goes through all the same, so that the breaker learns how the step is doing.
+    h.blocked.insert("create_shipment".into());
+    let effects = reserve_for(&mut h, 120).unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch create_shipment fwd #1"
+    );
+    // Once through, the breaker counts again: a retry parks while it blocks.
+    h.fail(true, "carrier_unavailable");
+    h.fire();
+    assert_eq!(h.saga.parked_on(), Some("create_shipment"));
+    assert_eq!(h.replayed_snapshot(), h.saga.snapshot());
+}
+
+#[test]
+fn a_hold_too_short_for_its_steps_is_not_renewed_over_and_over() {
+    // A 10 s hold under a charge that may be in flight 30 s: renewing cannot cover it, so the
+    // saga goes on and the commit decides (the orchestrator refuses such a hold at start-up).
+    let mut req = support::start_request();
+    req["reservation_hold_seconds"] = 10.into();
+    let mut h = Harness::start_with(req);
+    let effects = reserve_for(&mut h, 10).unwrap();
+    assert_eq!(
+        describe(&effects, h.now)[0],
+        "dispatch charge_payment fwd #1"
+    );
+    assert!(
+        sagas::checkout::check_hold(10, &Default::default())
+            .unwrap_err()
+            .0
+            .contains("charge_payment")
+    );
+    assert!(sagas::checkout::check_hold(1800, &Default::default()).is_ok());
 }
 
 #[test]

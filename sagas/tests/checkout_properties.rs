@@ -1,13 +1,15 @@
 //! A property test over random sequences of step outcomes.
 //!
-//! A model of the three services answers each command the machine dispatches: success, a
-//! retryable or permanent failure, or silence (the attempt times out, its effect may or may not
-//! have happened). Like the real workers, the model is idempotent per step: once a step's effect
-//! happened, every later attempt succeeds; once it was compensated, it stays undone. Cancels,
-//! stale replies and reloads from the snapshot are mixed in at random.
+//! A model of the services answers each command the machine dispatches: success, a retryable or
+//! permanent failure, or silence (the attempt times out, its effect may or may not have
+//! happened). Like the real workers, the model is idempotent per step: once a step's effect
+//! happened, every later attempt succeeds; once it was compensated, it stays undone. The commit
+//! (the pivot) has no compensation of its own: like the inventory, the release of the
+//! reservation undoes a commit that happened, and tombstones it. Cancels, stale replies and
+//! reloads from the snapshot are mixed in at random.
 //!
 //! Whatever happens, the saga ends, and:
-//! - `completed`: all three effects are in place;
+//! - `completed`: all four effects are in place;
 //! - `compensated`: every effect that happened was undone;
 //! - `failed`: exactly when, in the generated outcomes, a compensation failed permanently or
 //!   failed retryably as many times as its policy's `max_attempts` (a deadline counts as a
@@ -64,7 +66,7 @@ fn script() -> impl Strategy<Value = Script> {
         prop::option::of(0usize..12),
         prop::collection::vec(any::<bool>(), 200),
         prop::collection::vec(prop::bool::weighted(0.2), 200),
-        prop::collection::vec(prop_oneof![4 => Just(0u8), 1 => 0u8..8], 200),
+        prop::collection::vec(prop_oneof![4 => Just(0u8), 1 => 0u8..16], 200),
     )
         .prop_map(|(answers, cancel_at, reloads, stale, breakers)| Script {
             answers,
@@ -75,22 +77,27 @@ fn script() -> impl Strategy<Value = Script> {
         })
 }
 
+/// The steps: reserve, charge, ship, commit.
+const STEPS: usize = 4;
+const RESERVE: usize = 0;
+const COMMIT: usize = 3;
+
 /// The services as the saga's steps see them.
 #[derive(Default, Debug)]
 struct World {
     /// Effect in place, per step.
-    done: [bool; 3],
+    done: [bool; STEPS],
     /// Compensated (tombstoned) per step: a later forward attempt does nothing.
-    undone: [bool; 3],
+    undone: [bool; STEPS],
     /// The worker's definitive answer, once it gave one, per step (idempotency).
-    forward_verdict: [Option<bool>; 3],
+    forward_verdict: [Option<bool>; STEPS],
     /// A compensation answered a permanent failure, per step.
-    compensation_rejected: [bool; 3],
+    compensation_rejected: [bool; STEPS],
     /// Compensation attempts that failed retryably, per step: a retryable failure reply, or
     /// `redispatches + 1` silences in a row (the deadline of every dispatch of one attempt).
-    compensation_failures: [u32; 3],
+    compensation_failures: [u32; STEPS],
     /// Silences since the last compensation attempt of the step ended.
-    compensation_silences: [u32; 3],
+    compensation_silences: [u32; STEPS],
 }
 
 impl World {
@@ -135,6 +142,7 @@ fn step_index(step: &str) -> usize {
         "reserve_stock" => 0,
         "charge_payment" => 1,
         "create_shipment" => 2,
+        "commit_stock" => 3,
         other => panic!("unknown step {other}"),
     }
 }
@@ -172,7 +180,7 @@ proptest! {
             }
             // Breakers open and close at random; a parked saga is resumed once its breaker
             // closed, and must then go on with the attempt it had not spent.
-            h.blocked = ["reserve_stock", "charge_payment", "create_shipment"]
+            h.blocked = ["reserve_stock", "charge_payment", "create_shipment", "commit_stock"]
                 .iter()
                 .enumerate()
                 .filter(|(b, _)| script.breakers[i] & (1 << b) != 0)
@@ -228,6 +236,12 @@ proptest! {
                     Answer::Succeed | Answer::SilentDone => {
                         world.done[s] = false;
                         world.undone[s] = true;
+                        if s == RESERVE {
+                            // The release returns a commit's stock, and a late commit finds
+                            // the reservation released.
+                            world.done[COMMIT] = false;
+                            world.undone[COMMIT] = true;
+                        }
                         matches!(answer, Answer::Succeed).then(|| success_for(&cmd))
                     }
                     Answer::FailRetryable => Some(ReplyOutcome::Failed { retryable: true, code: "busy".into(), reason: "busy".into() }),
@@ -249,11 +263,11 @@ proptest! {
                 }
             }
         }
-        let gave_up: Vec<usize> = (0..3).filter(|&s| world.compensation_gave_up(s)).collect();
+        let gave_up: Vec<usize> = (0..STEPS).filter(|&s| world.compensation_gave_up(s)).collect();
         match h.status() {
-            Status::Completed => prop_assert_eq!(world.done, [true, true, true]),
+            Status::Completed => prop_assert_eq!(world.done, [true; STEPS]),
             Status::Compensated => {
-                prop_assert_eq!(world.done, [false, false, false], "world {:?}", world);
+                prop_assert_eq!(world.done, [false; STEPS], "world {:?}", world);
                 prop_assert!(gave_up.is_empty(), "compensated although a compensation could not succeed: {:?}", world);
             }
             Status::Failed => {

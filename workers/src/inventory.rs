@@ -1,10 +1,20 @@
 //! The inventory service (the Product aggregate's stock): reserves the lines of an order all
-//! or nothing, releases them, turns a reservation into a stock movement when the order is
-//! confirmed, and releases reservations whose hold ran out.
+//! or nothing, commits a reservation when the order is sold (the stock leaves the books),
+//! releases it when the order is undone, and expires reservations whose hold ran out.
 //!
 //! One row per order in `inventory.reservations` is both the reservation and the idempotency
-//! record: a repeated reserve or release answers from it and changes nothing. A release that
-//! comes before its reserve leaves a `released` tombstone, so the late reserve does nothing.
+//! record: a repeated reserve, commit or release answers from it and changes nothing. A release
+//! that comes before its reserve leaves a `released` tombstone, so the late reserve does
+//! nothing.
+//!
+//! Stock is sold only by a commit, in the transaction that checks it is there: an active
+//! reservation is consumed; an expired one (its hold ran out and the sweeper put the stock back)
+//! is consumed only if the stock is still on the shelf, and the commit is refused otherwise,
+//! so that its saga undoes the order rather than ship stock another order bought. A release of
+//! a committed reservation (the sale's answer was lost and the saga turned around) returns the
+//! stock with a `restock` movement. Hence the invariant the checkout and the fulfilment rely
+//! on: the units of completed orders never exceed the stock, each consumed from its own
+//! reservation (ARCHITECTURE.md, "Stock").
 //!
 //! Every change goes through one writer task per process, which applies everything queued in
 //! one transaction: a popular SKU's row is locked and written once per batch instead of once
@@ -12,20 +22,17 @@
 //! statements whatever its size. Rows are locked reservations first, then variants in SKU
 //! order, so several processes never deadlock.
 //!
-//! A reserve or release acts only for a command the orchestrator could have sent: the writer
-//! reads the orders of the batch's sagas in the same statement that looks for confirmed orders
-//! at expiry (one lookup per batch, by saga id, the view's key), and a command whose saga is not
+//! A command acts only if the orchestrator could have sent it: the writer reads the orders of the
+//! batch's sagas in one statement (by saga id, the view's key), and a command whose saga is not
 //! an order, or that names another order ([`crate::orders::check_order`]), is poison: it holds
 //! no stock and leaves no tombstone, and is dead-lettered. A release for a known saga whose
-//! reserve never came still leaves its tombstone.
+//! reserve never came still leaves its tombstone; a release for a confirmed order is refused
+//! (its sale is final).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
-use sagas::wire::{
-    Action, Command, CommandBody, DomainEvent, Event, Line, OrderId, ReplyOutcome, SagaId,
-    StepOutput,
-};
+use sagas::wire::{Action, Command, CommandBody, Line, OrderId, ReplyOutcome, SagaId, StepOutput};
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -46,8 +53,9 @@ enum Op {
         saga: SagaId,
         order: OrderId,
     },
-    /// `OrderConfirmed`: the reserved stock leaves the warehouse's books.
-    Consume {
+    /// The sale: the reserved stock leaves the books.
+    Commit {
+        saga: SagaId,
         order: OrderId,
     },
     /// The hold of an active reservation ran out (checked again by the writer).
@@ -61,7 +69,7 @@ impl Op {
         match self {
             Op::Reserve { order, .. }
             | Op::Release { order, .. }
-            | Op::Consume { order }
+            | Op::Commit { order, .. }
             | Op::Expire { order } => *order,
         }
     }
@@ -98,6 +106,12 @@ fn released() -> ReplyOutcome {
     }
 }
 
+fn committed() -> ReplyOutcome {
+    ReplyOutcome::Succeeded {
+        output: StepOutput::StockCommitted,
+    }
+}
+
 impl Handler for Inventory {
     async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, bus::Error> {
         let op = match &cmd.body {
@@ -112,6 +126,10 @@ impl Handler for Inventory {
                 hold_seconds: *hold_seconds,
             },
             CommandBody::ReleaseStock { order_id } => Op::Release {
+                saga: cmd.saga_id,
+                order: *order_id,
+            },
+            CommandBody::CommitStock { order_id } => Op::Commit {
                 saga: cmd.saga_id,
                 order: *order_id,
             },
@@ -192,8 +210,8 @@ impl Inventory {
             .map_err(|_| Unavailable("the inventory writer stopped".into()))?
     }
 
-    /// Submit an op of the service's own (a consumption or an expiry): only commands are checked
-    /// against their order, so it is never poison.
+    /// Submit an op of the service's own (an expiry): only commands are checked against their
+    /// order, so it is never poison.
     async fn submit_own(&self, op: Op) -> Result<ReplyOutcome, Unavailable> {
         match self.submit(op).await {
             Ok(outcome) => Ok(outcome),
@@ -225,12 +243,10 @@ impl Inventory {
         self.submit(Op::Release { saga, order }).await
     }
 
-    /// Handle a domain event from the events stream.
-    pub async fn on_event(&self, event: &Event) -> Result<(), Unavailable> {
-        if let DomainEvent::OrderConfirmed { order_id, .. } = &event.event {
-            self.submit_own(Op::Consume { order: *order_id }).await?;
-        }
-        Ok(())
+    /// Commit an order's reservation (the sale), if the saga is that order's
+    /// ([`bus::Error::Poison`] if not).
+    pub async fn commit(&self, saga: SagaId, order: OrderId) -> Result<ReplyOutcome, bus::Error> {
+        self.submit(Op::Commit { saga, order }).await
     }
 
     /// Expire the reservations whose hold ran out, until `shutdown`.
@@ -254,10 +270,10 @@ impl Inventory {
         }
     }
 
-    /// Release up to `limit` reservations past their expiry, with an `expire` stock movement;
-    /// a reservation whose order was in fact confirmed (its `OrderConfirmed` not consumed yet,
-    /// or lost) is consumed instead: the Order service is asked before stock is put back.
-    /// Returns how many were due. One step of the sweeper, callable on its own.
+    /// Release up to `limit` reservations past their expiry, with an `expire` stock movement.
+    /// A saga that still needs its stock renews the reservation before its next step, or takes
+    /// the stock again at its commit if nobody bought it meanwhile. Returns how many were due.
+    /// One step of the sweeper, callable on its own.
     pub async fn expire_due(&self, limit: i64) -> Result<usize, Unavailable> {
         let due: Vec<Uuid> = sqlx::query_scalar(
             "SELECT order_id FROM inventory.reservations
@@ -302,13 +318,14 @@ async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// The reason a command is poison, if it is: a reserve or a release whose saga is not an order
+/// The reason a command is poison, if it is: a command whose saga is not an order
 /// (`by_saga`: the orders found, by saga id) or that names another order.
 fn poison(op: &Op, by_saga: &HashMap<Uuid, Order>) -> Option<String> {
     let (action, saga, order) = match op {
         Op::Reserve { saga, order, .. } => (Action::ReserveStock, saga, order),
         Op::Release { saga, order } => (Action::ReleaseStock, saga, order),
-        Op::Consume { .. } | Op::Expire { .. } => return None,
+        Op::Commit { saga, order } => (Action::CommitStock, saga, order),
+        Op::Expire { .. } => return None,
     };
     orders::check_order(action, *saga, *order, by_saga.get(&saga.as_uuid())).err()
 }
@@ -351,16 +368,16 @@ async fn apply(
             },
         );
     }
-    // The orders of the batch's sagas, asked of the Order service's view by saga id (the
-    // view's key, an index lookup whatever its size), in one statement: those of the commands,
-    // which must be orders of theirs, and those of the reservations expiring, which are consumed
-    // rather than released when their order was confirmed meanwhile.
+    // The orders of the commands' sagas, asked of the Order service's view by saga id (the
+    // view's key, an index lookup whatever its size), in one statement: a command must be for
+    // an order of its saga's, and a release must not undo a confirmed order's sale.
     let sagas: Vec<Uuid> = ops
         .iter()
         .filter_map(|o| match o {
-            Op::Reserve { saga, .. } | Op::Release { saga, .. } => Some(saga.as_uuid()),
-            Op::Expire { order } => held.get(order).map(|h| h.saga.as_uuid()),
-            Op::Consume { .. } => None,
+            Op::Reserve { saga, .. } | Op::Release { saga, .. } | Op::Commit { saga, .. } => {
+                Some(saga.as_uuid())
+            }
+            Op::Expire { .. } => None,
         })
         .collect::<BTreeSet<_>>()
         .into_iter()
@@ -525,10 +542,30 @@ async fn apply(
                     h.changed = true;
                     released()
                 }
-                Some(h) if h.status == "consumed" => refused(
-                    "already_consumed",
-                    "the order was confirmed and its stock consumed",
-                ),
+                // The order is confirmed: its sale is final (only a stray release gets here).
+                Some(h) if h.status == "consumed" && confirmed.contains(&order.as_uuid()) => {
+                    refused(
+                        "already_consumed",
+                        "the order was confirmed and its stock consumed",
+                    )
+                }
+                // Committed, but the order did not complete (the commit's answer was lost and
+                // the saga turned around): the stock goes back on the shelf.
+                Some(h) if h.status == "consumed" => {
+                    adjust(
+                        &mut stock,
+                        &h.lines,
+                        1,
+                        0,
+                        "restock",
+                        *order,
+                        &mut movements,
+                    );
+                    h.status = "released";
+                    h.reason = Some("released after it was committed: the order was undone".into());
+                    h.changed = true;
+                    released()
+                }
                 // Nothing is held; an expired one becomes released, so a late renewal does
                 // nothing.
                 Some(h) => {
@@ -540,43 +577,24 @@ async fn apply(
                     released()
                 }
             },
-            Op::Consume { order } => {
-                consume(
-                    &mut held,
-                    &mut stock,
-                    &mut movements,
-                    *order,
-                    "order confirmed",
-                );
-                released()
-            }
+            Op::Commit { order, .. } => commit(&mut held, &mut stock, &mut movements, *order),
             Op::Expire { order } => {
                 if let Some(h) = held.get_mut(order)
                     && h.status == "active"
                     && h.expires_at <= now
                 {
-                    if confirmed.contains(&order.as_uuid()) {
-                        consume(
-                            &mut held,
-                            &mut stock,
-                            &mut movements,
-                            *order,
-                            "order confirmed (found at expiry)",
-                        );
-                    } else {
-                        adjust(
-                            &mut stock,
-                            &h.lines,
-                            0,
-                            -1,
-                            "expire",
-                            *order,
-                            &mut movements,
-                        );
-                        h.status = "expired";
-                        h.reason = Some("the hold ran out".into());
-                        h.changed = true;
-                    }
+                    adjust(
+                        &mut stock,
+                        &h.lines,
+                        0,
+                        -1,
+                        "expire",
+                        *order,
+                        &mut movements,
+                    );
+                    h.status = "expired";
+                    h.reason = Some("the hold ran out".into());
+                    h.changed = true;
                 }
                 released()
             }
@@ -640,45 +658,57 @@ fn adjust(
     }
 }
 
-fn consume(
+/// The sale of `order`'s reservation: consume it, if its stock is still the order's. The
+/// answer for the saga: committed, or refused (permanently) when the stock is gone.
+fn commit(
     held: &mut HashMap<OrderId, Held>,
     stock: &mut HashMap<String, Stock>,
     movements: &mut Vec<Movement>,
     order: OrderId,
-    reason: &str,
-) {
+) -> ReplyOutcome {
     let Some(h) = held.get_mut(&order) else {
-        tracing::error!(order_id = %order, "order confirmed without a reservation");
-        return;
+        return refused("no_reservation", "the order holds no reservation");
     };
     match h.status {
         "active" => {
             adjust(stock, &h.lines, -1, -1, "consume", order, movements);
+            h.reason = Some("sold".into());
         }
         "expired" => {
-            // The hold ran out before the confirmation arrived: take the stock if it is still
-            // there, else say loudly that the order is oversold.
+            // The hold ran out and the sweeper put the stock back on the shelf: take it if it
+            // is still there, all or nothing, else another order bought it.
             let wanted = totals(&h.lines);
-            let there = wanted.iter().all(|(sku, q)| {
-                stock
-                    .get(sku)
-                    .is_some_and(|s| s.quantity - s.reserved >= *q)
-            });
-            if !there {
-                tracing::error!(order_id = %order, "order confirmed after its reservation expired and the stock was sold: oversold");
-                return;
+            let short: Vec<String> = wanted
+                .iter()
+                .filter_map(|(sku, q)| {
+                    let available = stock.get(sku).map_or(0, |s| s.quantity - s.reserved);
+                    (available < *q).then(|| format!("{sku}: {available} available, {q} needed"))
+                })
+                .collect();
+            if !short.is_empty() {
+                return refused(
+                    "stock_gone",
+                    format!(
+                        "the reservation ran out and its stock was sold meanwhile ({})",
+                        short.join("; ")
+                    ),
+                );
             }
             adjust(stock, &h.lines, -1, 0, "consume", order, movements);
+            h.reason = Some("sold after its hold ran out; the stock was still there".into());
         }
-        "consumed" => return,
-        other => {
-            tracing::error!(order_id = %order, status = other, "order confirmed but its reservation is not held");
-            return;
+        "consumed" => return committed(),
+        "released" => return refused("cancelled", "the reservation was released"),
+        _ => {
+            return refused(
+                "out_of_stock",
+                h.reason.clone().unwrap_or_else(|| "out of stock".into()),
+            );
         }
     }
     h.status = "consumed";
-    h.reason = Some(reason.to_owned());
     h.changed = true;
+    committed()
 }
 
 /// Write what the batch changed: a statement per table.

@@ -21,6 +21,7 @@ impl Handler for Noop {
                 expires_at: Utc::now() + Duration::seconds(i64::from(*hold_seconds)),
             },
             CommandBody::ReleaseStock { .. } => StepOutput::StockReleased,
+            CommandBody::CommitStock { .. } => StepOutput::StockCommitted,
             CommandBody::ChargePayment { customer_id, .. }
                 if customer_id.starts_with("decline") =>
             {

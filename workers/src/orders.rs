@@ -132,6 +132,7 @@ fn named(body: &CommandBody) -> OrderId {
     match body {
         CommandBody::ReserveStock { order_id, .. }
         | CommandBody::ReleaseStock { order_id }
+        | CommandBody::CommitStock { order_id }
         | CommandBody::ChargePayment { order_id, .. }
         | CommandBody::RefundPayment { order_id, .. }
         | CommandBody::CreateShipment { order_id, .. }

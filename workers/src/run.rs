@@ -99,31 +99,16 @@ pub async fn run(
     tracing::info!(worker = %name, mode = ?settings.worker.mode, concurrency = n, "worker starting");
     match (kind.service(), settings.worker.mode) {
         (Some(service), Mode::Noop) => {
-            let commands = bus::serve_commands(
-                js.clone(),
-                subjects.clone(),
+            bus::serve_commands(
+                js,
+                subjects,
                 service,
                 Noop,
                 n,
                 settings.faults.clone(),
-                shutdown.clone(),
-            );
-            if service == Service::Inventory {
-                // The inventory also reads order events; without IO it acknowledges them.
-                tokio::join!(
-                    commands,
-                    bus::serve_events(
-                        js,
-                        subjects,
-                        consumers::INVENTORY_EVENTS,
-                        n,
-                        shutdown,
-                        |_| async { Ok(()) }
-                    )
-                );
-            } else {
-                commands.await;
-            }
+                shutdown,
+            )
+            .await;
         }
         (None, Mode::Noop) => {
             // Nothing to notify about in the noop variant: events are acknowledged and dropped.
@@ -139,12 +124,11 @@ pub async fn run(
         }
         (Some(Service::Inventory), Mode::Real) => {
             let inventory = Inventory::new(connect_db(&settings, kind).await?);
-            let events = inventory.clone();
             let sweeper = inventory.clone();
             tokio::join!(
                 bus::serve_commands(
-                    js.clone(),
-                    subjects.clone(),
+                    js,
+                    subjects,
                     Service::Inventory,
                     inventory,
                     n,
@@ -153,18 +137,7 @@ pub async fn run(
                 ),
                 sweeper.expire_loop(
                     config::ms(settings.inventory.expiry_sweep_interval_ms),
-                    shutdown.clone()
-                ),
-                bus::serve_events(
-                    js,
-                    subjects,
-                    consumers::INVENTORY_EVENTS,
-                    n,
-                    shutdown,
-                    |e| {
-                        let events = events.clone();
-                        async move { events.on_event(&e).await }
-                    }
+                    shutdown
                 ),
             );
         }

@@ -185,6 +185,7 @@ pub fn success_for(cmd: &Command) -> ReplyOutcome {
             expires_at: cmd.deadline + Duration::minutes(30),
         },
         sagas::wire::Action::ReleaseStock => StepOutput::StockReleased,
+        sagas::wire::Action::CommitStock => StepOutput::StockCommitted,
         sagas::wire::Action::ChargePayment => StepOutput::PaymentCharged {
             charge_id: Uuid::from_u128(9),
             processor_ref: "ch_1".into(),
