@@ -4,24 +4,18 @@
 //! at start-up with a message that names them.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
+use runtime::config::{self as shared, DAY_MS, HOUR_MS, range};
 use sagas::policy::StepPolicyOverride;
 use sagas::wire::Subjects;
 use serde::Deserialize;
 
+pub use runtime::config::{
+    Database, Error, Log, LogFormat, Maintenance, Nats, Runtime, ms, without_credentials,
+};
+
 /// The defaults, also the reference of every setting (see the README).
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
-
-/// The top-level sections of this process's settings: the tables of [`DEFAULTS`] (every
-/// section has defaults, so this list cannot drift from the settings).
-fn sections() -> Vec<&'static str> {
-    DEFAULTS
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
-        .filter(|t| !t.contains('.'))
-        .collect()
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,28 +36,6 @@ pub struct Settings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Runtime {
-    /// 1: a current-thread runtime; N > 1: N worker threads; 0: one per core.
-    pub threads: usize,
-}
-
-impl Runtime {
-    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        if self.threads == 1 {
-            return tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-        }
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if self.threads > 1 {
-            builder.worker_threads(self.threads);
-        }
-        builder.enable_all().build()
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Http {
     pub host: String,
     pub port: u16,
@@ -71,58 +43,6 @@ pub struct Http {
     pub max_body_bytes: usize,
     /// The longest `Prefer: wait` / `?wait` a client may ask for.
     pub max_wait_seconds: u64,
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Database {
-    /// A secret (it may hold a password): never logged.
-    pub url: String,
-    pub max_connections: u32,
-    /// Create the database when it does not exist.
-    pub create: bool,
-}
-
-impl std::fmt::Debug for Database {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Database")
-            .field("url", &"<redacted>")
-            .field("max_connections", &self.max_connections)
-            .finish()
-    }
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Nats {
-    /// May hold credentials (`nats://user:password@host`): printed without them.
-    pub url: String,
-    /// Subject and stream prefix: several deployments (or tests) can share one server.
-    pub prefix: String,
-    /// JetStream stream replicas (1 on a single server).
-    pub replicas: usize,
-}
-
-impl std::fmt::Debug for Nats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Nats")
-            .field("url", &without_credentials(&self.url))
-            .field("prefix", &self.prefix)
-            .field("replicas", &self.replicas)
-            .finish()
-    }
-}
-
-/// A URL with its user information (`user:password@`) replaced, for printing.
-pub fn without_credentials(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
-        None => url.to_owned(),
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,14 +106,6 @@ pub struct Breakers {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Maintenance {
-    /// How often the orchestrator's tables are checked and vacuumed or analyzed where
-    /// autovacuum's rules say so (0: never; leave it to autovacuum).
-    pub vacuum_interval_ms: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Checkout {
     pub max_lines: usize,
     pub reservation_hold_seconds: u32,
@@ -204,30 +116,6 @@ pub struct Checkout {
     pub policies: BTreeMap<String, StepPolicyOverride>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Log {
-    /// `text` or `json`.
-    pub format: LogFormat,
-    /// A tracing filter, e.g. `info,orchestrator=debug`. `RUST_LOG` wins when set.
-    pub level: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("configuration: {0}")]
-    Load(#[from] config::ConfigError),
-    #[error("configuration: {0}")]
-    Invalid(String),
-}
-
 impl Settings {
     /// Load from the defaults, `SAGA_CONFIG`, `SAGA_*` and the conventional variables.
     pub fn load() -> Result<Self, Error> {
@@ -236,186 +124,95 @@ impl Settings {
 
     /// Load from the given environment (a test passes its own).
     pub fn load_from(env: BTreeMap<String, String>) -> Result<Self, Error> {
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
-        if let Some(path) = env.get("SAGA_CONFIG") {
-            builder = builder.add_source(config::File::with_name(path).required(true));
-        }
-        // Several processes share the SAGA_ namespace: each reads its own sections (and
-        // refuses unknown keys inside them) and leaves the others' alone.
-        let sections = sections();
-        let saga_env: config::Map<String, String> = env
-            .iter()
-            .filter(|(k, _)| {
-                let Some(rest) = k.strip_prefix("SAGA_") else {
-                    return false;
-                };
-                let section = rest.split("__").next().unwrap_or("").to_ascii_lowercase();
-                sections.contains(&section.as_str())
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix("SAGA")
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(saga_env)),
-        );
-        if let Some(url) = env.get("DATABASE_URL") {
-            builder = builder.set_override("database.url", url.as_str())?;
-        }
-        if let Some(url) = env.get("NATS_URL") {
-            builder = builder.set_override("nats.url", url.as_str())?;
-        }
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let settings: Settings = shared::load(
+            DEFAULTS,
+            &env,
+            &[("DATABASE_URL", "database.url"), ("NATS_URL", "nats.url")],
+        )?;
         settings.validate()?;
         Ok(settings)
     }
 
     fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Invalid(m));
-        Subjects::new(&self.nats.prefix)
-            .map_err(|e| Error::Invalid(format!("nats.prefix: {e}")))?;
-        const HOUR: u64 = 3_600_000;
-        const DAY: u64 = 24 * HOUR;
+        self.nats.subjects()?;
+        self.log.validate()?;
         let (e, r, t, b) = (&self.engine, &self.relay, &self.timers, &self.breakers);
         // Every number, with the range in which the process works; outside it a setting
         // would panic a loop (an interval of 0) or overflow a time (a day's worth of years).
-        let ranges: [(&str, i128, i128, i128); 26] = [
-            ("runtime.threads", self.runtime.threads as i128, 0, 1024),
-            (
+        shared::check_ranges(&[
+            range("runtime.threads", self.runtime.threads, 0, 1024),
+            range(
                 "http.max_body_bytes",
-                self.http.max_body_bytes as i128,
+                self.http.max_body_bytes,
                 1024,
                 64 << 20,
             ),
-            (
-                "http.max_wait_seconds",
-                self.http.max_wait_seconds as i128,
-                0,
-                3600,
-            ),
-            (
+            range("http.max_wait_seconds", self.http.max_wait_seconds, 0, 3600),
+            range(
                 "database.max_connections",
-                self.database.max_connections as i128,
+                self.database.max_connections,
                 2,
                 1000,
             ),
-            ("nats.replicas", self.nats.replicas as i128, 1, 5),
-            ("engine.shards", e.shards as i128, 1, 64),
-            ("engine.max_batch", e.max_batch as i128, 1, 100_000),
-            ("engine.pipeline", e.pipeline as i128, 1, 16),
-            (
-                "engine.cache_capacity",
-                e.cache_capacity as i128,
-                0,
-                10_000_000,
-            ),
-            (
-                "relay.scan_interval_ms",
-                r.scan_interval_ms as i128,
-                1,
-                HOUR as i128,
-            ),
-            (
-                "relay.scan_grace_ms",
-                r.scan_grace_ms as i128,
-                0,
-                HOUR as i128,
-            ),
-            ("relay.max_batch", r.max_batch as i128, 1, 100_000),
-            (
-                "replies.concurrency",
-                self.replies.concurrency as i128,
-                1,
-                100_000,
-            ),
-            (
+            range("nats.replicas", self.nats.replicas, 1, 5),
+            range("engine.shards", e.shards, 1, 64),
+            range("engine.max_batch", e.max_batch, 1, 100_000),
+            range("engine.pipeline", e.pipeline, 1, 16),
+            range("engine.cache_capacity", e.cache_capacity, 0, 10_000_000),
+            range("relay.scan_interval_ms", r.scan_interval_ms, 1, HOUR_MS),
+            range("relay.scan_grace_ms", r.scan_grace_ms, 0, HOUR_MS),
+            range("relay.max_batch", r.max_batch, 1, 100_000),
+            range("replies.concurrency", self.replies.concurrency, 1, 100_000),
+            range(
                 "replies.ack_wait_ms",
-                self.replies.ack_wait_ms as i128,
+                self.replies.ack_wait_ms,
                 100,
-                HOUR as i128,
+                HOUR_MS,
             ),
-            (
-                "timers.poll_interval_ms",
-                t.poll_interval_ms as i128,
-                1,
-                60_000,
-            ),
-            ("timers.max_batch", t.max_batch as i128, 1, 100_000),
-            ("timers.lease_ms", t.lease_ms as i128, 1000, HOUR as i128),
-            (
-                "breakers.failure_threshold",
-                b.failure_threshold as i128,
-                1,
-                10_000,
-            ),
-            (
-                "breakers.open_initial_ms",
-                b.open_initial_ms as i128,
-                1,
-                DAY as i128,
-            ),
-            (
+            range("timers.poll_interval_ms", t.poll_interval_ms, 1, 60_000),
+            range("timers.max_batch", t.max_batch, 1, 100_000),
+            range("timers.lease_ms", t.lease_ms, 1000, HOUR_MS),
+            range("breakers.failure_threshold", b.failure_threshold, 1, 10_000),
+            range("breakers.open_initial_ms", b.open_initial_ms, 1, DAY_MS),
+            range(
                 "breakers.open_max_ms",
-                b.open_max_ms as i128,
-                b.open_initial_ms as i128,
-                DAY as i128,
+                b.open_max_ms,
+                i128::from(b.open_initial_ms),
+                DAY_MS,
             ),
-            (
-                "breakers.probe_timeout_ms",
-                b.probe_timeout_ms as i128,
-                1,
-                DAY as i128,
-            ),
-            (
+            range("breakers.probe_timeout_ms", b.probe_timeout_ms, 1, DAY_MS),
+            range(
                 "breakers.unpark_interval_ms",
-                b.unpark_interval_ms as i128,
+                b.unpark_interval_ms,
                 1,
-                HOUR as i128,
+                HOUR_MS,
             ),
-            (
+            range(
                 "maintenance.vacuum_interval_ms",
-                self.maintenance.vacuum_interval_ms as i128,
+                self.maintenance.vacuum_interval_ms,
                 0,
-                DAY as i128,
+                DAY_MS,
             ),
-            (
-                "checkout.max_lines",
-                self.checkout.max_lines as i128,
-                1,
-                1000,
-            ),
-            (
+            range("checkout.max_lines", self.checkout.max_lines, 1, 1000),
+            range(
                 "checkout.reservation_hold_seconds",
-                self.checkout.reservation_hold_seconds as i128,
+                self.checkout.reservation_hold_seconds,
                 1,
                 7 * 86_400,
             ),
-            (
+            range(
                 "checkout.catalog_ttl_ms",
-                self.checkout.catalog_ttl_ms as i128,
+                self.checkout.catalog_ttl_ms,
                 0,
-                HOUR as i128,
+                HOUR_MS,
             ),
-        ];
-        for (key, value, lo, hi) in ranges {
-            if !(lo..=hi).contains(&value) {
-                return bad(format!("{key} must be {lo} to {hi}, got {value}"));
-            }
-        }
+        ])?;
         // JetStream wants more deliveries than the consumer's four backoff steps.
         let max_deliver = self.replies.max_deliver;
         if max_deliver != -1 && !(5..=100_000).contains(&max_deliver) {
             return bad(format!(
                 "replies.max_deliver must be -1 (no limit) or 5 to 100000, got {max_deliver}"
-            ));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return bad(format!(
-                "log.level {:?} is not a tracing filter: {e}",
-                self.log.level
             ));
         }
         let steps: Vec<&str> = <sagas::checkout::Checkout as sagas::stepwise::Definition>::steps()
@@ -455,10 +252,6 @@ impl Settings {
     }
 }
 
-pub fn ms(v: u64) -> Duration {
-    Duration::from_millis(v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,14 +265,6 @@ mod tests {
 
     #[test]
     fn credentials_are_not_printed() {
-        assert_eq!(
-            without_credentials("nats://ada:s3cret@nats.local:4222"),
-            "nats://<redacted>@nats.local:4222"
-        );
-        assert_eq!(
-            without_credentials("nats://127.0.0.1:4222"),
-            "nats://127.0.0.1:4222"
-        );
         let s = Settings::load_from(env(&[
             ("NATS_URL", "nats://ada:s3cret@h:4222"),
             ("DATABASE_URL", "postgres://ada:s3cret@h/db"),
@@ -612,7 +397,7 @@ mod tests {
 mod section_tests {
     #[test]
     fn every_section_has_defaults() {
-        let s = super::sections();
+        let s = runtime::config::sections(super::DEFAULTS);
         for name in [
             "http", "database", "nats", "engine", "relay", "replies", "timers", "breakers",
             "checkout", "log",

@@ -2,9 +2,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use orchestrator::catalog;
 use orchestrator::config::Settings;
-use orchestrator::startup::{Application, cancel_on_signal};
-use orchestrator::{catalog, db, telemetry};
+use orchestrator::startup::Application;
+use runtime::shutdown::cancel_on_signal;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc: the saga hot path allocates many small, short-lived buffers (JSON, rows,
@@ -55,7 +56,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    telemetry::init(settings.log.format, &settings.log.level);
+    runtime::telemetry::init(settings.log.format, &settings.log.level);
     let runtime = match settings.runtime.build() {
         Ok(r) => r,
         Err(e) => {
@@ -82,7 +83,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             app.run_until_stopped(shutdown).await
         }
         Command::Migrate => {
-            db::connect(&settings.database).await?;
+            runtime::db::connect(&settings.database, "saga-orchestrator").await?;
             println!("migrations applied");
             Ok(())
         }
@@ -92,7 +93,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         }
         Command::DeleteStreams => {
             let (_client, js) =
-                orchestrator::nats::connect(&settings.nats.url, "orchestrator-admin").await?;
+                runtime::nats::connect(&settings.nats.url, "orchestrator-admin").await?;
             let topology = orchestrator::topology::Topology::new(
                 settings.subjects(),
                 settings.nats.replicas,
@@ -114,7 +115,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let catalogue: catalog::CatalogueFile = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a valid catalogue", file.display()))?;
-            let pool = db::connect(&settings.database).await?;
+            let pool = runtime::db::connect(&settings.database, "saga-orchestrator").await?;
             let n = catalog::load(&pool, &catalogue).await?;
             println!("loaded {n} variants from {}", file.display());
             Ok(())

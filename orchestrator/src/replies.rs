@@ -1,25 +1,27 @@
-//! The reply consumer: a durable JetStream pull consumer shared by every orchestrator. Each
-//! reply is fed to its saga through the engine; the message is acknowledged only after the
-//! commit, so a crash before the commit means a redelivery, and a redelivery after it is
-//! fenced off by the machine (it no longer waits for that attempt).
+//! The reply consumer: a durable JetStream pull consumer shared by every orchestrator, on the
+//! shared consume loop ([`runtime::consume`]). Each reply is fed to its saga through the
+//! engine; the message is acknowledged only after the commit, so a crash before the commit
+//! means a redelivery, and a redelivery after it is fenced off by the machine (it no longer
+//! waits for that attempt).
 //!
 //! A reply that cannot be decoded, or names no saga we know, is a poison message: it goes to
-//! the dead-letter subject with the reason, is acknowledged, and never stops the consumer.
+//! the dead-letter subject with the reason, is acknowledged, and never stops the consumer. One
+//! that cannot be applied now (PostgreSQL does not answer) comes back later, with the system's
+//! one redelivery policy.
 
-use std::time::Duration;
-
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use async_nats::jetstream;
+use runtime::consume::{self, DeadLetters};
 use sagas::api::Input;
 use sagas::wire::{Reply, consumers, headers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::dead_letter::DeadLetters;
 use crate::engine::{self, Applied, Engine, Origin};
 use crate::metrics::Metrics;
 use crate::topology::{Topology, streams};
+
+/// The origin of the replies' dead letters (`<prefix>.dlq.replies`).
+const ORIGIN: &str = "replies";
 
 pub struct ReplyConsumer {
     engine: Engine,
@@ -28,15 +30,6 @@ pub struct ReplyConsumer {
     dead_letters: DeadLetters,
     concurrency: usize,
     metrics: Metrics,
-}
-
-/// How long a reply that could not be applied (PostgreSQL did not answer, the engine is
-/// stopping) waits before it comes back: half a second after its first delivery, doubling with
-/// each delivery up to half a minute, so that an outage does not use up `replies.max_deliver`
-/// in seconds.
-fn redelivery_delay(delivered: i64) -> Duration {
-    let doublings = (delivered.max(1) - 1).min(6) as u32;
-    (Duration::from_millis(500) * (1 << doublings)).min(Duration::from_secs(30))
 }
 
 /// What became of one reply message.
@@ -68,67 +61,26 @@ impl ReplyConsumer {
         }
     }
 
-    async fn consumer(&self) -> Result<PullConsumer, async_nats::Error> {
-        let stream = self
-            .js
-            .get_stream(self.topology.stream_name(streams::REPLIES))
-            .await?;
-        stream.get_consumer(consumers::REPLIES).await
-    }
-
-    /// Pull and apply replies until `shutdown`; then stop pulling and finish the replies in hand.
+    /// Pull and apply replies until `shutdown`; then stop pulling, hand back what was pulled
+    /// but not started, and finish the replies in hand.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut inflight = FuturesUnordered::new();
-        'outer: while !shutdown.is_cancelled() {
-            let messages = match self.consumer().await {
-                Ok(c) => c
-                    .stream()
-                    .max_messages_per_batch(self.concurrency.min(1000))
-                    .heartbeat(Duration::from_secs(5))
-                    .expires(Duration::from_secs(30))
-                    .messages()
-                    .await
-                    .map_err(async_nats::Error::from),
-                Err(e) => Err(e),
-            };
-            let mut messages = match messages {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reply consumer unavailable; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            };
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => {
-                        // Replies pulled but not started go back at once, for another
-                        // orchestrator (or the next start), rather than after their ack wait.
-                        while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
-                            if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
-                                tracing::debug!(error = %e, "could not hand a reply back; it is redelivered after its ack wait");
-                            }
-                        }
-                        break 'outer;
-                    }
-                    Some(_) = inflight.next(), if !inflight.is_empty() => {}
-                    next = messages.next(), if inflight.len() < self.concurrency => match next {
-                        Some(Ok(msg)) => inflight.push(self.handle(msg)),
-                        Some(Err(e)) => tracing::warn!(error = %e, "reply stream error"),
-                        None => continue 'outer,
-                    },
-                }
-            }
-        }
-        while inflight.next().await.is_some() {}
-        tracing::info!("reply consumer stopped");
+        let stream = self.topology.stream_name(streams::REPLIES);
+        let this = &self;
+        consume::consume(
+            self.js.clone(),
+            stream,
+            consumers::REPLIES,
+            self.concurrency,
+            shutdown,
+            |msg, max_deliver| async move {
+                this.handle(msg, max_deliver).await;
+            },
+        )
+        .await;
     }
 
     /// Apply one reply message and acknowledge it when that is safe.
-    pub async fn handle(&self, msg: jetstream::Message) -> Handled {
+    pub async fn handle(&self, msg: jetstream::Message, max_deliver: i64) -> Handled {
         let correlation_id = msg
             .headers
             .as_ref()
@@ -139,49 +91,41 @@ impl ReplyConsumer {
             correlation_id = correlation_id.as_deref().unwrap_or("")
         );
         async move {
-            let handled = match serde_json::from_slice::<Reply>(&msg.payload) {
+            let reply = match serde_json::from_slice::<Reply>(&msg.payload) {
+                Ok(reply) => reply,
+                Err(e) => return self.dead_letter(&msg, &format!("undecodable reply: {e}")).await,
+            };
+            let saga = reply.saga_id;
+            let origin = Origin {
+                correlation_id: correlation_id.clone(),
+                ..Default::default()
+            };
+            let handled = match self.engine.apply(saga, Input::Reply(reply), origin).await {
+                Ok(Applied::Applied { .. }) => Handled::Applied,
+                Ok(Applied::Ignored(_)) => Handled::Ignored,
+                Ok(Applied::NotFound) => {
+                    return self
+                        .dead_letter(&msg, &format!("reply for unknown saga {saga}"))
+                        .await;
+                }
+                Err(e @ engine::Error::Corrupt { .. }) => {
+                    return self.dead_letter(&msg, &e.to_string()).await;
+                }
                 Err(e) => {
-                    self.dead_letter(&msg, &format!("undecodable reply: {e}")).await
-                }
-                Ok(reply) => {
-                    let saga = reply.saga_id;
-                    let origin = Origin {
-                        correlation_id: correlation_id.clone(),
-                        ..Default::default()
-                    };
-                    match self.engine.apply(saga, Input::Reply(reply), origin).await {
-                        Ok(Applied::Applied { .. }) => Handled::Applied,
-                        Ok(Applied::Ignored(_)) => Handled::Ignored,
-                        Ok(Applied::NotFound) => {
-                            self.dead_letter(&msg, &format!("reply for unknown saga {saga}")).await
-                        }
-                        Err(e @ engine::Error::Corrupt { .. }) => {
-                            self.dead_letter(&msg, &e.to_string()).await
-                        }
-                        Err(e) => {
-                            // On its last allowed delivery, set it aside rather than let
-                            // JetStream drop it without a trace.
-                            let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-                            let limit = self.topology.reply_max_deliver();
-                            if limit > 0 && delivered >= limit {
-                                let why = format!("not applied after {delivered} deliveries: {e}");
-                                self.dead_letter(&msg, &why).await
-                            } else {
-                                tracing::warn!(saga_id = %saga, error = %e, "reply not applied; it will be redelivered");
-                                Handled::Retry
-                            }
-                        }
-                    }
+                    tracing::warn!(saga_id = %saga, error = %e, "reply not applied; it will be redelivered");
+                    // On its last allowed delivery it is set aside rather than dropped.
+                    consume::retry_later(
+                        &self.dead_letters,
+                        ORIGIN,
+                        &msg,
+                        max_deliver,
+                        &e.to_string(),
+                    )
+                    .await;
+                    return Handled::Retry;
                 }
             };
-            let ack = match handled {
-                Handled::Retry => {
-                    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-                    msg.ack_with(AckKind::Nak(Some(redelivery_delay(delivered)))).await
-                }
-                _ => msg.ack().await,
-            };
-            if let Err(e) = ack {
+            if let Err(e) = msg.ack().await {
                 tracing::warn!(error = %e, "could not acknowledge a reply; it will be redelivered and fenced off");
             }
             handled
@@ -191,15 +135,11 @@ impl ReplyConsumer {
     }
 
     async fn dead_letter(&self, msg: &jetstream::Message, reason: &str) -> Handled {
-        match self.dead_letters.put("replies", msg, reason).await {
-            Ok(()) => {
-                self.metrics.dead_letter("replies");
-                Handled::DeadLettered
-            }
-            Err(e) => {
-                tracing::error!(error = %e, reason, "could not dead-letter a reply; it will be redelivered");
-                Handled::Retry
-            }
+        if consume::dead_letter(&self.dead_letters, ORIGIN, msg, reason).await {
+            self.metrics.dead_letter(ORIGIN);
+            Handled::DeadLettered
+        } else {
+            Handled::Retry
         }
     }
 }

@@ -22,7 +22,6 @@ use crate::replies::ReplyConsumer;
 use crate::timers::TimerLoop;
 use crate::topology::Topology;
 use crate::unpark::Unparker;
-use crate::{db, nats};
 
 /// A built orchestrator, bound to its port, not yet serving.
 pub struct Application {
@@ -36,8 +35,8 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         let settings = Arc::new(settings);
-        let pool = db::connect(&settings.database).await?;
-        let (_client, js) = nats::connect(&settings.nats.url, "orchestrator")
+        let pool = runtime::db::connect(&settings.database, "saga-orchestrator").await?;
+        let (_client, js) = runtime::nats::connect(&settings.nats.url, "orchestrator")
             .await
             .with_context(|| format!("cannot reach NATS at {}", settings.nats.url))?;
         let topology = Topology::new(
@@ -159,9 +158,10 @@ impl Application {
             state.settings.breakers.unpark_interval_ms,
         );
         let unparker = tokio::spawn(unparker.run(shutdown.clone()));
-        let maintenance = tokio::spawn(crate::maintenance::run(
+        let maintenance = tokio::spawn(runtime::maintenance::run(
             state.pool.clone(),
-            state.settings.maintenance.vacuum_interval_ms,
+            &["orchestrator"],
+            config::ms(state.settings.maintenance.vacuum_interval_ms),
             shutdown.clone(),
         ));
         // Long polls answer at once when the process stops, instead of holding the graceful
@@ -194,25 +194,4 @@ impl Application {
         tracing::info!("orchestrator stopped");
         Ok(())
     }
-}
-
-/// Cancel `token` on SIGTERM or Ctrl-C.
-pub fn cancel_on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = ctrl_c => {},
-                _ = term.recv() => {},
-            }
-        }
-        #[cfg(not(unix))]
-        ctrl_c.await.ok();
-        tracing::info!("stop requested");
-        token.cancel();
-    });
 }

@@ -150,7 +150,7 @@ impl App {
             .connect(&db_url)
             .await
             .expect("the test database is reachable");
-        orchestrator::db::MIGRATOR
+        runtime::db::MIGRATOR
             .run(&pool)
             .await
             .expect("migrations apply");

@@ -2,22 +2,14 @@
 //! then `DATABASE_URL`, `NATS_URL`, `PROCESSOR_URL` and `CARRIER_URL`.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
+use runtime::config::{self as shared, DAY_MS, HOUR_MS, range};
 use sagas::wire::Subjects;
 use serde::Deserialize;
 
-pub const DEFAULTS: &str = include_str!("../config/default.toml");
+pub use runtime::config::{Database, Error, Log, LogFormat, Maintenance, Nats, Runtime, ms};
 
-/// The top-level sections of this process's settings: the tables of [`DEFAULTS`] (every
-/// section has defaults, so this list cannot drift from the settings).
-fn sections() -> Vec<&'static str> {
-    DEFAULTS
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
-        .filter(|t| !t.contains('.'))
-        .collect()
-}
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,28 +37,6 @@ pub struct Faults {
     pub swallow: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Runtime {
-    /// 1: a current-thread runtime; N > 1: N worker threads; 0: one per core.
-    pub threads: usize,
-}
-
-impl Runtime {
-    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        if self.threads == 1 {
-            return tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-        }
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if self.threads > 1 {
-            builder.worker_threads(self.threads);
-        }
-        builder.enable_all().build()
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
@@ -79,44 +49,6 @@ pub enum Mode {
 pub struct Worker {
     pub mode: Mode,
     pub concurrency: usize,
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Database {
-    pub url: String,
-    pub max_connections: u32,
-    /// The orchestrator's `database.create` (it creates the database): accepted and ignored,
-    /// so that one environment configures every process.
-    #[serde(default, rename = "create")]
-    _orchestrators_create: Option<serde::de::IgnoredAny>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Maintenance {
-    /// How often the worker checks its tables and vacuums or analyzes the ones that need it
-    /// (0: never; leave it to autovacuum).
-    pub vacuum_interval_ms: u64,
-}
-
-impl std::fmt::Debug for Database {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Database")
-            .field("url", &"<redacted>")
-            .field("max_connections", &self.max_connections)
-            .finish()
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Nats {
-    pub url: String,
-    pub prefix: String,
-    /// The orchestrator's `nats.replicas` (it declares the streams): accepted and ignored.
-    #[serde(default, rename = "replicas")]
-    _orchestrators_replicas: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,144 +73,73 @@ pub struct Inventory {
     pub expiry_sweep_interval_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Log {
-    pub format: LogFormat,
-    pub level: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("configuration: {0}")]
-    Load(#[from] config::ConfigError),
-    #[error("configuration: {0}")]
-    Invalid(String),
-}
-
 impl Settings {
     pub fn load() -> Result<Self, Error> {
         Self::load_from(std::env::vars().collect())
     }
 
     pub fn load_from(env: BTreeMap<String, String>) -> Result<Self, Error> {
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
-        if let Some(path) = env.get("SAGA_CONFIG") {
-            builder = builder.add_source(config::File::with_name(path).required(true));
-        }
-        // Several processes share the SAGA_ namespace: each reads its own sections (and
-        // refuses unknown keys inside them) and leaves the others' alone.
-        let sections = sections();
-        let saga_env: config::Map<String, String> = env
-            .iter()
-            .filter(|(k, _)| {
-                let Some(rest) = k.strip_prefix("SAGA_") else {
-                    return false;
-                };
-                let section = rest.split("__").next().unwrap_or("").to_ascii_lowercase();
-                sections.contains(&section.as_str())
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix("SAGA")
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(saga_env)),
-        );
-        for (var, key) in [
-            ("DATABASE_URL", "database.url"),
-            ("NATS_URL", "nats.url"),
-            ("PROCESSOR_URL", "processor.url"),
-            ("CARRIER_URL", "carrier.url"),
-        ] {
-            if let Some(v) = env.get(var) {
-                builder = builder.set_override(key, v.as_str())?;
-            }
-        }
-        let s: Settings = builder.build()?.try_deserialize()?;
-        Subjects::new(&s.nats.prefix).map_err(|e| Error::Invalid(format!("nats.prefix: {e}")))?;
-        const HOUR: i128 = 3_600_000;
-        const DAY: i128 = 24 * HOUR;
+        let s: Settings = shared::load(
+            DEFAULTS,
+            &env,
+            &[
+                ("DATABASE_URL", "database.url"),
+                ("NATS_URL", "nats.url"),
+                ("PROCESSOR_URL", "processor.url"),
+                ("CARRIER_URL", "carrier.url"),
+            ],
+        )?;
+        s.nats.subjects()?;
+        s.log.validate()?;
         // Every number, with the range in which the process works (an interval of 0 would
         // panic its loop, a day's worth of years overflow a time).
-        let ranges: [(&str, i128, i128, i128); 5] = [
-            ("runtime.threads", s.runtime.threads as i128, 0, 1024),
-            (
-                "worker.concurrency",
-                s.worker.concurrency as i128,
-                1,
-                10_000,
-            ),
-            (
+        let mut ranges = vec![
+            range("runtime.threads", s.runtime.threads, 0, 1024),
+            range("worker.concurrency", s.worker.concurrency, 1, 10_000),
+            range(
                 "database.max_connections",
-                s.database.max_connections as i128,
+                s.database.max_connections,
                 1,
                 1000,
             ),
-            (
+            range(
                 "maintenance.vacuum_interval_ms",
-                s.maintenance.vacuum_interval_ms as i128,
+                s.maintenance.vacuum_interval_ms,
                 0,
-                DAY,
+                DAY_MS,
             ),
-            (
+            range(
                 "inventory.expiry_sweep_interval_ms",
-                s.inventory.expiry_sweep_interval_ms as i128,
+                s.inventory.expiry_sweep_interval_ms,
                 1,
-                HOUR,
+                HOUR_MS,
             ),
         ];
         let remotes = [("processor", &s.processor), ("carrier", &s.carrier)];
-        let remote_ranges = remotes.iter().flat_map(|(name, r)| {
-            [
-                (format!("{name}.timeout_ms"), r.timeout_ms as i128, 1, HOUR),
-                (
-                    format!("{name}.breaker_failures"),
-                    r.breaker_failures as i128,
+        for (name, r) in remotes {
+            ranges.extend([
+                range(&format!("{name}.timeout_ms"), r.timeout_ms, 1, HOUR_MS),
+                range(
+                    &format!("{name}.breaker_failures"),
+                    r.breaker_failures,
                     1,
                     10_000,
                 ),
-                (
-                    format!("{name}.breaker_open_ms"),
-                    r.breaker_open_ms as i128,
+                range(
+                    &format!("{name}.breaker_open_ms"),
+                    r.breaker_open_ms,
                     1,
-                    DAY,
+                    DAY_MS,
                 ),
-                (
-                    format!("{name}.breaker_open_max_ms"),
-                    r.breaker_open_max_ms as i128,
-                    r.breaker_open_ms as i128,
-                    DAY,
+                range(
+                    &format!("{name}.breaker_open_max_ms"),
+                    r.breaker_open_max_ms,
+                    i128::from(r.breaker_open_ms),
+                    DAY_MS,
                 ),
-            ]
-        });
-        for (key, value, lo, hi) in ranges
-            .into_iter()
-            .map(|(k, v, lo, hi)| (k.to_owned(), v, lo, hi))
-            .chain(remote_ranges)
-        {
-            if !(lo..=hi).contains(&value) {
-                return Err(Error::Invalid(format!(
-                    "{key} must be {lo} to {hi}, got {value}"
-                )));
-            }
+            ]);
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&s.log.level) {
-            return Err(Error::Invalid(format!(
-                "log.level {:?} is not a tracing filter: {e}",
-                s.log.level
-            )));
-        }
+        shared::check_ranges(&ranges)?;
         for (name, r) in remotes {
             if reqwest::Url::parse(&r.url).is_err() {
                 return Err(Error::Invalid(format!(
@@ -299,10 +160,6 @@ impl Settings {
     pub fn subjects(&self) -> Subjects {
         Subjects::new(&self.nats.prefix).expect("validated at load")
     }
-}
-
-pub fn ms(v: u64) -> Duration {
-    Duration::from_millis(v)
 }
 
 #[cfg(test)]

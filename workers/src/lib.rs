@@ -17,7 +17,6 @@ pub mod bus;
 pub mod clients;
 pub mod config;
 pub mod inventory;
-pub mod maintenance;
 pub mod noop;
 pub mod notification;
 pub mod orders;

@@ -1,12 +1,7 @@
 //! Wiring a worker process: which consumers a kind of worker serves, in which mode.
 
-use std::time::Duration;
-
-use backon::{ExponentialBuilder, Retryable};
 use sagas::wire::{Service, consumers};
 use sqlx::PgPool;
-use sqlx::migrate::Migrator;
-use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus;
@@ -17,9 +12,6 @@ use crate::noop::Noop;
 use crate::notification::Notification;
 use crate::payment::Payment;
 use crate::shipping::Shipping;
-
-/// The schema; applied (idempotently, under sqlx's lock) by whichever process starts first.
-pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kind {
@@ -39,49 +31,31 @@ impl Kind {
         }
     }
 
-    /// The schema this kind of worker writes.
-    fn schema(self) -> &'static str {
+    /// The schemas this kind of worker writes.
+    fn schemas(self) -> &'static [&'static str] {
         match self {
-            Kind::Inventory => "inventory",
-            Kind::Payment => "payments",
-            Kind::Shipping => "shipping",
-            Kind::Notification => "notifications",
+            Kind::Inventory => &["inventory"],
+            Kind::Payment => &["payments"],
+            Kind::Shipping => &["shipping"],
+            Kind::Notification => &["notifications"],
         }
     }
 }
 
-async fn connect_db(settings: &Settings, kind: Kind) -> anyhow::Result<PgPool> {
-    let maintenance = config::ms(settings.maintenance.vacuum_interval_ms);
-    let settings = &settings.database;
-    let options: sqlx::postgres::PgConnectOptions = settings.url.parse()?;
-    // Generic plans, as in the orchestrator (orchestrator/src/db.rs): every statement here is
-    // keyed, and PostgreSQL would otherwise plan most executions afresh. The tables' growth is
-    // followed all the same: the ANALYZE of `maintenance.rs` invalidates the cached plans.
-    let options = options
-        .application_name(&format!("saga-worker-{kind:?}").to_lowercase())
-        .options([("plan_cache_mode", "force_generic_plan")]);
-    let pool = (|| async {
-        PgPoolOptions::new()
-            .max_connections(settings.max_connections)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options.clone())
-            .await
-    })
-    .retry(
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(2))
-            .with_max_times(15),
-    )
-    .notify(
-        |e: &sqlx::Error, d| tracing::warn!(error = %e, "PostgreSQL not ready; retrying in {d:?}"),
-    )
-    .await?;
-    MIGRATOR.run(&pool).await?;
-    tokio::spawn(crate::maintenance::run(
+/// Connect to PostgreSQL (migrating if this process is the first up) and look after the
+/// tables this kind of worker writes.
+async fn connect_db(
+    settings: &Settings,
+    kind: Kind,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<PgPool> {
+    let name = format!("saga-worker-{kind:?}").to_lowercase();
+    let pool = runtime::db::connect(&settings.database, &name).await?;
+    tokio::spawn(runtime::maintenance::run(
         pool.clone(),
-        kind.schema(),
-        maintenance,
+        kind.schemas(),
+        config::ms(settings.maintenance.vacuum_interval_ms),
+        shutdown.clone(),
     ));
     Ok(pool)
 }
@@ -93,7 +67,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let name = format!("{kind:?}-worker").to_lowercase();
-    let js = bus::connect(&settings.nats.url, &name).await?;
+    let (_client, js) = runtime::nats::connect(&settings.nats.url, &name).await?;
     let subjects = settings.subjects();
     let n = settings.worker.concurrency;
     tracing::info!(worker = %name, mode = ?settings.worker.mode, concurrency = n, "worker starting");
@@ -123,7 +97,7 @@ pub async fn run(
             .await;
         }
         (Some(Service::Inventory), Mode::Real) => {
-            let inventory = Inventory::new(connect_db(&settings, kind).await?);
+            let inventory = Inventory::new(connect_db(&settings, kind, &shutdown).await?);
             let sweeper = inventory.clone();
             tokio::join!(
                 bus::serve_commands(
@@ -144,7 +118,7 @@ pub async fn run(
         (Some(Service::Payment), Mode::Real) => {
             let processor = Processor::new(&settings.processor);
             let payment = Payment::new(
-                connect_db(&settings, kind).await?,
+                connect_db(&settings, kind, &shutdown).await?,
                 processor,
                 config::ms(settings.processor.record_pending_after_ms),
             );
@@ -162,7 +136,7 @@ pub async fn run(
         (Some(Service::Shipping), Mode::Real) => {
             let carrier = Carrier::new(&settings.carrier);
             let shipping = Shipping::new(
-                connect_db(&settings, kind).await?,
+                connect_db(&settings, kind, &shutdown).await?,
                 carrier,
                 config::ms(settings.carrier.record_pending_after_ms),
             );
@@ -178,7 +152,7 @@ pub async fn run(
             .await;
         }
         (None, Mode::Real) => {
-            let notification = Notification::new(connect_db(&settings, kind).await?);
+            let notification = Notification::new(connect_db(&settings, kind, &shutdown).await?);
             bus::serve_events(
                 js,
                 subjects,
@@ -195,36 +169,4 @@ pub async fn run(
     }
     tracing::info!(worker = %name, "worker stopped");
     Ok(())
-}
-
-/// Install the log subscriber.
-pub fn init_logging(settings: &config::Log) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match settings.format {
-        config::LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-        config::LogFormat::Text => builder.with_target(false).try_init(),
-    };
-}
-
-/// Cancel `token` on SIGTERM or Ctrl-C.
-pub fn cancel_on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        tracing::info!("stop requested");
-        token.cancel();
-    });
 }

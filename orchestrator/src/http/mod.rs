@@ -82,7 +82,7 @@ pub fn router(state: AppState) -> Router {
 async fn correlate(mut req: Request, next: Next) -> Response {
     let id = match input::token_header(req.headers(), "X-Correlation-Id", 128) {
         Ok(Some(id)) => id,
-        Ok(None) => crate::telemetry::new_correlation_id(),
+        Ok(None) => runtime::telemetry::new_correlation_id(),
         Err(problem) => return problem.into_response(),
     };
     req.extensions_mut().insert(CorrelationId(id.clone()));

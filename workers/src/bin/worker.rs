@@ -28,7 +28,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    run::init_logging(&settings.log);
+    runtime::telemetry::init(settings.log.format, &settings.log.level);
     let runtime = match settings.runtime.build() {
         Ok(r) => r,
         Err(e) => {
@@ -38,7 +38,7 @@ fn main() -> std::process::ExitCode {
     };
     let shutdown = CancellationToken::new();
     match runtime.block_on(async move {
-        run::cancel_on_signal(shutdown.clone());
+        runtime::shutdown::cancel_on_signal(shutdown.clone());
         run::run(cli.kind, settings, shutdown).await
     }) {
         Ok(()) => std::process::ExitCode::SUCCESS,

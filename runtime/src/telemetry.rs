@@ -1,11 +1,11 @@
-//! Logging. Every line carries the correlation id of the request it serves, through the
-//! `correlation_id` field of the span it is logged in.
+//! Logging. Every line carries the correlation id of what it serves (a request, a command, a
+//! reply, an event) through the `correlation_id` field of the span it is logged in.
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Install the global subscriber. `RUST_LOG` wins over the configured level.
+/// Install the global subscriber, writing to stderr. `RUST_LOG` wins over the configured level.
 pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
@@ -24,7 +24,7 @@ pub fn init(format: LogFormat, level: &str) {
     let _ = result;
 }
 
-/// A new correlation id, for requests that arrive without one.
+/// A new correlation id, for what arrives without one.
 pub fn new_correlation_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }

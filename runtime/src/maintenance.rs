@@ -1,39 +1,42 @@
-//! Housekeeping of the orchestrator's tables. The outbox and the timers get a row inserted and
-//! deleted (or replaced) per message and per step, and the saga table grows from empty: without
-//! VACUUM their polls slow down, and without ANALYZE the plans of the engine's prepared
-//! statements, made while the tables were small, keep scanning them whole. Autovacuum may be
-//! off or slow to get to them, so the orchestrator checks them itself every interval and
-//! vacuums or analyzes the ones that need it by autovacuum's rules
-//! (`public.maintenance_due`, migration 0005); `SKIP_LOCKED` skips a table another process is
-//! busy with.
+//! Housekeeping of the tables a process writes: every interval, vacuum or analyze the ones
+//! that need it by autovacuum's rules (`public.maintenance_due`, migration 0005), whatever
+//! autovacuum does. The outbox and the timers churn (a row in and out per message and per
+//! step), the saga table grows from empty: without VACUUM their polls slow down, and without
+//! ANALYZE the plans of the prepared statements made while a table was small (sequential
+//! scans) are never replaced as it grows. `SKIP_LOCKED` skips a table another process is busy
+//! with.
 
+use std::time::Duration;
+
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config;
-
-/// The schemas this process writes.
-const SCHEMAS: &[&str] = &["orchestrator"];
-
-pub async fn run(pool: sqlx::PgPool, interval_ms: u64, shutdown: CancellationToken) {
-    if interval_ms == 0 {
+/// Run until `shutdown`; `interval` zero: never (leave it to autovacuum).
+pub async fn run(
+    pool: PgPool,
+    schemas: &'static [&'static str],
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    if interval.is_zero() {
         return;
     }
-    let mut tick = tokio::time::interval(config::ms(interval_ms));
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        if let Err(e) = pass(&pool, SCHEMAS).await {
-            tracing::warn!(error = %e, "table maintenance failed");
+        if let Err(e) = pass(&pool, schemas).await {
+            tracing::warn!(error = %e, ?schemas, "table maintenance failed");
         }
     }
 }
 
 /// One pass over the tables of `schemas`: vacuum and analyze the ones that need it. Returns
 /// how many it worked on.
-pub async fn pass(pool: &sqlx::PgPool, schemas: &[&str]) -> Result<usize, sqlx::Error> {
+pub async fn pass(pool: &PgPool, schemas: &[&str]) -> Result<usize, sqlx::Error> {
     let due: Vec<(String, bool, bool)> = sqlx::query_as(
         "SELECT table_name, needs_vacuum, needs_analyze FROM public.maintenance_due($1)
           WHERE needs_vacuum OR needs_analyze",

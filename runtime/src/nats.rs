@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 
 pub async fn connect(
     url: &str,
@@ -18,13 +18,10 @@ pub async fn connect(
             .connect(url)
             .await
     })
-    .retry(
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(2))
-            .with_max_times(15),
-    )
-    .notify(|e: &async_nats::ConnectError, d| tracing::warn!(error = %e, "NATS not ready; retrying in {d:?}"))
+    .retry(crate::db::retry())
+    .notify(|e: &async_nats::ConnectError, d| {
+        tracing::warn!(error = %e, "NATS not ready; retrying in {d:?}")
+    })
     .await?;
     let js = jetstream::context::ContextBuilder::new()
         .timeout(Duration::from_secs(10))
