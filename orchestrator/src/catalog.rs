@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sagas::wire::{Currency, Money, Sku};
+use sagas::shop::{Currency, Money, Sku};
 use serde::Deserialize;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;

@@ -215,30 +215,8 @@ impl Settings {
                 "replies.max_deliver must be -1 (no limit) or 5 to 100000, got {max_deliver}"
             ));
         }
-        let steps: Vec<&str> = <sagas::checkout::Checkout as sagas::stepwise::Definition>::steps()
-            .iter()
-            .map(|s| s.name)
-            .collect();
-        for (step, o) in &self.checkout.policies {
-            let Some(def) = <sagas::checkout::Checkout as sagas::stepwise::Definition>::steps()
-                .iter()
-                .find(|s| s.name == step)
-            else {
-                return bad(format!(
-                    "checkout.policies.{step}: no such step (steps: {})",
-                    steps.join(", ")
-                ));
-            };
-            o.forward
-                .apply(&def.policy.forward)
-                .validate(&format!("checkout.policies.{step}.forward"))
-                .and_then(|()| {
-                    o.compensation
-                        .apply(&def.policy.compensation)
-                        .validate(&format!("checkout.policies.{step}.compensation"))
-                })
-                .map_err(|e| Error::Invalid(e.0))?;
-        }
+        sagas::stepwise::validate_overrides::<sagas::checkout::Checkout>(&self.checkout.policies)
+            .map_err(|e| Error::Invalid(format!("checkout.policies: {e}")))?;
         sagas::checkout::check_hold(
             self.checkout.reservation_hold_seconds,
             &self.checkout.policies,
@@ -319,7 +297,7 @@ mod tests {
         )]))
         .unwrap_err()
         .to_string();
-        assert!(e.contains("no such step"), "{e}");
+        assert!(e.contains("unknown step"), "{e}");
         let e = Settings::load_from(env(&[(
             "SAGA_CHECKOUT__POLICIES__CHARGE_PAYMENT__FORWARD__MAX_ATTEMPTS",
             "0",

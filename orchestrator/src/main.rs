@@ -77,7 +77,7 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let app = Application::build(settings).await?;
+            let app = Application::build(settings, sagas::shop_types()).await?;
             let shutdown = CancellationToken::new();
             cancel_on_signal(shutdown.clone());
             app.run_until_stopped(shutdown).await
@@ -99,6 +99,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 settings.nats.replicas,
                 orchestrator::config::ms(settings.replies.ack_wait_ms),
                 settings.replies.max_deliver,
+                sagas::shop_types().services(),
             );
             for stream in topology.streams() {
                 match js.delete_stream(&stream.name).await {

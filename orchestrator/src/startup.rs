@@ -33,7 +33,12 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+    /// Build an orchestrator that runs the saga types of `registry` (the shop's:
+    /// [`sagas::shop_types`]).
+    pub async fn build(
+        settings: Settings,
+        registry: sagas::api::Registry,
+    ) -> anyhow::Result<Application> {
         let settings = Arc::new(settings);
         let pool = runtime::db::connect(&settings.database, "saga-orchestrator").await?;
         let (_client, js) = runtime::nats::connect(&settings.nats.url, "orchestrator")
@@ -44,6 +49,7 @@ impl Application {
             settings.nats.replicas,
             config::ms(settings.replies.ack_wait_ms),
             settings.replies.max_deliver,
+            registry.services(),
         );
         // Right after a NATS restart the connection may be up before JetStream answers: retry
         // for a while, as for the connection itself, rather than exit.
@@ -61,7 +67,7 @@ impl Application {
             .context("cannot declare the JetStream streams and consumers (is JetStream enabled?)")?;
         let metrics = Metrics::new();
         let breakers = Arc::new(Breakers::new(
-            &Breakers::steps(),
+            &registry.steps(),
             &settings.breakers,
             metrics.clone(),
         ));
@@ -73,6 +79,7 @@ impl Application {
         );
         let (engine, shards) = Engine::spawn(
             pool.clone(),
+            registry.clone(),
             settings.subjects(),
             relay_handle,
             breakers.clone(),
@@ -97,6 +104,7 @@ impl Application {
             port,
             state: AppState {
                 engine,
+                registry: Arc::new(registry),
                 pool,
                 js,
                 topology,

@@ -7,7 +7,7 @@
 //! is harmless, because the machine fences timers by step and attempt.
 
 use futures::future::join_all;
-use sagas::api::{Input, Timer};
+use sagas::api::{FiredTimer as Due, Input};
 use sagas::wire::SagaId;
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
@@ -84,11 +84,18 @@ impl TimerLoop {
             let key: String = row.get(1);
             let fire_at = row.get(2);
             let timer: serde_json::Value = row.get(3);
-            match serde_json::from_value::<Timer>(timer) {
-                Ok(timer) => Some((saga, timer, FiredTimer { key, fire_at })),
-                Err(e) => {
+            match timer {
+                serde_json::Value::Object(payload) => Some((
+                    saga,
+                    Due {
+                        name: key.clone(),
+                        payload,
+                    },
+                    FiredTimer { key, fire_at },
+                )),
+                other => {
                     // Left leased: it comes back after the lease, and the error is logged again.
-                    tracing::error!(saga_id = %saga, key, error = %e, "stored timer cannot be read");
+                    tracing::error!(saga_id = %saga, key, timer = %other, "stored timer is not an object");
                     None
                 }
             }

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
-use sagas::wire::{Service, Subjects, consumers};
+use sagas::wire::{Subjects, consumers};
 
 /// Roles of the streams, used in their names (`<PREFIX>_<ROLE>`).
 pub mod streams {
@@ -18,6 +18,7 @@ pub mod streams {
     pub const REPLIES: &str = "REPLIES";
     pub const EVENTS: &str = "EVENTS";
     pub const DEAD_LETTERS: &str = "DEAD_LETTERS";
+    pub const SIGNALS: &str = "SIGNALS";
 }
 
 /// JetStream drops a repeated `Nats-Msg-Id` within this window: a command republished by the
@@ -49,6 +50,8 @@ pub struct Topology {
     replicas: usize,
     reply_ack_wait: Duration,
     reply_max_deliver: i64,
+    /// The worker pools of the registered saga types: a command consumer each.
+    services: Vec<&'static str>,
 }
 
 impl Topology {
@@ -57,12 +60,14 @@ impl Topology {
         replicas: usize,
         reply_ack_wait: Duration,
         reply_max_deliver: i64,
+        services: Vec<&'static str>,
     ) -> Self {
         Self {
             subjects,
             replicas,
             reply_ack_wait,
             reply_max_deliver,
+            services,
         }
     }
 
@@ -112,6 +117,8 @@ impl Topology {
             self.stream(streams::EVENTS, s.events(), Limits, 7 * DAY),
             // Messages that could not be processed, with the reason, for an operator.
             self.stream(streams::DEAD_LETTERS, s.dead_letters(), Limits, 30 * DAY),
+            // Signals for sagas, from services: gone once an orchestrator applied them.
+            self.stream(streams::SIGNALS, s.signals(), WorkQueue, 7 * DAY),
         ]
     }
 
@@ -143,7 +150,7 @@ impl Topology {
     pub fn consumers(&self) -> Vec<(&'static str, pull::Config)> {
         let s = &self.subjects;
         let mut all = Vec::new();
-        for service in Service::ALL {
+        for service in &self.services {
             all.push((
                 streams::COMMANDS,
                 self.consumer(
@@ -154,6 +161,15 @@ impl Topology {
                 ),
             ));
         }
+        all.push((
+            streams::SIGNALS,
+            self.consumer(
+                consumers::SIGNALS,
+                s.signals(),
+                self.reply_ack_wait,
+                self.reply_max_deliver,
+            ),
+        ));
         all.push((
             streams::REPLIES,
             self.consumer(

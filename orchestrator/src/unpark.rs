@@ -66,7 +66,7 @@ impl Unparker {
         self.breakers.set_forced(load_overrides(&self.pool).await?);
         let blocked = self.breakers.blocked();
         let mut resumed = 0;
-        for step in Breakers::steps() {
+        for step in self.breakers.steps() {
             if !blocked.contains(step) {
                 loop {
                     let ids = self.parked(step, BATCH).await?;

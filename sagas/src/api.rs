@@ -3,12 +3,14 @@
 //! The engine knows saga types only through [`SagaType`] and instances only through [`Saga`]: it
 //! starts or restores an instance, feeds it one [`Input`] at a time with the current time, and
 //! carries out the [`Effect`]s that come back (after committing them). A new saga type plugs in
-//! by implementing these two traits and being listed in [`crate::types`]; the engine does not
-//! change.
+//! by implementing these two traits and being registered ([`Registry`]); the engine does not
+//! change. Nothing here names a particular saga type, step, timer or service.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{Command, Event, Phase, Reply, SagaId, Timestamp};
+use crate::wire::{Command, Event, Reply, SagaId, Signal, Timestamp};
 
 /// One thing that happened to a saga.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -17,7 +19,9 @@ pub enum Input {
     /// A worker answered a command.
     Reply(Reply),
     /// A durable timer came due.
-    TimerFired(Timer),
+    TimerFired(FiredTimer),
+    /// Something happened in the world that the saga may be waiting for.
+    Signal(Signal),
     /// A client or an operator asked to stop the saga and undo what it did.
     Cancel { reason: String },
     /// The circuit breaker of a step lets calls through again: a saga parked on it goes on.
@@ -38,43 +42,50 @@ impl Input {
                 } => "step_failed_permanent",
             },
             Input::TimerFired(_) => "timer_fired",
+            Input::Signal(_) => "signal",
             Input::Cancel { .. } => "cancel_requested",
             Input::Resume { .. } => "resumed",
         }
     }
 }
 
-/// The closed set of durable timers. Each is stored as a row keyed by the saga and [`Timer::key`]:
-/// setting a timer with the same key replaces the previous one.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "timer", rename_all = "snake_case")]
-pub enum Timer {
-    /// The start-to-close deadline of one attempt: when it fires before the reply arrives, the
-    /// attempt counts as failed (timed out).
-    StepDeadline {
-        step: String,
-        phase: Phase,
-        attempt: u32,
-        /// Which dispatch of the attempt this deadline is for (0 for the first).
-        #[serde(default)]
-        dispatch: u32,
-    },
-    /// The backoff between two attempts: when it fires, the next attempt is dispatched.
-    StepRetry {
-        step: String,
-        phase: Phase,
-        attempt: u32,
-    },
+/// A durable timer as it comes due: its name and what the saga stored with it. The engine
+/// never looks inside.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FiredTimer {
+    /// The timer's name; one saga holds at most one timer of a name. (Timers set before they
+    /// had names were all the one named `step`.)
+    #[serde(default = "step_timer")]
+    pub name: String,
+    /// What the saga set it with.
+    #[serde(flatten)]
+    pub payload: serde_json::Map<String, serde_json::Value>,
 }
 
-impl Timer {
-    /// The slot this timer occupies. A step-by-step saga waits on at most one thing at a time,
-    /// so its deadline and retry timers share one slot.
-    pub fn key(&self) -> &'static str {
-        match self {
-            Timer::StepDeadline { .. } | Timer::StepRetry { .. } => "step",
-        }
-    }
+fn step_timer() -> String {
+    "step".to_owned()
+}
+
+/// One row of a saga type's read model, written by the commit that writes the saga: a JSON
+/// object of the table's columns (see [`ProjectionTable`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProjectionRow {
+    pub table: &'static str,
+    pub row: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A table a saga type projects its sagas into: typed rows that other processes read (the
+/// checkout's orders, which the workers check commands against), so that a saga's snapshot is
+/// never a contract between processes. The table is made by a migration; it has a `saga_id`
+/// column; each row written replaces the one with the same key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProjectionTable {
+    /// Schema-qualified, e.g. `orders.orders`.
+    pub table: &'static str,
+    /// The columns of its primary key.
+    pub key: &'static [&'static str],
+    /// Every column, the key's included.
+    pub columns: &'static [&'static str],
 }
 
 /// What the engine must do after committing a transition. Plain data; nothing here has happened
@@ -84,12 +95,20 @@ impl Timer {
 pub enum Effect {
     /// Publish this command to its worker pool (through the outbox).
     Dispatch(Command),
-    /// Arm a durable timer, replacing any timer with the same key.
-    SetTimer { timer: Timer, at: Timestamp },
-    /// Disarm the timer with this key.
-    CancelTimer { key: String },
+    /// Arm the durable timer `name`, replacing any timer of that name; `payload` comes back
+    /// with it when it fires.
+    SetTimer {
+        name: String,
+        at: Timestamp,
+        payload: serde_json::Map<String, serde_json::Value>,
+    },
+    /// Disarm the timer `name`.
+    CancelTimer { name: String },
     /// Publish this domain event (through the outbox).
     Emit(Event),
+    /// What the input says about the health of a step's downstream, for its circuit breaker:
+    /// `ok` unless the service failed retryably or did not answer in time.
+    Health { step: String, ok: bool },
 }
 
 /// Where a saga stands, as the engine and the API see it.
@@ -199,9 +218,14 @@ pub trait Saga: Send + Sync + std::fmt::Debug {
     fn snapshot_json(&self) -> String {
         self.snapshot().to_string()
     }
-    /// The business entity the saga runs for (an order id), if its type has one.
+    /// The business entity the saga runs for (an order id), if its type has one: a signal can
+    /// name the saga by it.
     fn subject(&self) -> Option<String> {
         None
+    }
+    /// The rows of its type's read model as the saga stands now (written when they change).
+    fn projection(&self) -> Vec<ProjectionRow> {
+        Vec::new()
     }
     fn status(&self) -> Status;
     /// The name of the current leaf state, for the API and the dashboard.
@@ -215,12 +239,25 @@ impl Clone for Box<dyn Saga> {
     }
 }
 
+/// A step of a saga type, as the engine and the operators see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepInfo {
+    pub name: &'static str,
+    /// The worker pool its commands go to; `None` for a step that only awaits a signal.
+    pub service: Option<&'static str>,
+}
+
 /// A kind of saga (checkout, fulfilment, ...).
 pub trait SagaType: Send + Sync + 'static {
     /// Stored in the `type` column; never rename one.
     fn name(&self) -> &'static str;
-    /// The steps its instances dispatch commands to: the engine keeps a circuit breaker per step.
-    fn steps(&self) -> Vec<&'static str>;
+    /// Its steps: the engine keeps a circuit breaker per step, the orchestrator a command
+    /// consumer per service.
+    fn steps(&self) -> Vec<StepInfo>;
+    /// The tables of its read model.
+    fn projections(&self) -> &'static [ProjectionTable] {
+        &[]
+    }
     /// Start a new instance from its start request. The effects are those of entering the first
     /// step.
     fn start(
@@ -231,4 +268,70 @@ pub trait SagaType: Send + Sync + 'static {
     ) -> Result<(Box<dyn Saga>, Vec<Effect>), Error>;
     /// Rebuild an instance from a snapshot written by [`Saga::snapshot`].
     fn restore(&self, snapshot: &serde_json::Value) -> Result<Box<dyn Saga>, Error>;
+}
+
+/// The saga types a process runs, by name. Binaries build one from the types they serve: the
+/// shop's orchestrator registers the shop's ([`crate::shop_types`]); another deployment (or a
+/// test) registers its own beside or instead of them, and nothing else changes.
+#[derive(Clone, Default)]
+pub struct Registry {
+    types: BTreeMap<&'static str, &'static dyn SagaType>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a saga type. Two types of one name are a programming error.
+    pub fn with(mut self, t: &'static dyn SagaType) -> Self {
+        assert!(
+            self.types.insert(t.name(), t).is_none(),
+            "saga type {} registered twice",
+            t.name()
+        );
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&'static dyn SagaType> {
+        self.types.get(name).copied()
+    }
+
+    pub fn types(&self) -> impl Iterator<Item = &'static dyn SagaType> + '_ {
+        self.types.values().copied()
+    }
+
+    /// Every step of every type (a step name shared by several types is one breaker: one
+    /// downstream).
+    pub fn steps(&self) -> Vec<&'static str> {
+        let mut steps: Vec<&'static str> = self
+            .types()
+            .flat_map(|t| t.steps().into_iter().map(|s| s.name))
+            .collect();
+        steps.sort_unstable();
+        steps.dedup();
+        steps
+    }
+
+    /// Every worker pool the registered types send commands to.
+    pub fn services(&self) -> Vec<&'static str> {
+        let mut services: Vec<&'static str> = self
+            .types()
+            .flat_map(|t| t.steps().into_iter().filter_map(|s| s.service))
+            .collect();
+        services.sort_unstable();
+        services.dedup();
+        services
+    }
+
+    /// Every read-model table of the registered types.
+    pub fn projections(&self) -> Vec<ProjectionTable> {
+        let mut tables: Vec<ProjectionTable> = self
+            .types()
+            .flat_map(|t| t.projections().iter().copied())
+            .collect();
+        tables.sort_by_key(|t| t.table);
+        tables.dedup();
+        tables
+    }
 }

@@ -18,12 +18,14 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::api::{ProjectionRow, ProjectionTable, Status};
 use crate::policy::{Backoff, Policy, StepPolicy};
-use crate::stepwise::{self, Definition, End, StepDef, StepKind};
-use crate::wire::{
-    Action, Address, CommandBody, Currency, Customer, CustomerRef, DomainEvent, Invalid, Line,
-    Money, OrderId, Phase, SagaId, StepOutput, Timestamp,
+use crate::shop::{
+    Address, Currency, Customer, CustomerRef, Line, Money, OrderId, ids, inventory, order, payment,
+    shipping,
 };
+use crate::stepwise::{self, Definition, Emit, End, StepDef, StepKind};
+use crate::wire::{Body, Invalid, Phase, SagaId, Timestamp};
 
 /// The name stored in `sagas.type`.
 pub const NAME: &str = "checkout";
@@ -71,8 +73,10 @@ static STEPS: [StepDef; 4] = [
     StepDef {
         name: "reserve_stock",
         kind: StepKind::Compensatable,
-        action: Action::ReserveStock,
-        compensation: Some(Action::ReleaseStock),
+        service: Some(inventory::SERVICE),
+        action: Some("reserve_stock"),
+        compensation: Some("release_stock"),
+        awaits: None,
         policy: StepPolicy {
             forward: forward(10_000),
             compensation: COMPENSATION,
@@ -81,8 +85,10 @@ static STEPS: [StepDef; 4] = [
     StepDef {
         name: "charge_payment",
         kind: StepKind::Compensatable,
-        action: Action::ChargePayment,
-        compensation: Some(Action::RefundPayment),
+        service: Some(payment::SERVICE),
+        action: Some("charge_payment"),
+        compensation: Some("refund_payment"),
+        awaits: None,
         policy: StepPolicy {
             forward: forward(15_000),
             compensation: COMPENSATION,
@@ -91,8 +97,10 @@ static STEPS: [StepDef; 4] = [
     StepDef {
         name: "create_shipment",
         kind: StepKind::Compensatable,
-        action: Action::CreateShipment,
-        compensation: Some(Action::CancelShipment),
+        service: Some(shipping::SERVICE),
+        action: Some("create_shipment"),
+        compensation: Some("cancel_shipment"),
+        awaits: None,
         policy: StepPolicy {
             forward: forward(10_000),
             compensation: COMPENSATION,
@@ -105,8 +113,10 @@ static STEPS: [StepDef; 4] = [
     StepDef {
         name: "commit_stock",
         kind: StepKind::Pivot,
-        action: Action::CommitStock,
+        service: Some(inventory::SERVICE),
+        action: Some("commit_stock"),
         compensation: None,
+        awaits: None,
         policy: StepPolicy {
             forward: Policy {
                 max_attempts: 6,
@@ -175,6 +185,7 @@ pub struct Checkout;
 
 impl Definition for Checkout {
     const NAME: &'static str = NAME;
+    const PROJECTIONS: &'static [ProjectionTable] = &[ORDERS, ORDER_LINES];
     type Data = Order;
     type Start = Start;
 
@@ -221,42 +232,46 @@ impl Definition for Checkout {
         })
     }
 
-    fn command(order: &Order, step: &StepDef, phase: Phase) -> CommandBody {
+    fn command(order: &Order, saga: SagaId, step: &StepDef, phase: Phase) -> Body {
         let order_id = order.order_id;
-        let action = match phase {
-            Phase::Forward => step.action,
-            Phase::Compensation => step
-                .compensation
-                .expect("only compensatable steps are compensated"),
-        };
-        match action {
-            Action::ReserveStock => CommandBody::ReserveStock {
+        match (step.name, phase) {
+            ("reserve_stock", Phase::Forward) => Body::of(&inventory::Command::ReserveStock {
                 order_id,
                 lines: order.lines(),
                 hold_seconds: order.reservation_hold_seconds,
-            },
-            Action::ReleaseStock => CommandBody::ReleaseStock { order_id },
-            Action::CommitStock => CommandBody::CommitStock { order_id },
-            Action::ChargePayment => CommandBody::ChargePayment {
+            }),
+            ("reserve_stock", Phase::Compensation) => Body::of(&inventory::Command::ReleaseStock {
+                order_id,
+                reservation_id: Some(ids::reservation(saga, step.name)),
+            }),
+            ("charge_payment", Phase::Forward) => Body::of(&payment::Command::ChargePayment {
                 order_id,
                 customer_id: order.customer.id.clone(),
                 amount: order.total.clone(),
-            },
-            Action::RefundPayment => CommandBody::RefundPayment {
+            }),
+            ("charge_payment", Phase::Compensation) => Body::of(&payment::Command::RefundPayment {
                 order_id,
                 amount: order.total.clone(),
-            },
-            Action::CreateShipment => CommandBody::CreateShipment {
+                charge_id: Some(ids::charge(saga, step.name)),
+            }),
+            ("create_shipment", Phase::Forward) => Body::of(&shipping::Command::CreateShipment {
                 order_id,
                 lines: order.lines(),
-            },
-            Action::CancelShipment => CommandBody::CancelShipment { order_id },
+            }),
+            ("create_shipment", Phase::Compensation) => {
+                Body::of(&shipping::Command::CancelShipment {
+                    order_id,
+                    shipment_id: Some(ids::shipment(saga, step.name)),
+                })
+            }
+            ("commit_stock", _) => Body::of(&inventory::Command::CommitStock { order_id }),
+            (other, phase) => unreachable!("the checkout has no {} of {other}", phase.as_str()),
         }
     }
 
-    fn record(order: &mut Order, _step: &StepDef, output: &StepOutput) {
-        if let StepOutput::StockReserved { expires_at } = output {
-            order.reservation_expires_at = Some(*expires_at);
+    fn record(order: &mut Order, _step: &StepDef, output: &Body) {
+        if let Ok(inventory::Output::StockReserved { expires_at, .. }) = output.decode() {
+            order.reservation_expires_at = Some(expires_at);
         }
     }
 
@@ -291,32 +306,124 @@ impl Definition for Checkout {
         Some(order.order_id.to_string())
     }
 
-    fn on_end(order: &Order, saga: SagaId, end: End<'_>) -> Vec<DomainEvent> {
-        vec![match end {
-            End::Completed => DomainEvent::OrderConfirmed {
+    fn on_end(order: &Order, saga: SagaId, end: End<'_>) -> Vec<Emit> {
+        let customer = CustomerRef::from(&order.customer);
+        let event = match end {
+            End::Completed => order::Event::OrderConfirmed {
                 order_id: order.order_id,
                 saga_id: saga,
-                customer: CustomerRef::from(&order.customer),
+                customer,
                 lines: order.lines(),
                 total: order.total.clone(),
             },
-            End::Compensated { reason } => DomainEvent::OrderCancelled {
+            End::Compensated { reason } => order::Event::OrderCancelled {
                 order_id: order.order_id,
                 saga_id: saga,
-                customer: CustomerRef::from(&order.customer),
+                customer,
                 reason: reason.to_owned(),
                 needs_operator: false,
             },
-            End::Failed { reason } => DomainEvent::OrderCancelled {
+            End::Failed { reason } => order::Event::OrderCancelled {
                 order_id: order.order_id,
                 saga_id: saga,
-                customer: CustomerRef::from(&order.customer),
+                customer,
                 reason: reason.to_owned(),
                 needs_operator: true,
             },
+        };
+        let mut body = Body::of(&event);
+        body.0.remove("type");
+        vec![Emit {
+            source: order::SOURCE,
+            name: event.name(),
+            body,
         }]
     }
+
+    /// The order, as the workers check commands against it and the notification service
+    /// writes to its customer: one row per order, and its lines.
+    fn project(
+        order: &Order,
+        saga: SagaId,
+        status: Status,
+        started_at: Timestamp,
+    ) -> Vec<ProjectionRow> {
+        let status = match status {
+            Status::Completed => "confirmed",
+            Status::Compensated => "cancelled",
+            Status::Failed => "needs_attention",
+            Status::Running | Status::Parked | Status::Compensating => "pending",
+        };
+        let row = |table: &'static str, v: serde_json::Value| ProjectionRow {
+            table,
+            row: match v {
+                serde_json::Value::Object(map) => map,
+                _ => unreachable!("a row is an object"),
+            },
+        };
+        let mut rows = vec![row(
+            ORDERS.table,
+            serde_json::json!({
+                "id": order.order_id,
+                "saga_id": saga,
+                "customer_id": order.customer.id,
+                "customer_email": order.customer.email,
+                "status": status,
+                "total_minor": order.total.minor,
+                "currency": order.total.currency,
+                "shipping_address": order.shipping_address,
+                "payment_token_hint": order.payment_token_hint,
+                "created_at": started_at,
+            }),
+        )];
+        rows.extend(order.lines.iter().enumerate().map(|(i, l)| {
+            row(
+                ORDER_LINES.table,
+                serde_json::json!({
+                    "order_id": order.order_id,
+                    "line_no": i + 1,
+                    "saga_id": saga,
+                    "sku": l.line.sku,
+                    "quantity": l.line.quantity,
+                    "unit_price_minor": l.unit_price.minor,
+                }),
+            )
+        }));
+        rows
+    }
 }
+
+/// The checkout's read model: its orders (migration 0013).
+pub const ORDERS: ProjectionTable = ProjectionTable {
+    table: "orders.orders",
+    key: &["id"],
+    columns: &[
+        "id",
+        "saga_id",
+        "customer_id",
+        "customer_email",
+        "status",
+        "total_minor",
+        "currency",
+        "shipping_address",
+        "payment_token_hint",
+        "created_at",
+    ],
+};
+
+/// The lines of the checkout's orders.
+pub const ORDER_LINES: ProjectionTable = ProjectionTable {
+    table: "orders.order_lines",
+    key: &["order_id", "line_no"],
+    columns: &[
+        "order_id",
+        "line_no",
+        "saga_id",
+        "sku",
+        "quantity",
+        "unit_price_minor",
+    ],
+};
 
 /// The renewal's slack beyond a step's time in flight: a quarter of the hold, from one second
 /// to a minute.

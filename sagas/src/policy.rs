@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::wire::Invalid;
 
-/// The longest deadline or backoff delay a policy may have.
-const DAY_MS: u64 = 86_400_000;
+/// The longest deadline or backoff delay a policy may have: thirty days (a step may wait on a
+/// party that answers in days).
+const MAX_MS: u64 = 30 * 86_400_000;
 
 /// Exponential backoff between attempts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,9 +60,9 @@ impl Backoff {
     }
 
     fn validate(&self, what: &str) -> Result<(), Invalid> {
-        if self.initial_ms == 0 || self.max_ms < self.initial_ms || self.max_ms > DAY_MS {
+        if self.initial_ms == 0 || self.max_ms < self.initial_ms || self.max_ms > MAX_MS {
             return Err(Invalid(format!(
-                "{what}: backoff needs 0 < initial_ms <= max_ms <= one day ({DAY_MS}), got {} and {}",
+                "{what}: backoff needs 0 < initial_ms <= max_ms <= thirty days ({MAX_MS}), got {} and {}",
                 self.initial_ms, self.max_ms
             )));
         }
@@ -130,9 +131,9 @@ impl Policy {
                 self.redispatches
             )));
         }
-        if self.deadline_ms < 10 || self.deadline_ms > DAY_MS {
+        if self.deadline_ms < 10 || self.deadline_ms > MAX_MS {
             return Err(Invalid(format!(
-                "{what}: deadline_ms must be between 10 ms and one day, got {}",
+                "{what}: deadline_ms must be between 10 ms and thirty days, got {}",
                 self.deadline_ms
             )));
         }
@@ -179,7 +180,7 @@ impl PolicyOverride {
     }
 }
 
-/// Overrides of one step, forward and compensation.
+/// Overrides of one step, forward and compensation, and the SLA of the signal it awaits.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepPolicyOverride {
@@ -187,6 +188,9 @@ pub struct StepPolicyOverride {
     pub forward: PolicyOverride,
     #[serde(default)]
     pub compensation: PolicyOverride,
+    /// How long the step waits for its signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla_ms: Option<u64>,
 }
 
 /// A stable 64-bit seed from arbitrary parts (FNV-1a), for the jitter of one attempt.
@@ -258,7 +262,7 @@ mod tests {
         p.backoff.factor = 0.5;
         assert!(p.validate("x").is_err());
         p.backoff.factor = 2.0;
-        p.backoff.max_ms = 86_400_001;
+        p.backoff.max_ms = 30 * 86_400_000 + 1;
         assert!(p.validate("x").is_err());
     }
 

@@ -1,27 +1,41 @@
 //! A saga that runs a fixed sequence of steps, one at a time, and undoes the finished ones in
 //! reverse when a step fails for good: the statig machine every step-by-step saga shares.
 //!
-//! A saga type is a [`Definition`]: its steps (each with a [`StepKind`], a forward action, an
-//! optional compensating action and a default [`StepPolicy`]), the data it carries, how that data
-//! becomes commands, and the domain events it emits when it ends. The machine does the rest:
+//! A saga type is a [`Definition`]: its steps (each with a [`StepKind`], the service its
+//! commands go to, a forward and an optional compensating action, an optional signal it awaits,
+//! and a default [`StepPolicy`]), the data it carries, how that data becomes commands, read-model
+//! rows and domain events. The machine does the rest:
 //!
 //! ```text
-//!             ┌──────────── forward ────────────┐     ┌────────── unwinding ───────────┐
-//!  start ──▶  │ running(step, attempt) ◀──┐     │     │ compensating(step, attempt) ◀┐ │
-//!             │     │ retryable failure │     │ ──▶ │     │ retryable failure      │ │
-//!             │     ▼ or deadline       │     │     │     ▼ or deadline            │ │
-//!             │ retrying(step, attempt) ┘     │     │ compensation_retrying ───────┘ │
-//!             └───────────────────────────────┘     └────────────────────────────────┘
+//!             ┌──────────────── forward ────────────────┐     ┌────────── unwinding ───────────┐
+//!  start ──▶  │ running(step, attempt) ◀──┐             │     │ compensating(step, attempt) ◀┐ │
+//!             │     │ retryable failure │             │ ──▶ │     │ retryable failure      │ │
+//!             │     ▼ or deadline       │             │     │     ▼ or deadline            │ │
+//!             │ retrying(step, attempt) ┘             │     │ compensation_retrying ───────┘ │
+//!             │     │ success, the signal still due   │     └────────────────────────────────┘
+//!             │     ▼                                 │
+//!             │ awaiting(step) ── signal ─▶ next step │
+//!             └───────────────────────────────────────┘
 //!                   │ last step succeeded                 │ all undone     │ gave up
 //!                   ▼                                     ▼                ▼
 //!               completed                            compensated         failed
 //! ```
 //!
-//! A permanent failure, exhausted attempts or a cancel move the saga from `forward` to
-//! `unwinding`. The step whose outcome is unknown (it timed out, or was in flight when the
-//! cancel came) is compensated too: compensations are idempotent and leave a tombstone, so a
-//! late command for that step finds it and does nothing. A step that answered a *permanent*
-//! failure did nothing, so it is not compensated.
+//! A permanent failure, exhausted attempts, a signal that reports a failure, an expired SLA or a
+//! cancel move the saga from `forward` to `unwinding`. The step whose outcome is unknown (it
+//! timed out, or was in flight when the cancel came) is compensated too: compensations are
+//! idempotent and leave a tombstone, so a late command for that step finds it and does nothing.
+//! A step that answered a *permanent* failure did nothing, so it is not compensated.
+//!
+//! **Signals.** A step may await a signal (something that happens in the world: a carrier's
+//! scan), alone or after its command succeeded, under an SLA: a named timer armed when the step
+//! starts, beside the step's deadline. A signal is applied when the current step awaits it; one
+//! a later step awaits is buffered when that step says so; any other is recorded and ignored. A
+//! signal whose id was seen before changes nothing (it is ignored, like a stale reply).
+//!
+//! **Timers** are named: `step` (the deadline of the attempt in flight, or the backoff before the
+//! next one) and `sla:<step>`. Their payload is this module's [`StepTimer`]; the engine never
+//! looks inside.
 //!
 //! Handlers do no IO: they push [`Effect`]s into the [`Ctx`] passed as statig's context. There
 //! are no entry or exit actions, so restoring a machine from its snapshot re-runs nothing.
@@ -35,11 +49,13 @@ use serde::{Deserialize, Serialize};
 use statig::blocking::StateMachine;
 use statig::prelude::*;
 
-use crate::api::{self, Effect, Env, Input, Status, Timer, Verdict};
+use crate::api::{
+    self, Effect, Env, FiredTimer, Input, ProjectionRow, ProjectionTable, Status, StepInfo, Verdict,
+};
 use crate::policy::{self, Policy, StepPolicy, StepPolicyOverride};
 use crate::wire::{
-    Action, Command, CommandBody, CommandId, DomainEvent, Event, EventId, Invalid, Phase, Reply,
-    ReplyOutcome, SagaId, StepOutput, Timestamp,
+    Body, Command, CommandId, Event, EventId, Invalid, Phase, Reply, ReplyOutcome, SCHEMA_VERSION,
+    SagaId, Signal, SignalId, Timestamp,
 };
 
 /// The role a step plays in the saga, after Garcia-Molina's sagas and their later
@@ -57,15 +73,34 @@ pub enum StepKind {
     RetriableOnly,
 }
 
+/// A signal a step waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Await {
+    /// The signal's name.
+    pub signal: &'static str,
+    /// How long the step waits for it, from the moment the step starts; then the step fails
+    /// (`sla_expired`). A saga's policies may override it (`sla_ms`).
+    pub sla_ms: u64,
+    /// Whether the signal is kept when it arrives before the step starts (a carrier that scans
+    /// a parcel before the hand-over's reply came back), instead of being ignored.
+    pub buffer: bool,
+}
+
 /// One step of a definition.
 #[derive(Clone, Debug)]
 pub struct StepDef {
     /// Stable name, used in commands, replies, timers, policies and the API.
     pub name: &'static str,
     pub kind: StepKind,
-    pub action: Action,
-    /// Required for [`StepKind::Compensatable`], absent for the others.
-    pub compensation: Option<Action>,
+    /// The worker pool its commands go to; `None` for a step that only awaits a signal.
+    pub service: Option<&'static str>,
+    /// The forward action (for the API and the checks; the command itself comes from
+    /// [`Definition::command`]).
+    pub action: Option<&'static str>,
+    /// The compensating action: required for [`StepKind::Compensatable`], absent for the others.
+    pub compensation: Option<&'static str>,
+    /// The signal the step waits for, if any (after its command succeeded, when it has one).
+    pub awaits: Option<Await>,
     pub policy: StepPolicy,
 }
 
@@ -77,11 +112,30 @@ pub enum End<'a> {
     Failed { reason: &'a str },
 }
 
+/// A domain event as a definition emits it; the machine gives it its id and time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Emit {
+    /// The service it belongs to, e.g. `order`.
+    pub source: &'static str,
+    /// Its type, e.g. `OrderConfirmed`.
+    pub name: &'static str,
+    pub body: Body,
+}
+
+/// Why a signal makes its step fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignalFailure {
+    pub code: String,
+    pub reason: String,
+}
+
 /// A step-by-step saga type. Implemented by a marker type; the `Clone + Debug + PartialEq`
 /// bounds only let the machine's storage derive those traits.
 pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized {
     /// Stored as the saga's type; never rename.
     const NAME: &'static str;
+    /// The tables of its read model ([`Definition::project`] writes their rows).
+    const PROJECTIONS: &'static [ProjectionTable] = &[];
     /// What the saga carries from its start to its end.
     type Data: Clone + Debug + PartialEq + Serialize + DeserializeOwned + Send + Sync;
     /// The start request as the engine receives it (JSON).
@@ -89,10 +143,19 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
 
     fn steps() -> &'static [StepDef];
     fn init(start: Self::Start) -> Result<Self::Data, Invalid>;
-    /// The command body of `step` in `phase`.
-    fn command(data: &Self::Data, step: &StepDef, phase: Phase) -> CommandBody;
+    /// The command body (an object with its `action`) of `step` in `phase`, for `saga`.
+    fn command(data: &Self::Data, saga: SagaId, step: &StepDef, phase: Phase) -> Body;
     /// Keep what a finished step handed back, if the definition needs it later.
-    fn record(_data: &mut Self::Data, _step: &StepDef, _output: &StepOutput) {}
+    fn record(_data: &mut Self::Data, _step: &StepDef, _output: &Body) {}
+    /// A signal the current step awaits has come: keep what it says, or say why it makes the
+    /// step fail (a carrier reporting a lost parcel).
+    fn on_signal(
+        _data: &mut Self::Data,
+        _step: &StepDef,
+        _signal: &Signal,
+    ) -> Result<(), SignalFailure> {
+        Ok(())
+    }
     /// Before an attempt of step `next` is dispatched: `Some(earlier)` to do an earlier,
     /// finished step again first (for a checkout, to renew a stock reservation that could run
     /// out while the attempt is in flight). `in_flight` is how long the attempt may take at
@@ -106,13 +169,25 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
         None
     }
     /// The domain events to publish when the saga ends.
-    fn on_end(data: &Self::Data, saga: SagaId, end: End<'_>) -> Vec<DomainEvent>;
+    fn on_end(data: &Self::Data, saga: SagaId, end: End<'_>) -> Vec<Emit>;
     /// The business entity the saga runs for (for a checkout, its order id): stored and
     /// indexed with the saga so it can be found by it.
     fn subject(_data: &Self::Data) -> Option<String> {
         None
     }
+    /// The saga's rows in the tables of [`Definition::PROJECTIONS`], as it stands now.
+    fn project(
+        _data: &Self::Data,
+        _saga: SagaId,
+        _status: Status,
+        _started_at: Timestamp,
+    ) -> Vec<ProjectionRow> {
+        Vec::new()
+    }
 }
+
+/// The longest SLA a step may wait for its signal: thirty days.
+const MAX_SLA_MS: u64 = 30 * 86_400_000;
 
 /// Checks the rules a definition must follow; run by each definition's tests.
 pub fn validate_definition(steps: &[StepDef]) -> Result<(), Invalid> {
@@ -123,6 +198,26 @@ pub fn validate_definition(steps: &[StepDef]) -> Result<(), Invalid> {
     for (i, s) in steps.iter().enumerate() {
         if steps[..i].iter().any(|o| o.name == s.name) {
             return Err(Invalid(format!("step {} is declared twice", s.name)));
+        }
+        if s.service.is_none() && (s.action.is_some() || s.compensation.is_some()) {
+            return Err(Invalid(format!(
+                "step {} has actions but no service to send them to",
+                s.name
+            )));
+        }
+        if s.action.is_none() && s.awaits.is_none() {
+            return Err(Invalid(format!(
+                "step {} neither sends a command nor awaits a signal",
+                s.name
+            )));
+        }
+        if let Some(a) = s.awaits
+            && !(1_000..=MAX_SLA_MS).contains(&a.sla_ms)
+        {
+            return Err(Invalid(format!(
+                "step {}: an SLA must be from 1 s to 30 days, got {} ms",
+                s.name, a.sla_ms
+            )));
         }
         match s.kind {
             StepKind::Compensatable if s.compensation.is_none() => {
@@ -172,11 +267,13 @@ pub enum StepStatus {
     Retrying,
     /// Waiting for the step's circuit breaker to close; the attempt is not spent.
     Parked,
+    /// Its command (if any) succeeded; waiting for the signal it awaits.
+    Awaiting,
     Succeeded,
     /// A worker answered a permanent failure: the effect did not and will not happen.
     Rejected,
-    /// Given up (attempts exhausted, or cancelled in flight) without knowing whether the effect
-    /// happened; it is compensated to be sure.
+    /// Given up (attempts exhausted, an SLA expired, a signal reported a failure, or cancelled
+    /// in flight) without knowing whether the effect happened; it is compensated to be sure.
     Abandoned,
     Compensating,
     CompensationRetrying,
@@ -196,7 +293,7 @@ pub struct StepError {
 }
 
 /// The history of one step.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     pub name: String,
     pub status: StepStatus,
@@ -208,8 +305,9 @@ pub struct StepRecord {
     pub compensation_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<StepError>,
+    /// What the step's command handed back (an object with a `kind`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<StepOutput>,
+    pub output: Option<Body>,
     /// How often the step was done again because the definition asked (e.g. a stock
     /// reservation renewed before it expired).
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -217,6 +315,9 @@ pub struct StepRecord {
     /// The first forward attempt of the current round; attempts are counted from here.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub round_start: u32,
+    /// When the signal the step awaits came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal_at: Option<Timestamp>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -241,7 +342,10 @@ impl StepRecord {
 
     fn needs_compensation(&self, def: &StepDef) -> bool {
         def.compensation.is_some()
-            && matches!(self.status, StepStatus::Succeeded | StepStatus::Abandoned)
+            && matches!(
+                self.status,
+                StepStatus::Succeeded | StepStatus::Abandoned | StepStatus::Awaiting
+            )
     }
 }
 
@@ -251,6 +355,79 @@ pub struct Failure {
     pub step: String,
     pub code: String,
     pub reason: String,
+}
+
+/// What became of a signal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalOutcome {
+    /// The current step awaited it.
+    Applied,
+    /// A later step awaits it: kept until that step starts.
+    Buffered,
+    /// Nothing awaited it.
+    Ignored,
+}
+
+/// A signal the saga received, and what became of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignalRecord {
+    pub id: SignalId,
+    pub name: String,
+    pub at: Timestamp,
+    pub outcome: SignalOutcome,
+}
+
+/// The payload of the durable timers of a step-by-step saga.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "timer", rename_all = "snake_case")]
+pub enum StepTimer {
+    /// The start-to-close deadline of one dispatch of an attempt: when it fires before the
+    /// reply arrives, the command is sent again, or (after `redispatches`) the attempt counts
+    /// as failed.
+    StepDeadline {
+        step: String,
+        phase: Phase,
+        attempt: u32,
+        #[serde(default)]
+        dispatch: u32,
+    },
+    /// The backoff between two attempts: when it fires, the next attempt is dispatched.
+    StepRetry {
+        step: String,
+        phase: Phase,
+        attempt: u32,
+    },
+    /// The SLA of the signal a step awaits: when it fires before the signal, the step fails.
+    Sla { step: String },
+}
+
+impl StepTimer {
+    /// The name of its slot: a step's deadline and retry share one, each SLA has its own.
+    pub fn name(&self) -> String {
+        match self {
+            StepTimer::StepDeadline { .. } | StepTimer::StepRetry { .. } => STEP_TIMER.to_owned(),
+            StepTimer::Sla { step } => sla_timer(step),
+        }
+    }
+
+    fn payload(&self) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(self).expect("timers serialize") {
+            serde_json::Value::Object(map) => map,
+            _ => unreachable!("a tagged enum serializes to an object"),
+        }
+    }
+
+    fn of(fired: &FiredTimer) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::Object(fired.payload.clone())).ok()
+    }
+}
+
+/// The timer slot of a step's deadline and retry.
+pub const STEP_TIMER: &str = "step";
+
+fn sla_timer(step: &str) -> String {
+    format!("sla:{step}")
 }
 
 /// The statig context: what the handlers know of the world, and where they put their effects.
@@ -274,6 +451,18 @@ impl Ctx {
 
     fn ignore(&mut self, why: impl Into<String>) {
         self.ignored = Some(why.into());
+    }
+
+    fn set_timer(&mut self, timer: StepTimer, at: Timestamp) {
+        self.effects.push(Effect::SetTimer {
+            name: timer.name(),
+            payload: timer.payload(),
+            at,
+        });
+    }
+
+    fn cancel_timer(&mut self, name: String) {
+        self.effects.push(Effect::CancelTimer { name });
     }
 
     fn verdict(self) -> Verdict {
@@ -309,6 +498,16 @@ pub struct Stepwise<D: Definition> {
     /// step it probes, or the breaker would never hear how that step is doing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub let_through: Option<String>,
+    /// Every signal received, in order, with what became of it (also how a signal sent twice
+    /// is told apart).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signals: Vec<SignalRecord>,
+    /// Signals a later step awaits, kept until it starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbox: Vec<Signal>,
+    /// The SLA timers armed now, by name, to disarm when the saga leaves their step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slas: Vec<String>,
     #[serde(skip)]
     marker: PhantomData<fn() -> D>,
 }
@@ -329,7 +528,7 @@ impl<D: Definition> Stepwise<D> {
         context: &mut Ctx,
         event: &Input,
     ) -> Outcome<State> {
-        self.awaiting(context, event, Phase::Forward, *step, *attempt, *dispatch)
+        self.awaiting_reply(context, event, Phase::Forward, *step, *attempt, *dispatch)
     }
 
     /// Waiting for the backoff timer before forward attempt `attempt`.
@@ -356,24 +555,44 @@ impl<D: Definition> Stepwise<D> {
         self.waiting_for_breaker(context, event, Phase::Forward, *step, *attempt)
     }
 
-    /// What the forward states share: a cancel turns the saga around, unless the pivot passed.
+    /// The step's command (if it has one) is done; its signal has not come yet.
+    #[state(superstate = "forward")]
+    fn awaiting(&mut self, step: &mut usize, context: &mut Ctx, event: &Input) -> Outcome<State> {
+        // The step is part of the state (where the saga is); what comes here is the same for
+        // every step.
+        let _ = step;
+        match event {
+            Input::Reply(_) => {
+                context.ignore("reply to a step that is done; waiting for its signal");
+                Handled
+            }
+            Input::Resume { .. } => {
+                context.ignore("not parked");
+                Handled
+            }
+            _ => Super,
+        }
+    }
+
+    /// What the forward states share: signals, SLAs and cancels. A cancel turns the saga
+    /// around, unless the pivot passed.
     #[superstate]
     fn forward(&mut self, step: &mut usize, context: &mut Ctx, event: &Input) -> Outcome<State> {
+        let step = *step;
         match event {
             Input::Cancel { .. } if self.past_pivot => {
                 context.ignore("the pivot step has succeeded; the saga can only complete");
                 Handled
             }
             Input::Cancel { reason } => {
-                let step = *step;
                 self.cancel_reason = Some(reason.clone());
                 // An attempt in flight, or one that timed out before the backoff, may still
                 // take effect: a step that was ever dispatched is undone to be sure.
-                if self.steps[step].attempts > 0 {
-                    self.steps[step].status = StepStatus::Abandoned;
+                self.steps[step].status = if self.steps[step].attempts > 0 {
+                    StepStatus::Abandoned
                 } else {
-                    self.steps[step].status = StepStatus::Pending;
-                }
+                    StepStatus::Pending
+                };
                 self.failure = Some(Failure {
                     step: self.name(step).to_owned(),
                     code: "cancelled".into(),
@@ -381,6 +600,26 @@ impl<D: Definition> Stepwise<D> {
                 });
                 self.compensate_next(context)
             }
+            Input::Signal(signal) => self.on_signal(context, step, signal),
+            Input::TimerFired(fired) => match StepTimer::of(fired) {
+                Some(StepTimer::Sla { step: s })
+                    if s == self.name(step) && self.slas.contains(&fired.name) =>
+                {
+                    self.slas.retain(|n| *n != fired.name);
+                    let sla = self.sla_ms(step).unwrap_or_default();
+                    let awaited = D::steps()[step].awaits.map_or("", |a| a.signal);
+                    self.step_failed(
+                        context,
+                        step,
+                        "sla_expired",
+                        &format!("no {awaited} within {sla} ms"),
+                    )
+                }
+                _ => {
+                    context.ignore("stale timer");
+                    Handled
+                }
+            },
             _ => {
                 context.ignore("not meaningful while running");
                 Handled
@@ -398,7 +637,7 @@ impl<D: Definition> Stepwise<D> {
         context: &mut Ctx,
         event: &Input,
     ) -> Outcome<State> {
-        self.awaiting(
+        self.awaiting_reply(
             context,
             event,
             Phase::Compensation,
@@ -432,11 +671,15 @@ impl<D: Definition> Stepwise<D> {
         self.waiting_for_breaker(context, event, Phase::Compensation, *step, *attempt)
     }
 
-    /// What the compensating states share: a cancel changes nothing, the saga is already undoing.
+    /// What the compensating states share: a cancel changes nothing, the saga is already
+    /// undoing; a signal comes too late.
     #[superstate]
     fn unwinding(context: &mut Ctx, event: &Input) -> Outcome<State> {
         match event {
             Input::Cancel { .. } => context.ignore("already compensating"),
+            Input::Signal(_) => {
+                context.ignore("the saga is compensating; the signal comes too late")
+            }
             _ => context.ignore("not meaningful while compensating"),
         }
         Handled
@@ -458,7 +701,7 @@ impl<D: Definition> Stepwise<D> {
         Super
     }
 
-    /// Nothing moves an ended saga: late replies, timers and cancels are ignored.
+    /// Nothing moves an ended saga: late replies, timers, signals and cancels are ignored.
     #[superstate]
     fn ended(context: &mut Ctx) -> Outcome<State> {
         context.ignore("the saga has ended");
@@ -472,7 +715,7 @@ impl<D: Definition> Stepwise<D> {
     }
 
     /// An attempt is in flight: its reply or its deadline moves the saga.
-    fn awaiting(
+    fn awaiting_reply(
         &mut self,
         ctx: &mut Ctx,
         event: &Input,
@@ -487,9 +730,20 @@ impl<D: Definition> Stepwise<D> {
                     ctx.ignore(why);
                     return Handled;
                 }
+                let healthy = !matches!(
+                    reply.outcome,
+                    ReplyOutcome::Failed {
+                        retryable: true,
+                        ..
+                    }
+                );
+                ctx.effects.push(Effect::Health {
+                    step: self.name(step).to_owned(),
+                    ok: healthy,
+                });
                 match (&reply.outcome, phase) {
                     (ReplyOutcome::Succeeded { output }, Phase::Forward) => {
-                        self.step_succeeded(ctx, step, output)
+                        self.command_succeeded(ctx, step, output)
                     }
                     (ReplyOutcome::Succeeded { .. }, Phase::Compensation) => {
                         self.steps[step].status = StepStatus::Compensated;
@@ -505,45 +759,48 @@ impl<D: Definition> Stepwise<D> {
                     ) => self.attempt_failed(ctx, phase, step, attempt, *retryable, code, reason),
                 }
             }
-            Input::TimerFired(Timer::StepDeadline {
-                step: s,
-                phase: p,
-                attempt: a,
-                dispatch: d,
-            }) if s == self.name(step) && *p == phase && *a == attempt && *d == dispatch => {
-                let policy = self.policy(step, phase);
-                if dispatch < policy.redispatches {
-                    // The reply may be lost, or the command: send the same command again.
-                    self.dispatch(ctx, step, phase, attempt, dispatch + 1);
-                    return Transition(match phase {
-                        Phase::Forward => State::running(step, attempt, dispatch + 1),
-                        Phase::Compensation => State::compensating(step, attempt, dispatch + 1),
+            Input::TimerFired(fired) => match StepTimer::of(fired) {
+                Some(StepTimer::StepDeadline {
+                    step: s,
+                    phase: p,
+                    attempt: a,
+                    dispatch: d,
+                }) if s == self.name(step) && p == phase && a == attempt && d == dispatch => {
+                    ctx.effects.push(Effect::Health {
+                        step: self.name(step).to_owned(),
+                        ok: false,
                     });
+                    let policy = self.policy(step, phase);
+                    if dispatch < policy.redispatches {
+                        // The reply may be lost, or the command: send the same command again.
+                        self.dispatch(ctx, step, phase, attempt, dispatch + 1);
+                        return Transition(match phase {
+                            Phase::Forward => State::running(step, attempt, dispatch + 1),
+                            Phase::Compensation => State::compensating(step, attempt, dispatch + 1),
+                        });
+                    }
+                    let reason = format!(
+                        "no reply within {} ms ({} dispatches)",
+                        policy.deadline_ms,
+                        dispatch + 1
+                    );
+                    self.attempt_failed(
+                        ctx,
+                        phase,
+                        step,
+                        attempt,
+                        true,
+                        "deadline_exceeded",
+                        &reason,
+                    )
                 }
-                let reason = format!(
-                    "no reply within {} ms ({} dispatches)",
-                    policy.deadline_ms,
-                    dispatch + 1
-                );
-                self.attempt_failed(
-                    ctx,
-                    phase,
-                    step,
-                    attempt,
-                    true,
-                    "deadline_exceeded",
-                    &reason,
-                )
-            }
-            Input::TimerFired(_) => {
-                ctx.ignore("stale timer");
-                Handled
-            }
+                _ => Super,
+            },
             Input::Resume { .. } => {
                 ctx.ignore("not parked");
                 Handled
             }
-            Input::Cancel { .. } => Super,
+            Input::Cancel { .. } | Input::Signal(_) => Super,
         }
     }
 
@@ -557,27 +814,26 @@ impl<D: Definition> Stepwise<D> {
         attempt: u32,
     ) -> Outcome<State> {
         match event {
-            Input::TimerFired(Timer::StepRetry {
-                step: s,
-                phase: p,
-                attempt: a,
-            }) if s == self.name(step) && *p == phase && *a == attempt => match phase {
-                Phase::Forward => self.proceed(ctx, step),
-                Phase::Compensation => Transition(self.send(ctx, step, phase, attempt)),
+            Input::TimerFired(fired) => match StepTimer::of(fired) {
+                Some(StepTimer::StepRetry {
+                    step: s,
+                    phase: p,
+                    attempt: a,
+                }) if s == self.name(step) && p == phase && a == attempt => match phase {
+                    Phase::Forward => self.proceed(ctx, step),
+                    Phase::Compensation => Transition(self.send(ctx, step, phase, attempt)),
+                },
+                _ => Super,
             },
             Input::Reply(_) => {
                 ctx.ignore("reply to an earlier attempt while waiting to retry");
-                Handled
-            }
-            Input::TimerFired(_) => {
-                ctx.ignore("stale timer");
                 Handled
             }
             Input::Resume { .. } => {
                 ctx.ignore("not parked");
                 Handled
             }
-            Input::Cancel { .. } => Super,
+            Input::Cancel { .. } | Input::Signal(_) => Super,
         }
     }
 
@@ -604,7 +860,7 @@ impl<D: Definition> Stepwise<D> {
                     Phase::Compensation => Transition(self.send(ctx, step, phase, attempt)),
                 }
             }
-            Input::Cancel { .. } => Super,
+            Input::Cancel { .. } | Input::Signal(_) | Input::TimerFired(_) => Super,
             _ => {
                 ctx.ignore("parked: waiting for the breaker");
                 Handled
@@ -650,6 +906,44 @@ impl<D: Definition> Stepwise<D> {
         }
     }
 
+    /// The SLA of the signal `step` awaits: the definition's, or this saga's override.
+    fn sla_ms(&self, step: usize) -> Option<u64> {
+        let def = &D::steps()[step];
+        let awaits = def.awaits?;
+        Some(
+            self.policies
+                .get(def.name)
+                .and_then(|o| o.sla_ms)
+                .unwrap_or(awaits.sla_ms),
+        )
+    }
+
+    /// Start `step` going forward: arm the SLA of the signal it awaits (taking a signal that
+    /// came early from the inbox), then dispatch its command, or wait for its signal.
+    fn enter(&mut self, ctx: &mut Ctx, step: usize) -> Outcome<State> {
+        if let Some(awaits) = D::steps()[step].awaits {
+            if let Some(i) = self.inbox.iter().position(|s| s.name == awaits.signal) {
+                let signal = self.inbox.remove(i);
+                if let Err(f) = D::on_signal(&mut self.data, &D::steps()[step], &signal) {
+                    return self.step_failed(ctx, step, &f.code, &f.reason);
+                }
+                self.steps[step].signal_at = Some(ctx.now);
+            } else {
+                let sla = self.sla_ms(step).unwrap_or(awaits.sla_ms);
+                let timer = StepTimer::Sla {
+                    step: self.name(step).to_owned(),
+                };
+                self.slas.push(timer.name());
+                ctx.set_timer(timer, ctx.now + std::time::Duration::from_millis(sla));
+            }
+        }
+        if D::steps()[step].action.is_some() {
+            self.proceed(ctx, step)
+        } else {
+            self.command_done(ctx, step)
+        }
+    }
+
     /// Dispatch attempt `attempt` of `step` in `phase`, or park on the step when its breaker is
     /// open (the attempt is not spent). Returns the state to move to.
     fn send(&mut self, ctx: &mut Ctx, step: usize, phase: Phase, attempt: u32) -> State {
@@ -660,7 +954,7 @@ impl<D: Definition> Stepwise<D> {
                 Phase::Forward => StepStatus::Parked,
                 Phase::Compensation => StepStatus::CompensationParked,
             };
-            ctx.effects.push(Effect::CancelTimer { key: "step".into() });
+            ctx.cancel_timer(STEP_TIMER.to_owned());
             return match phase {
                 Phase::Forward => State::parked(step, attempt),
                 Phase::Compensation => State::compensation_parked(step, attempt),
@@ -692,6 +986,8 @@ impl<D: Definition> Stepwise<D> {
             }
         }
         ctx.effects.push(Effect::Dispatch(Command {
+            v: SCHEMA_VERSION,
+            saga_type: D::NAME.to_owned(),
             id: CommandId::derive(self.id, def.name, phase, attempt),
             saga_id: self.id,
             step: def.name.to_owned(),
@@ -699,17 +995,18 @@ impl<D: Definition> Stepwise<D> {
             attempt,
             dispatch,
             deadline,
-            body: D::command(&self.data, def, phase),
+            service: def.service.unwrap_or_default().to_owned(),
+            body: D::command(&self.data, self.id, def, phase),
         }));
-        ctx.effects.push(Effect::SetTimer {
-            timer: Timer::StepDeadline {
+        ctx.set_timer(
+            StepTimer::StepDeadline {
                 step: def.name.to_owned(),
                 phase,
                 attempt,
                 dispatch,
             },
-            at: deadline,
-        });
+            deadline,
+        );
     }
 
     /// Arm the backoff timer before attempt `next` of `step` in `phase`.
@@ -727,31 +1024,45 @@ impl<D: Definition> Stepwise<D> {
             Phase::Forward => StepStatus::Retrying,
             Phase::Compensation => StepStatus::CompensationRetrying,
         };
-        ctx.effects.push(Effect::SetTimer {
-            timer: Timer::StepRetry {
+        ctx.set_timer(
+            StepTimer::StepRetry {
                 step: name.to_owned(),
                 phase,
                 attempt: next,
             },
-            at: ctx.now + delay,
-        });
+            ctx.now + delay,
+        );
         match phase {
             Phase::Forward => State::retrying(step, next),
             Phase::Compensation => State::compensation_retrying(step, next),
         }
     }
 
-    fn step_succeeded(
-        &mut self,
-        ctx: &mut Ctx,
-        step: usize,
-        output: &StepOutput,
-    ) -> Outcome<State> {
+    /// The step's command succeeded: keep its output, then finish the step (or wait for its
+    /// signal).
+    fn command_succeeded(&mut self, ctx: &mut Ctx, step: usize, output: &Body) -> Outcome<State> {
         let def = &D::steps()[step];
         D::record(&mut self.data, def, output);
-        let record = &mut self.steps[step];
-        record.status = StepStatus::Succeeded;
-        record.output = Some(output.clone());
+        self.steps[step].output = Some(output.clone());
+        self.command_done(ctx, step)
+    }
+
+    /// The step's command is done (or it has none): it succeeded, unless it still waits for
+    /// its signal.
+    fn command_done(&mut self, ctx: &mut Ctx, step: usize) -> Outcome<State> {
+        let def = &D::steps()[step];
+        if def.awaits.is_some() && self.steps[step].signal_at.is_none() {
+            self.steps[step].status = StepStatus::Awaiting;
+            // No command of the saga is in flight while it waits: no deadline either.
+            ctx.cancel_timer(STEP_TIMER.to_owned());
+            return Transition(State::awaiting(step));
+        }
+        self.step_succeeded(ctx, step)
+    }
+
+    fn step_succeeded(&mut self, ctx: &mut Ctx, step: usize) -> Outcome<State> {
+        let def = &D::steps()[step];
+        self.steps[step].status = StepStatus::Succeeded;
         if def.kind == StepKind::Pivot {
             self.past_pivot = true;
         }
@@ -762,7 +1073,7 @@ impl<D: Definition> Stepwise<D> {
     fn advance(&mut self, ctx: &mut Ctx, after: usize) -> Outcome<State> {
         let n = D::steps().len();
         match (after + 1..n).find(|&i| self.steps[i].status != StepStatus::Succeeded) {
-            Some(next) => self.proceed(ctx, next),
+            Some(next) => self.enter(ctx, next),
             None => self.end(ctx, End::Completed),
         }
     }
@@ -784,6 +1095,91 @@ impl<D: Definition> Stepwise<D> {
         }
         let attempt = self.steps[step].attempts + 1;
         Transition(self.send(ctx, step, Phase::Forward, attempt))
+    }
+
+    /// A signal arrived while the saga goes forward, at `step`.
+    fn on_signal(&mut self, ctx: &mut Ctx, step: usize, signal: &Signal) -> Outcome<State> {
+        if self.signals.iter().any(|s| s.id == signal.id) {
+            ctx.ignore(format!(
+                "signal {} ({}) was received before",
+                signal.id, signal.name
+            ));
+            return Handled;
+        }
+        let def = &D::steps()[step];
+        let awaited_now = def.awaits.is_some_and(|a| a.signal == signal.name)
+            && self.steps[step].signal_at.is_none();
+        let buffered_for_later = !awaited_now
+            && D::steps()[step + 1..].iter().enumerate().any(|(i, d)| {
+                d.awaits
+                    .is_some_and(|a| a.signal == signal.name && a.buffer)
+                    && self.steps[step + 1 + i].signal_at.is_none()
+            })
+            && !self.inbox.iter().any(|s| s.name == signal.name);
+        let outcome = if awaited_now {
+            SignalOutcome::Applied
+        } else if buffered_for_later {
+            SignalOutcome::Buffered
+        } else {
+            SignalOutcome::Ignored
+        };
+        self.signals.push(SignalRecord {
+            id: signal.id,
+            name: signal.name.clone(),
+            at: ctx.now,
+            outcome,
+        });
+        match outcome {
+            SignalOutcome::Ignored => Handled,
+            SignalOutcome::Buffered => {
+                self.inbox.push(signal.clone());
+                Handled
+            }
+            SignalOutcome::Applied => {
+                let name = sla_timer(def.name);
+                if self.slas.contains(&name) {
+                    self.slas.retain(|n| *n != name);
+                    ctx.cancel_timer(name);
+                }
+                if let Err(f) = D::on_signal(&mut self.data, def, signal) {
+                    return self.step_failed(ctx, step, &f.code, &f.reason);
+                }
+                self.steps[step].signal_at = Some(ctx.now);
+                if self.steps[step].status == StepStatus::Awaiting {
+                    self.step_succeeded(ctx, step)
+                } else {
+                    // The command is still on its way: the step succeeds with its reply.
+                    Handled
+                }
+            }
+        }
+    }
+
+    /// `step` failed for good without a worker saying so (its SLA expired, or its signal
+    /// reported a failure): its effect may have happened, so a step that was ever dispatched
+    /// is undone.
+    fn step_failed(
+        &mut self,
+        ctx: &mut Ctx,
+        step: usize,
+        code: &str,
+        reason: &str,
+    ) -> Outcome<State> {
+        ctx.cancel_timer(STEP_TIMER.to_owned());
+        let attempt = self.steps[step].attempts;
+        self.steps[step].last_error = Some(StepError {
+            phase: Phase::Forward,
+            attempt,
+            code: code.to_owned(),
+            reason: reason.to_owned(),
+            at: ctx.now,
+        });
+        self.steps[step].status = if attempt > 0 {
+            StepStatus::Abandoned
+        } else {
+            StepStatus::Rejected
+        };
+        self.turn_around(ctx, step, code, reason)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -828,10 +1224,17 @@ impl<D: Definition> Stepwise<D> {
             (StepStatus::Rejected, reason.to_owned())
         };
         self.steps[step].status = status;
+        self.turn_around(ctx, step, code, &why)
+    }
+
+    /// Leave the forward path because `step` failed for good: compensate, or, past the pivot,
+    /// end `failed` for an operator.
+    fn turn_around(&mut self, ctx: &mut Ctx, step: usize, code: &str, why: &str) -> Outcome<State> {
+        let name = self.name(step);
         self.failure = Some(Failure {
             step: name.to_owned(),
             code: code.to_owned(),
-            reason: why.clone(),
+            reason: why.to_owned(),
         });
         if self.past_pivot {
             // After the pivot there is nothing to undo and no way back: an operator decides.
@@ -841,9 +1244,17 @@ impl<D: Definition> Stepwise<D> {
         self.compensate_next(ctx)
     }
 
+    /// Disarm every SLA timer armed now.
+    fn cancel_slas(&mut self, ctx: &mut Ctx) {
+        for name in std::mem::take(&mut self.slas) {
+            ctx.cancel_timer(name);
+        }
+    }
+
     /// Compensate the highest step that needs it, or end `compensated`.
     fn compensate_next(&mut self, ctx: &mut Ctx) -> Outcome<State> {
         self.let_through = None;
+        self.cancel_slas(ctx);
         // A forward step left behind in the middle of an attempt (waiting to retry or parked,
         // when the saga turned around on another step, e.g. a renewal that failed) may still
         // take effect: its command can be in a queue. It is undone to be sure, like a step
@@ -878,16 +1289,20 @@ impl<D: Definition> Stepwise<D> {
     }
 
     fn end(&mut self, ctx: &mut Ctx, end: End<'_>) -> Outcome<State> {
-        ctx.effects.push(Effect::CancelTimer { key: "step".into() });
-        for (i, event) in D::on_end(&self.data, self.id, end.clone())
+        ctx.cancel_timer(STEP_TIMER.to_owned());
+        self.cancel_slas(ctx);
+        for (i, emit) in D::on_end(&self.data, self.id, end.clone())
             .into_iter()
             .enumerate()
         {
-            let name = format!("{}#{i}", event.name());
+            let name = format!("{}#{i}", emit.name);
             ctx.effects.push(Effect::Emit(Event {
                 id: EventId::derive(self.id, &name),
+                name: emit.name.to_owned(),
+                v: SCHEMA_VERSION,
                 occurred_at: ctx.now,
-                event,
+                source: emit.source.to_owned(),
+                body: emit.body,
             }));
         }
         Transition(match end {
@@ -916,6 +1331,9 @@ pub enum StateSnapshot {
     Parked {
         step: usize,
         attempt: u32,
+    },
+    Awaiting {
+        step: usize,
     },
     Compensating {
         step: usize,
@@ -950,6 +1368,7 @@ impl StateSnapshot {
             },
             State::Retrying { step, attempt } => Self::Retrying { step, attempt },
             State::Parked { step, attempt } => Self::Parked { step, attempt },
+            State::Awaiting { step } => Self::Awaiting { step },
             State::Compensating {
                 step,
                 attempt,
@@ -980,6 +1399,7 @@ impl StateSnapshot {
             } => State::running(step, attempt, dispatch),
             Self::Retrying { step, attempt } => State::retrying(step, attempt),
             Self::Parked { step, attempt } => State::parked(step, attempt),
+            Self::Awaiting { step } => State::awaiting(step),
             Self::Compensating {
                 step,
                 attempt,
@@ -1001,6 +1421,7 @@ impl StateSnapshot {
             Self::Running { step, .. }
             | Self::Retrying { step, .. }
             | Self::Parked { step, .. }
+            | Self::Awaiting { step }
             | Self::Compensating { step, .. }
             | Self::CompensationRetrying { step, .. }
             | Self::CompensationParked { step, .. } => Some(step),
@@ -1013,6 +1434,7 @@ impl StateSnapshot {
             Self::Running { .. } => "running",
             Self::Retrying { .. } => "retrying",
             Self::Parked { .. } => "parked",
+            Self::Awaiting { .. } => "awaiting",
             Self::Compensating { .. } => "compensating",
             Self::CompensationRetrying { .. } => "compensation_retrying",
             Self::CompensationParked { .. } => "compensation_parked",
@@ -1024,7 +1446,7 @@ impl StateSnapshot {
 
     pub fn status(&self) -> Status {
         match self {
-            Self::Running { .. } | Self::Retrying { .. } => Status::Running,
+            Self::Running { .. } | Self::Retrying { .. } | Self::Awaiting { .. } => Status::Running,
             Self::Compensating { .. } | Self::CompensationRetrying { .. } => Status::Compensating,
             Self::Parked { .. } | Self::CompensationParked { .. } => Status::Parked,
             Self::Completed => Status::Completed,
@@ -1091,8 +1513,53 @@ impl<D: Definition> Debug for Instance<D> {
     }
 }
 
+/// Checks per-step overrides against a definition: every step named exists, and every policy
+/// they make is valid.
+pub fn validate_overrides<D: Definition>(
+    policies: &BTreeMap<String, StepPolicyOverride>,
+) -> Result<(), Invalid> {
+    let steps = D::steps();
+    if let Some(unknown) = policies
+        .keys()
+        .find(|k| !steps.iter().any(|s| s.name == k.as_str()))
+    {
+        let names: Vec<&str> = steps.iter().map(|s| s.name).collect();
+        return Err(Invalid(format!(
+            "policy for unknown step {unknown:?} (steps: {})",
+            names.join(", ")
+        )));
+    }
+    for def in steps {
+        if let Some(o) = policies.get(def.name) {
+            o.forward
+                .apply(&def.policy.forward)
+                .validate(def.name)
+                .and_then(|()| {
+                    o.compensation
+                        .apply(&def.policy.compensation)
+                        .validate(def.name)
+                })?;
+            if let Some(sla) = o.sla_ms {
+                if def.awaits.is_none() {
+                    return Err(Invalid(format!(
+                        "{}: sla_ms for a step that awaits no signal",
+                        def.name
+                    )));
+                }
+                if !(1_000..=MAX_SLA_MS).contains(&sla) {
+                    return Err(Invalid(format!(
+                        "{}: an SLA must be from 1 s to 30 days, got {sla} ms",
+                        def.name
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 impl<D: Definition> Instance<D> {
-    /// Start a saga: validate the request, fix its policies, and dispatch the first step.
+    /// Start a saga: validate the request, fix its policies, and enter the first step.
     pub fn start(
         id: SagaId,
         request: &serde_json::Value,
@@ -1103,28 +1570,7 @@ impl<D: Definition> Instance<D> {
             .map_err(|e| api::Error::InvalidStart(e.to_string()))?;
         let data = D::init(request.start).map_err(|e| api::Error::InvalidStart(e.0))?;
         let steps = D::steps();
-        if let Some(unknown) = request
-            .policies
-            .keys()
-            .find(|k| !steps.iter().any(|s| s.name == k.as_str()))
-        {
-            return Err(api::Error::InvalidStart(format!(
-                "policy for unknown step {unknown:?}"
-            )));
-        }
-        for def in steps {
-            if let Some(o) = request.policies.get(def.name) {
-                let policy = StepPolicy {
-                    forward: o.forward.apply(&def.policy.forward),
-                    compensation: o.compensation.apply(&def.policy.compensation),
-                };
-                policy
-                    .forward
-                    .validate(def.name)
-                    .and_then(|()| policy.compensation.validate(def.name))
-                    .map_err(|e| api::Error::InvalidStart(e.0))?;
-            }
-        }
+        validate_overrides::<D>(&request.policies).map_err(|e| api::Error::InvalidStart(e.0))?;
         let policies = request
             .policies
             .into_iter()
@@ -1145,6 +1591,7 @@ impl<D: Definition> Instance<D> {
                     output: None,
                     renewals: 0,
                     round_start: 1,
+                    signal_at: None,
                 })
                 .collect(),
             started_at: now,
@@ -1152,10 +1599,16 @@ impl<D: Definition> Instance<D> {
             failure: None,
             past_pivot: false,
             let_through: None,
+            signals: Vec::new(),
+            inbox: Vec::new(),
+            slas: Vec::new(),
             marker: PhantomData,
         };
         let mut ctx = Ctx::new(env);
-        let state = saga.send(&mut ctx, 0, Phase::Forward, 1);
+        let state = match saga.enter(&mut ctx, 0) {
+            Transition(state) => state,
+            _ => unreachable!("entering the first step moves the saga"),
+        };
         let instance = Self::assemble(saga, state)?;
         Ok((instance, ctx.effects))
     }
@@ -1259,6 +1712,11 @@ impl<D: Definition> api::Saga for Instance<D> {
         D::subject(&self.machine.inner().data)
     }
 
+    fn projection(&self) -> Vec<ProjectionRow> {
+        let saga = self.machine.inner();
+        D::project(&saga.data, saga.id, self.status(), saga.started_at)
+    }
+
     fn status(&self) -> Status {
         self.state().status()
     }
@@ -1292,8 +1750,18 @@ impl<D: Definition> api::SagaType for Type<D> {
         D::NAME
     }
 
-    fn steps(&self) -> Vec<&'static str> {
-        D::steps().iter().map(|s| s.name).collect()
+    fn steps(&self) -> Vec<StepInfo> {
+        D::steps()
+            .iter()
+            .map(|s| StepInfo {
+                name: s.name,
+                service: s.service,
+            })
+            .collect()
+    }
+
+    fn projections(&self) -> &'static [ProjectionTable] {
+        D::PROJECTIONS
     }
 
     fn start(

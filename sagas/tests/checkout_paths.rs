@@ -722,7 +722,7 @@ fn late_duplicate_and_foreign_replies_change_nothing() {
 #[test]
 fn stale_timers_are_ignored() {
     let mut h = Harness::start();
-    let (old_timer, _) = h.timer.clone().unwrap();
+    let (old_timer, _) = h.timers["step"].clone();
     h.ok();
     assert!(h.feed(Input::TimerFired(old_timer)).is_none());
     assert_eq!(h.command().step, "charge_payment");
@@ -907,9 +907,10 @@ fn reserve_for(h: &mut Harness, secs: i64) -> Option<Vec<sagas::api::Effect>> {
     let cmd = h.command();
     h.feed(Harness::reply(
         &cmd,
-        ReplyOutcome::Succeeded {
-            output: sagas::wire::StepOutput::StockReserved { expires_at },
-        },
+        ReplyOutcome::succeeded(&sagas::shop::inventory::Output::StockReserved {
+            reservation_id: None,
+            expires_at,
+        }),
     ))
 }
 
@@ -1088,5 +1089,31 @@ fn a_compensation_gives_up_only_past_its_configured_limit() {
     assert_eq!(
         h.saga.snapshot()["steps"][0]["status"],
         "compensation_failed"
+    );
+}
+
+#[test]
+fn each_answer_tells_the_breaker_how_its_step_is_doing() {
+    // A success and a permanent failure are the service answering (healthy); a retryable
+    // failure and a deadline are not. Stale answers say nothing.
+    let mut h = Harness::start();
+    h.ok();
+    h.fail(true, "processor_unavailable");
+    h.fire(); // the retry: attempt 2
+    let stale = h.command();
+    h.fire(); // its deadline: sent again
+    h.fail(false, "card_declined");
+    assert!(
+        h.feed(Harness::reply(&stale, support::success_for(&stale)))
+            .is_none()
+    );
+    assert_eq!(
+        h.health,
+        [
+            ("reserve_stock".to_owned(), true),
+            ("charge_payment".to_owned(), false),
+            ("charge_payment".to_owned(), false),
+            ("charge_payment".to_owned(), true),
+        ]
     );
 }

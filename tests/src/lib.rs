@@ -467,8 +467,9 @@ impl App {
                 .await
                 .expect("load")
                 .expect("exists");
-            let replayed = orchestrator::engine::replay(&record.saga_type, id, &events)
-                .unwrap_or_else(|e| panic!("saga {id}: {e}"));
+            let replayed =
+                orchestrator::engine::replay(&sagas::shop_types(), &record.saga_type, id, &events)
+                    .unwrap_or_else(|e| panic!("saga {id}: {e}"));
             assert_eq!(
                 replayed, record.snapshot,
                 "saga {id}: replay differs from the stored snapshot"

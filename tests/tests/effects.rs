@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use e2e::{App, Options};
-use sagas::wire::{Address, Currency, Money, OrderId, ReplyOutcome, SagaId, StepOutput};
+use sagas::shop::{Address, Currency, Money, OrderId};
+use sagas::wire::{ReplyOutcome, SagaId};
 use serde_json::json;
 use uuid::Uuid;
 use workers::clients::{Carrier, Processor};
@@ -147,12 +148,7 @@ async fn a_refund_that_finds_no_row_undoes_a_charge_whose_answer_was_never_recor
 
     let out = payment.refund(saga, STEP, order, &eur(1500)).await.unwrap();
     assert!(
-        matches!(
-            out,
-            ReplyOutcome::Succeeded {
-                output: StepOutput::PaymentRefunded { .. }
-            }
-        ),
+        matches!(&out, ReplyOutcome::Succeeded { output } if output.str("kind") == Some("payment_refunded")),
         "{out:?}"
     );
     let ledger = app.ledger().await;
@@ -204,11 +200,7 @@ async fn a_cancel_that_finds_no_row_cancels_a_booking_whose_answer_was_never_rec
 
     let out = shipping.cancel(saga, order).await.unwrap();
     assert!(
-        matches!(
-            out,
-            ReplyOutcome::Succeeded {
-                output: StepOutput::ShipmentCancelled
-            }
+        matches!(&out, ReplyOutcome::Succeeded { output } if output.str("kind") == Some("shipment_cancelled")
         ),
         "{out:?}"
     );
@@ -231,9 +223,13 @@ async fn a_cancel_that_finds_no_row_cancels_a_booking_whose_answer_was_never_rec
     assert_eq!(ledger["shipments"].as_array().unwrap().len(), 1, "{ledger}");
     assert_eq!(ledger["shipments"][0]["calls"], 1, "{ledger}");
 
-    // A booking that answers at once is written once.
+    // A booking that answers at once (another saga's, another order's) is written once.
     let other = OrderId::from_uuid(Uuid::now_v7());
-    let out = shipping.create(saga, other, &address(), &[]).await.unwrap();
+    let other_saga = SagaId::from_uuid(Uuid::now_v7());
+    let out = shipping
+        .create(other_saga, other, &address(), &[])
+        .await
+        .unwrap();
     assert!(matches!(out, ReplyOutcome::Succeeded { .. }), "{out:?}");
     let (status, rewritten): (String, bool) = sqlx::query_as(
         "SELECT status, updated_at > created_at FROM shipping.shipments WHERE order_id = $1",
@@ -300,12 +296,7 @@ async fn a_charge_that_lands_after_its_refund_is_refused_by_the_processor() {
     app.control("processor", json!({})).await;
     let out = payment.refund(saga, STEP, order, &eur(1500)).await.unwrap();
     assert!(
-        matches!(
-            out,
-            ReplyOutcome::Succeeded {
-                output: StepOutput::PaymentRefunded { .. }
-            }
-        ),
+        matches!(&out, ReplyOutcome::Succeeded { output } if output.str("kind") == Some("payment_refunded")),
         "{out:?}"
     );
     // When the charge reaches the processor's ledger, the voided key refuses it.
@@ -341,11 +332,7 @@ async fn a_booking_that_lands_after_its_cancel_is_refused_by_the_carrier() {
     app.control("carrier", json!({})).await;
     let out = shipping.cancel(saga, order).await.unwrap();
     assert!(
-        matches!(
-            out,
-            ReplyOutcome::Succeeded {
-                output: StepOutput::ShipmentCancelled
-            }
+        matches!(&out, ReplyOutcome::Succeeded { output } if output.str("kind") == Some("shipment_cancelled")
         ),
         "{out:?}"
     );

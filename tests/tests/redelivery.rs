@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
-use sagas::wire::{CustomerRef, DomainEvent, Event, EventId, OrderId, SagaId, Subjects, headers};
+use sagas::shop::{CustomerRef, OrderId, order};
+use sagas::wire::{Body, Event, EventId, SagaId, Subjects, headers};
 use tokio_util::sync::CancellationToken;
 use workers::bus::{self, Unavailable};
 
@@ -41,21 +42,27 @@ async fn an_event_that_keeps_failing_is_dead_lettered_at_the_delivery_limit() {
         .expect("consumer");
 
     let saga = SagaId::from_uuid(uuid::Uuid::now_v7());
+    let cancelled = order::Event::OrderCancelled {
+        order_id: OrderId::from_uuid(uuid::Uuid::now_v7()),
+        saga_id: saga,
+        customer: CustomerRef {
+            id: "cust-1".into(),
+        },
+        reason: "test".into(),
+        needs_operator: false,
+    };
+    let mut body = Body::of(&cancelled);
+    body.0.remove("type");
     let event = Event {
         id: EventId::derive(saga, "OrderCancelled"),
+        name: "OrderCancelled".into(),
+        v: 1,
         occurred_at: chrono::Utc::now(),
-        event: DomainEvent::OrderCancelled {
-            order_id: OrderId::from_uuid(uuid::Uuid::now_v7()),
-            saga_id: saga,
-            customer: CustomerRef {
-                id: "cust-1".into(),
-            },
-            reason: "test".into(),
-            needs_operator: false,
-        },
+        source: order::SOURCE.into(),
+        body,
     };
     js.publish(
-        subjects.event("OrderCancelled"),
+        subjects.event(&event),
         serde_json::to_vec(&event).unwrap().into(),
     )
     .await

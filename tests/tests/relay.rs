@@ -25,7 +25,7 @@ async fn a_command_goes_out_with_its_id_as_nats_msg_id_and_leaves_no_row() {
         .await
         .expect("commands stream");
     let msg = stream
-        .get_last_raw_message_by_subject(&subjects.command(sagas::wire::Service::Inventory))
+        .get_last_raw_message_by_subject(&subjects.command(sagas::shop::inventory::SERVICE))
         .await
         .expect("the reserve command is in its stream");
     let command: Value = serde_json::from_slice(&msg.payload).expect("a command");

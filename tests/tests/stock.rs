@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use e2e::{App, Options, order, place_many};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sagas::wire::{Line, OrderId, Quantity, ReplyOutcome, SagaId, Sku, StepOutput};
+use sagas::shop::{Line, OrderId, Quantity, Sku};
+use sagas::wire::{ReplyOutcome, SagaId};
 use serde_json::{Value, json};
 use workers::inventory::Inventory;
 
@@ -259,10 +260,10 @@ async fn orders(app: &App, n: usize) -> Vec<(SagaId, OrderId)> {
 
 fn code(outcome: &ReplyOutcome) -> &str {
     match outcome {
-        ReplyOutcome::Succeeded { output } => match output {
-            StepOutput::StockReserved { .. } => "reserved",
-            StepOutput::StockCommitted => "committed",
-            StepOutput::StockReleased => "released",
+        ReplyOutcome::Succeeded { output } => match output.str("kind") {
+            Some("stock_reserved") => "reserved",
+            Some("stock_committed") => "committed",
+            Some("stock_released") => "released",
             _ => "other",
         },
         ReplyOutcome::Failed {
@@ -316,7 +317,7 @@ async fn a_commit_sells_only_stock_that_is_still_the_orders() {
         code(&inventory.commit(saga, order).await.unwrap()).to_owned()
     };
     let release = async |(saga, order): (SagaId, OrderId)| {
-        code(&inventory.release(saga, order).await.unwrap()).to_owned()
+        code(&inventory.release(saga, order, None).await.unwrap()).to_owned()
     };
 
     // A's hold runs out; B takes the stock; A's commit finds it gone.

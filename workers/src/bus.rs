@@ -14,7 +14,8 @@ use std::future::Future;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use runtime::consume::{DeadLetters, consume, correlation_id, dead_letter, retry_later};
-use sagas::wire::{Command, Event, ReplyOutcome, Service, Subjects, consumers, headers};
+use sagas::wire::{Command, Event, ReplyOutcome, Subjects, consumers, headers};
+use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -38,6 +39,24 @@ impl From<sqlx::Error> for Error {
     }
 }
 
+/// The payload of `cmd`, as the `service`'s contract (`T`) defines it. A command whose action
+/// the contract does not have is poison with a reason that says so (a newer saga type's
+/// command sent to an older worker, or a stray one); one whose fields do not fit its action is
+/// poison too.
+pub fn payload<T: DeserializeOwned>(cmd: &Command, service: &str) -> Result<T, Error> {
+    cmd.body.decode().map_err(|e| {
+        let action = cmd.action();
+        if e.to_string().starts_with("unknown variant") || action.is_empty() {
+            Error::Poison(format!(
+                "unknown command {action:?} for the {service} service (saga type {})",
+                cmd.saga_type
+            ))
+        } else {
+            Error::Poison(format!("malformed {action} command: {e}"))
+        }
+    })
+}
+
 /// A worker pool's answer to commands. Implementations are idempotent per `(saga_id, step)`,
 /// and check before any effect that the command is one the orchestrator could have sent
 /// ([`crate::orders::check`]): a command for a saga that is not an order, or that does not
@@ -54,7 +73,7 @@ pub trait Handler: Send + Sync + 'static {
 pub async fn serve_commands<H: Handler>(
     js: jetstream::Context,
     subjects: Subjects,
-    service: Service,
+    service: &'static str,
     handler: H,
     concurrency: usize,
     faults: crate::config::Faults,
@@ -91,8 +110,8 @@ pub async fn serve_commands<H: Handler>(
                 };
                 // Every line about this command from here on (a dead letter's too) names its saga.
                 tracing::Span::current().record("saga_id", tracing::field::display(cmd.saga_id));
-                if cmd.body.action().service() != service {
-                    let why = format!("{} is not a {service} command", cmd.body.action().as_str());
+                if !cmd.service.is_empty() && cmd.service != service {
+                    let why = format!("a command for {}, not for {service}", cmd.service);
                     dead_letter(dl, origin_ref, &msg, &why).await;
                         return;
                 }

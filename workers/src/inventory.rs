@@ -32,7 +32,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
-use sagas::wire::{Action, Command, CommandBody, Line, OrderId, ReplyOutcome, SagaId, StepOutput};
+use sagas::shop::{Line, OrderId, ids, inventory};
+use sagas::wire::{Command, ReplyOutcome, SagaId};
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -46,22 +47,23 @@ enum Op {
     Reserve {
         saga: SagaId,
         order: OrderId,
+        /// The reservation's id, derived from the saga and the step.
+        id: Uuid,
         lines: Vec<Line>,
         hold_seconds: u32,
     },
     Release {
         saga: SagaId,
         order: OrderId,
+        /// The reservation the command names (older commands name none: the order's).
+        named: Option<Uuid>,
+        /// The id this saga's reservation has, or will have.
+        own: Uuid,
     },
     /// The sale: the reserved stock leaves the books.
-    Commit {
-        saga: SagaId,
-        order: OrderId,
-    },
+    Commit { saga: SagaId, order: OrderId },
     /// The hold of an active reservation ran out (checked again by the writer).
-    Expire {
-        order: OrderId,
-    },
+    Expire { order: OrderId },
 }
 
 impl Op {
@@ -86,59 +88,62 @@ pub struct Inventory {
     jobs: mpsc::Sender<Job>,
 }
 
+/// The checkout's reservation step, for the service's own API (tests drive it directly).
+const RESERVE_STEP: &str = "reserve_stock";
+
 fn refused(code: &str, reason: impl Into<String>) -> ReplyOutcome {
-    ReplyOutcome::Failed {
-        retryable: false,
-        code: code.to_owned(),
-        reason: reason.into(),
-    }
+    ReplyOutcome::refused(code, reason)
 }
 
-fn reserved(expires_at: DateTime<Utc>) -> ReplyOutcome {
-    ReplyOutcome::Succeeded {
-        output: StepOutput::StockReserved { expires_at },
-    }
+fn reserved(id: Option<Uuid>, expires_at: DateTime<Utc>) -> ReplyOutcome {
+    ReplyOutcome::succeeded(&inventory::Output::StockReserved {
+        reservation_id: id,
+        expires_at,
+    })
 }
 
 fn released() -> ReplyOutcome {
-    ReplyOutcome::Succeeded {
-        output: StepOutput::StockReleased,
-    }
+    ReplyOutcome::succeeded(&inventory::Output::StockReleased)
 }
 
 fn committed() -> ReplyOutcome {
-    ReplyOutcome::Succeeded {
-        output: StepOutput::StockCommitted,
-    }
+    ReplyOutcome::succeeded(&inventory::Output::StockCommitted)
+}
+
+fn unknown_reservation(named: Uuid, order: OrderId) -> ReplyOutcome {
+    refused(
+        "unknown_reservation",
+        format!("reservation {named} is not order {order}'s: nothing of it can be undone"),
+    )
 }
 
 impl Handler for Inventory {
     async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, bus::Error> {
-        let op = match &cmd.body {
-            CommandBody::ReserveStock {
+        let op = match bus::payload(cmd, inventory::SERVICE)? {
+            inventory::Command::ReserveStock {
                 order_id,
                 lines,
                 hold_seconds,
             } => Op::Reserve {
                 saga: cmd.saga_id,
-                order: *order_id,
-                lines: lines.clone(),
-                hold_seconds: *hold_seconds,
+                order: order_id,
+                id: ids::reservation(cmd.saga_id, &cmd.step),
+                lines,
+                hold_seconds,
             },
-            CommandBody::ReleaseStock { order_id } => Op::Release {
+            inventory::Command::ReleaseStock {
+                order_id,
+                reservation_id,
+            } => Op::Release {
                 saga: cmd.saga_id,
-                order: *order_id,
+                order: order_id,
+                named: reservation_id,
+                own: ids::reservation(cmd.saga_id, &cmd.step),
             },
-            CommandBody::CommitStock { order_id } => Op::Commit {
+            inventory::Command::CommitStock { order_id } => Op::Commit {
                 saga: cmd.saga_id,
-                order: *order_id,
+                order: order_id,
             },
-            other => {
-                return Ok(refused(
-                    "unsupported",
-                    format!("inventory does not {}", other.action().as_str()),
-                ));
-            }
         };
         self.submit(op).await
     }
@@ -148,6 +153,8 @@ impl Handler for Inventory {
 #[derive(Debug, Clone)]
 struct Held {
     saga: SagaId,
+    /// Its id (reservations made before ids were derived have none).
+    id: Option<Uuid>,
     status: &'static str,
     lines: Vec<Line>,
     expires_at: DateTime<Utc>,
@@ -220,7 +227,8 @@ impl Inventory {
         }
     }
 
-    /// Reserve an order's lines, if the saga is that order's ([`bus::Error::Poison`] if not).
+    /// Reserve an order's lines for the checkout's `reserve_stock` step, if the saga is that
+    /// order's ([`bus::Error::Poison`] if not).
     pub async fn reserve(
         &self,
         saga: SagaId,
@@ -231,16 +239,29 @@ impl Inventory {
         self.submit(Op::Reserve {
             saga,
             order,
+            id: ids::reservation(saga, RESERVE_STEP),
             lines: lines.to_vec(),
             hold_seconds,
         })
         .await
     }
 
-    /// Release an order's reservation (or leave a tombstone when there is none yet), if the saga
-    /// is that order's ([`bus::Error::Poison`] if not).
-    pub async fn release(&self, saga: SagaId, order: OrderId) -> Result<ReplyOutcome, bus::Error> {
-        self.submit(Op::Release { saga, order }).await
+    /// Release the reservation `named` of an order (or leave a tombstone when there is none
+    /// yet), if the saga is that order's ([`bus::Error::Poison`] if not); `None` names the
+    /// order's, whatever its id.
+    pub async fn release(
+        &self,
+        saga: SagaId,
+        order: OrderId,
+        named: Option<Uuid>,
+    ) -> Result<ReplyOutcome, bus::Error> {
+        self.submit(Op::Release {
+            saga,
+            order,
+            named,
+            own: ids::reservation(saga, RESERVE_STEP),
+        })
+        .await
     }
 
     /// Commit an order's reservation (the sale), if the saga is that order's
@@ -322,9 +343,9 @@ async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
 /// (`by_saga`: the orders found, by saga id) or that names another order.
 fn poison(op: &Op, by_saga: &HashMap<Uuid, Order>) -> Option<String> {
     let (action, saga, order) = match op {
-        Op::Reserve { saga, order, .. } => (Action::ReserveStock, saga, order),
-        Op::Release { saga, order } => (Action::ReleaseStock, saga, order),
-        Op::Commit { saga, order } => (Action::CommitStock, saga, order),
+        Op::Reserve { saga, order, .. } => ("reserve_stock", saga, order),
+        Op::Release { saga, order, .. } => ("release_stock", saga, order),
+        Op::Commit { saga, order } => ("commit_stock", saga, order),
         Op::Expire { .. } => return None,
     };
     orders::check_order(action, *saga, *order, by_saga.get(&saga.as_uuid())).err()
@@ -347,7 +368,7 @@ async fn apply(
         .collect();
     let mut held: HashMap<OrderId, Held> = HashMap::new();
     for r in sqlx::query(
-        "SELECT order_id, saga_id, status, lines, expires_at, reason FROM inventory.reservations
+        "SELECT order_id, saga_id, status, lines, expires_at, reason, id FROM inventory.reservations
           WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
     )
     .bind(&orders)
@@ -359,6 +380,7 @@ async fn apply(
             OrderId::from_uuid(r.get(0)),
             Held {
                 saga: SagaId::from_uuid(r.get(1)),
+                id: r.get(6),
                 status: status_of(&status),
                 lines: serde_json::from_value(r.get(3)).unwrap_or_default(),
                 expires_at: r.get(4),
@@ -445,6 +467,7 @@ async fn apply(
             Op::Reserve {
                 saga,
                 order,
+                id,
                 lines,
                 hold_seconds,
             } => {
@@ -456,9 +479,9 @@ async fn apply(
                             h.expires_at = expires_at;
                             h.changed = true;
                         }
-                        reserved(h.expires_at)
+                        reserved(h.id, h.expires_at)
                     }
-                    Some(h) if h.status == "consumed" => reserved(h.expires_at),
+                    Some(h) if h.status == "consumed" => reserved(h.id, h.expires_at),
                     Some(h) if h.status == "rejected" => refused(
                         "out_of_stock",
                         h.reason.clone().unwrap_or_else(|| "out of stock".into()),
@@ -471,6 +494,7 @@ async fn apply(
                         let short = take(&mut stock, lines, &mut movements, *order);
                         let h = existing.map(|h| h.clone()).unwrap_or(Held {
                             saga: *saga,
+                            id: Some(*id),
                             status: "active",
                             lines: lines.clone(),
                             expires_at,
@@ -479,7 +503,7 @@ async fn apply(
                             changed: true,
                         });
                         let outcome = match &short {
-                            None => reserved(expires_at),
+                            None => reserved(h.id, expires_at),
                             Some(why) => refused("out_of_stock", why.clone()),
                         };
                         let renewal = !h.new;
@@ -510,13 +534,26 @@ async fn apply(
                     }
                 }
             }
-            Op::Release { saga, order } => match held.get_mut(order) {
+            Op::Release {
+                saga,
+                order,
+                named,
+                own,
+            } => match held.get_mut(order) {
+                // It names another reservation than the order's: nothing of it is here.
+                Some(Held { id: Some(id), .. }) if named.is_some_and(|n| n != *id) => {
+                    unknown_reservation(named.unwrap_or_default(), *order)
+                }
+                None if named.is_some_and(|n| n != *own) => {
+                    unknown_reservation(named.unwrap_or_default(), *order)
+                }
                 // A release before its reserve leaves a tombstone.
                 None => {
                     held.insert(
                         *order,
                         Held {
                             saga: *saga,
+                            id: Some(*own),
                             status: "released",
                             lines: Vec::new(),
                             expires_at: now,
@@ -724,10 +761,10 @@ async fn write(
     let fresh: Vec<(&OrderId, &Held)> = held.iter().filter(|(_, h)| h.new).collect();
     if !fresh.is_empty() {
         let inserted = sqlx::query(
-            "INSERT INTO inventory.reservations (order_id, saga_id, status, lines, expires_at, reason, created_at, updated_at)
-             SELECT u.order_id, u.saga_id, u.status, u.lines::jsonb, u.expires_at, u.reason, $7, $7
-               FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
-                 AS u(order_id, saga_id, status, lines, expires_at, reason)
+            "INSERT INTO inventory.reservations (order_id, saga_id, status, lines, expires_at, reason, created_at, updated_at, id)
+             SELECT u.order_id, u.saga_id, u.status, u.lines::jsonb, u.expires_at, u.reason, $7, $7, u.id
+               FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $8::uuid[])
+                 AS u(order_id, saga_id, status, lines, expires_at, reason, id)
              ON CONFLICT (order_id) DO NOTHING",
         )
         .bind(fresh.iter().map(|(o, _)| o.as_uuid()).collect::<Vec<_>>())
@@ -742,6 +779,7 @@ async fn write(
         .bind(fresh.iter().map(|(_, h)| h.expires_at).collect::<Vec<_>>())
         .bind(fresh.iter().map(|(_, h)| h.reason.as_deref()).collect::<Vec<_>>())
         .bind(now)
+        .bind(fresh.iter().map(|(_, h)| h.id).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?
         .rows_affected();

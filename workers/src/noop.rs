@@ -4,44 +4,70 @@
 //! the command does not carry, and a noop worker reads nothing).
 //!
 //! Without IO there is no order to check a command against: unlike the real services
-//! ([`crate::orders::check`]), these answer any command that decodes, stray or forged ones
-//! included. They do nothing either, so nothing is charged, held or booked.
+//! ([`crate::orders::check`]), these answer any command of the shop's contracts that decodes,
+//! stray or forged ones included. They do nothing either, so nothing is charged, held or
+//! booked.
 
 use chrono::{Duration, Utc};
-use sagas::wire::{Command, CommandBody, ReplyOutcome, StepOutput};
+use sagas::shop::{inventory, payment, shipping};
+use sagas::wire::{Command, ReplyOutcome};
 
 use crate::bus::{self, Handler};
 
-pub struct Noop;
+pub struct Noop {
+    /// The pool it answers for.
+    pub service: &'static str,
+}
 
 impl Handler for Noop {
     async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, bus::Error> {
-        let output = match &cmd.body {
-            CommandBody::ReserveStock { hold_seconds, .. } => StepOutput::StockReserved {
-                expires_at: Utc::now() + Duration::seconds(i64::from(*hold_seconds)),
+        Ok(match self.service {
+            inventory::SERVICE => match bus::payload(cmd, self.service)? {
+                inventory::Command::ReserveStock { hold_seconds, .. } => {
+                    ReplyOutcome::succeeded(&inventory::Output::StockReserved {
+                        reservation_id: None,
+                        expires_at: Utc::now() + Duration::seconds(i64::from(hold_seconds)),
+                    })
+                }
+                inventory::Command::ReleaseStock { .. } => {
+                    ReplyOutcome::succeeded(&inventory::Output::StockReleased)
+                }
+                inventory::Command::CommitStock { .. } => {
+                    ReplyOutcome::succeeded(&inventory::Output::StockCommitted)
+                }
             },
-            CommandBody::ReleaseStock { .. } => StepOutput::StockReleased,
-            CommandBody::CommitStock { .. } => StepOutput::StockCommitted,
-            CommandBody::ChargePayment { customer_id, .. }
-                if customer_id.starts_with("decline") =>
-            {
-                return Ok(ReplyOutcome::Failed {
-                    retryable: false,
-                    code: "card_declined".into(),
-                    reason: "the card was declined".into(),
-                });
+            payment::SERVICE => match bus::payload(cmd, self.service)? {
+                payment::Command::ChargePayment { customer_id, .. }
+                    if customer_id.starts_with("decline") =>
+                {
+                    ReplyOutcome::refused("card_declined", "the card was declined")
+                }
+                payment::Command::ChargePayment { .. } => {
+                    ReplyOutcome::succeeded(&payment::Output::PaymentCharged {
+                        charge_id: cmd.id.as_uuid(),
+                        processor_ref: "noop".into(),
+                    })
+                }
+                payment::Command::RefundPayment { .. } => {
+                    ReplyOutcome::succeeded(&payment::Output::PaymentRefunded { refund_id: None })
+                }
+            },
+            shipping::SERVICE => match bus::payload(cmd, self.service)? {
+                shipping::Command::CreateShipment { .. } => {
+                    ReplyOutcome::succeeded(&shipping::Output::ShipmentCreated {
+                        shipment_id: cmd.id.as_uuid(),
+                        tracking_number: "NOOP".into(),
+                    })
+                }
+                shipping::Command::CancelShipment { .. } => {
+                    ReplyOutcome::succeeded(&shipping::Output::ShipmentCancelled)
+                }
+            },
+            other => {
+                return Err(bus::Error::Poison(format!(
+                    "the noop worker has no contract for the {other} service"
+                )));
             }
-            CommandBody::ChargePayment { .. } => StepOutput::PaymentCharged {
-                charge_id: cmd.id.as_uuid(),
-                processor_ref: "noop".into(),
-            },
-            CommandBody::RefundPayment { .. } => StepOutput::PaymentRefunded { refund_id: None },
-            CommandBody::CreateShipment { .. } => StepOutput::ShipmentCreated {
-                shipment_id: cmd.id.as_uuid(),
-                tracking_number: "NOOP".into(),
-            },
-            CommandBody::CancelShipment { .. } => StepOutput::ShipmentCancelled,
-        };
-        Ok(ReplyOutcome::Succeeded { output })
+        })
     }
 }

@@ -1,5 +1,6 @@
-//! The orders a command may act for, read from the Order service's view (`orders.orders`), and
-//! the check that tells a command the orchestrator sent from a stray, old or forged one.
+//! The orders a command may act for, read from the checkout's read model (`orders.orders`,
+//! typed rows the orchestrator writes in the commit of the saga), and the check that tells a
+//! command the orchestrator sent from a stray, old or forged one.
 //!
 //! The orchestrator publishes a command only from its outbox, after the commit that wrote the
 //! saga row, so the saga of a command it sent is always an order, and the command names that
@@ -21,7 +22,8 @@
 //! Must never: write the view's tables (they are the orchestrator's), or be asked for anything
 //! but a command's own saga.
 
-use sagas::wire::{Action, Command, CommandBody, Currency, Money, OrderId, SagaId};
+use sagas::shop::{Currency, Money, OrderId};
+use sagas::wire::SagaId;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use uuid::Uuid;
@@ -79,90 +81,63 @@ impl Order {
 /// Whether a command of `action` for `saga`, naming order `named`, is one the orchestrator
 /// could have sent: its saga is an order (`order`, found by the saga id), and that order is
 /// `named`. The order, or the reason the command is poison.
-pub fn check_order(
-    action: Action,
+pub fn check_order<'a>(
+    action: &str,
     saga: SagaId,
     named: OrderId,
-    order: Option<&Order>,
-) -> Result<&Order, String> {
+    order: Option<&'a Order>,
+) -> Result<&'a Order, String> {
     let Some(order) = order else {
-        return Err(format!(
-            "{} command for unknown saga {saga}",
-            action.as_str()
-        ));
+        return Err(format!("{action} command for unknown saga {saga}"));
     };
     if order.id != Some(named.as_uuid()) {
         let actual = order
             .id
             .map_or_else(|| "no order".to_owned(), |id| format!("order {id}"));
         return Err(format!(
-            "{} command names order {named}, but saga {saga} is {actual}",
-            action.as_str()
+            "{action} command names order {named}, but saga {saga} is {actual}"
         ));
     }
     Ok(order)
 }
 
-/// [`check_order`] for a command, and for a charge or a refund, that its amount is the order's
+/// [`check_order`], and for a charge or a refund (`amount`), that the amount is the order's
 /// total (the orchestrator charges and refunds exactly that; an order read without its total
-/// matches no amount). `order` is the order of the command's saga, `None` when there is none.
-/// `Err` with the reason for a poison command.
-pub fn check(cmd: &Command, order: Option<&Order>) -> Result<(), String> {
-    let order = check_order(cmd.body.action(), cmd.saga_id, named(&cmd.body), order)?;
-    if let CommandBody::ChargePayment { amount, .. } | CommandBody::RefundPayment { amount, .. } =
-        &cmd.body
+/// matches no amount). `Err` with the reason for a poison command.
+pub fn check(
+    action: &str,
+    saga: SagaId,
+    named: OrderId,
+    amount: Option<&Money>,
+    order: Option<&Order>,
+) -> Result<(), String> {
+    let order = check_order(action, saga, named, order)?;
+    if let Some(amount) = amount
         && (order.total_minor != Some(amount.minor)
             || order.currency.as_deref() != Some(amount.currency.as_str()))
     {
-        let what = match cmd.body.action() {
-            Action::ChargePayment => "charge",
-            _ => "refund",
+        let what = if action == "charge_payment" {
+            "charge"
+        } else {
+            "refund"
         };
         return Err(format!(
-            "{what} amount {amount} does not match order total {} (saga {})",
-            order.total(),
-            cmd.saga_id
+            "{what} amount {amount} does not match order total {} (saga {saga})",
+            order.total()
         ));
     }
     Ok(())
 }
 
-/// The order a command names.
-fn named(body: &CommandBody) -> OrderId {
-    match body {
-        CommandBody::ReserveStock { order_id, .. }
-        | CommandBody::ReleaseStock { order_id }
-        | CommandBody::CommitStock { order_id }
-        | CommandBody::ChargePayment { order_id, .. }
-        | CommandBody::RefundPayment { order_id, .. }
-        | CommandBody::CreateShipment { order_id, .. }
-        | CommandBody::CancelShipment { order_id } => *order_id,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::Utc;
-    use sagas::wire::{CommandId, Phase};
+    use uuid::Uuid;
 
     fn eur(minor: i64) -> Money {
         Money {
             minor,
             currency: Currency::parse("EUR").unwrap(),
-        }
-    }
-
-    fn command(saga: SagaId, body: CommandBody) -> Command {
-        Command {
-            id: CommandId::derive(saga, "charge_payment", Phase::Forward, 1),
-            saga_id: saga,
-            step: "charge_payment".into(),
-            phase: Phase::Forward,
-            attempt: 1,
-            dispatch: 0,
-            deadline: Utc::now(),
-            body,
         }
     }
 
@@ -176,35 +151,27 @@ mod tests {
         }
     }
 
-    fn charge(order_id: OrderId, amount: Money) -> CommandBody {
-        CommandBody::ChargePayment {
-            order_id,
-            customer_id: "c".into(),
-            amount,
-        }
-    }
-
     #[test]
     fn a_command_of_its_order_passes_and_others_are_poison() {
         let saga = SagaId::from_uuid(Uuid::now_v7());
         let id = OrderId::from_uuid(Uuid::now_v7());
         let known = order(saga, id, 200);
+        let charge = "charge_payment";
 
-        assert!(check(&command(saga, charge(id, eur(200))), Some(&known)).is_ok());
-        let release = CommandBody::ReleaseStock { order_id: id };
-        assert!(check(&command(saga, release.clone()), Some(&known)).is_ok());
+        assert!(check(charge, saga, id, Some(&eur(200)), Some(&known)).is_ok());
+        assert!(check("release_stock", saga, id, None, Some(&known)).is_ok());
 
-        let why = check(&command(saga, release), None).unwrap_err();
+        let why = check("release_stock", saga, id, None, None).unwrap_err();
         assert!(
             why.contains("unknown saga") && why.contains(&saga.to_string()),
             "{why}"
         );
 
         let other = OrderId::from_uuid(Uuid::now_v7());
-        let why = check(&command(saga, charge(other, eur(200))), Some(&known)).unwrap_err();
+        let why = check(charge, saga, other, Some(&eur(200)), Some(&known)).unwrap_err();
         assert!(why.contains(&other.to_string()), "{why}");
 
-        let why = check(&command(saga, charge(id, eur(100))), Some(&known)).unwrap_err();
+        let why = check(charge, saga, id, Some(&eur(100)), Some(&known)).unwrap_err();
         assert_eq!(
             why,
             format!("charge amount 1.00 EUR does not match order total 2.00 EUR (saga {saga})")
@@ -213,6 +180,6 @@ mod tests {
             minor: 200,
             currency: Currency::parse("USD").unwrap(),
         };
-        assert!(check(&command(saga, charge(id, usd)), Some(&known)).is_err());
+        assert!(check(charge, saga, id, Some(&usd), Some(&known)).is_err());
     }
 }

@@ -22,7 +22,8 @@
 //! [`Payment::refund`] are the effects alone, without the check (tests drive them directly).
 
 use chrono::Utc;
-use sagas::wire::{Command, CommandBody, Money, ReplyOutcome, SagaId, StepOutput};
+use sagas::shop::{Money, OrderId, ids, payment};
+use sagas::wire::{Command, ReplyOutcome, SagaId};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
@@ -89,11 +90,11 @@ struct Found {
 
 impl Handler for Payment {
     async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, bus::Error> {
-        match &cmd.body {
-            CommandBody::ChargePayment {
+        match bus::payload(cmd, payment::SERVICE)? {
+            payment::Command::ChargePayment {
                 order_id, amount, ..
             } => {
-                let found = self.checked(cmd).await?;
+                let found = self.checked(cmd, order_id, &amount).await?;
                 // The token is deleted when the saga ends: a charge command that comes after
                 // that is stale, and its saga no longer waits for it.
                 let Some(token) = found.token else {
@@ -108,21 +109,35 @@ impl Handler for Payment {
                         cmd.saga_id,
                         &cmd.step,
                         order_id.as_uuid(),
-                        amount,
+                        &amount,
                         &token,
                     )
                     .await?)
             }
-            CommandBody::RefundPayment { order_id, amount } => {
-                self.checked(cmd).await?;
+            payment::Command::RefundPayment {
+                order_id,
+                amount,
+                charge_id,
+            } => {
+                let found = self.checked(cmd, order_id, &amount).await?;
+                // It names a charge that is not this step's: nothing of it is here to undo.
+                let own = ids::charge(cmd.saga_id, &cmd.step);
+                let known = found.charge.as_ref().map_or(own, |c| c.id);
+                if let Some(named) = charge_id
+                    && named != known
+                {
+                    return Ok(refused(
+                        "unknown_charge",
+                        format!(
+                            "charge {named} is not saga {}'s: nothing of it can be refunded",
+                            cmd.saga_id
+                        ),
+                    ));
+                }
                 Ok(self
-                    .refund(cmd.saga_id, &cmd.step, order_id.as_uuid(), amount)
+                    .refund(cmd.saga_id, &cmd.step, order_id.as_uuid(), &amount)
                     .await?)
             }
-            other => Ok(refused(
-                "unsupported",
-                format!("payment does not {}", other.action().as_str()),
-            )),
         }
     }
 }
@@ -184,7 +199,7 @@ async fn claim_many(pool: &PgPool, claims: Vec<Claim>) -> Result<Vec<(Charge, bo
            FROM payments.charges c
            JOIN unnest($2::uuid[], $3::text[]) AS k(saga_id, step) ON c.saga_id = k.saga_id AND c.step = k.step",
     )
-    .bind(claims.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| ids::charge(c.saga, &c.step)).collect::<Vec<_>>())
     .bind(claims.iter().map(|c| c.saga.as_uuid()).collect::<Vec<_>>())
     .bind(claims.iter().map(|c| c.step.as_str()).collect::<Vec<_>>())
     .bind(claims.iter().map(|c| c.order).collect::<Vec<_>>())
@@ -296,7 +311,7 @@ async fn settle_many(pool: &PgPool, ss: Vec<Settle>) -> Result<Vec<Option<Charge
           WHERE c.status = 'pending'
          RETURNING c.saga_id, c.step, c.id, c.status, c.processor_ref, c.decline_code, c.reason",
     )
-    .bind(apply.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| ids::charge(s.claim.saga, &s.claim.step)).collect::<Vec<_>>())
     .bind(apply.iter().map(|s| s.claim.saga.as_uuid()).collect::<Vec<_>>())
     .bind(apply.iter().map(|s| s.claim.step.as_str()).collect::<Vec<_>>())
     .bind(apply.iter().map(|s| s.claim.order).collect::<Vec<_>>())
@@ -402,9 +417,21 @@ impl Payment {
 
     /// The command's charge row, once the command is found to match the order of its saga;
     /// [`bus::Error::Poison`] when it does not.
-    async fn checked(&self, cmd: &Command) -> Result<Found, bus::Error> {
+    async fn checked(
+        &self,
+        cmd: &Command,
+        order: OrderId,
+        amount: &Money,
+    ) -> Result<Found, bus::Error> {
         let found = self.lookups.call((cmd.saga_id, cmd.step.clone())).await?;
-        orders::check(cmd, found.order.as_ref()).map_err(bus::Error::Poison)?;
+        orders::check(
+            cmd.action(),
+            cmd.saga_id,
+            order,
+            Some(amount),
+            found.order.as_ref(),
+        )
+        .map_err(bus::Error::Poison)?;
         Ok(found)
     }
 
@@ -657,9 +684,8 @@ impl Payment {
         order: Uuid,
         amount: &Money,
     ) -> Result<ReplyOutcome, Unavailable> {
-        let refunded = |id| ReplyOutcome::Succeeded {
-            output: StepOutput::PaymentRefunded { refund_id: id },
-        };
+        let refunded =
+            |id| ReplyOutcome::succeeded(&payment::Output::PaymentRefunded { refund_id: id });
         let (row, _) = self.claim(saga, step, order, amount, "voided").await?;
         match row.status.as_str() {
             "succeeded" => {
@@ -711,12 +737,10 @@ impl Payment {
 }
 
 fn charged(row: &Charge) -> ReplyOutcome {
-    ReplyOutcome::Succeeded {
-        output: StepOutput::PaymentCharged {
-            charge_id: row.id,
-            processor_ref: row.processor_ref.clone().unwrap_or_default(),
-        },
-    }
+    ReplyOutcome::succeeded(&payment::Output::PaymentCharged {
+        charge_id: row.id,
+        processor_ref: row.processor_ref.clone().unwrap_or_default(),
+    })
 }
 
 fn declined(row: &Charge) -> ReplyOutcome {

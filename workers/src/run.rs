@@ -1,6 +1,7 @@
 //! Wiring a worker process: which consumers a kind of worker serves, in which mode.
 
-use sagas::wire::{Service, consumers};
+use sagas::shop::{inventory, payment, shipping};
+use sagas::wire::consumers;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -22,11 +23,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn service(self) -> Option<Service> {
+    fn service(self) -> Option<&'static str> {
         match self {
-            Kind::Inventory => Some(Service::Inventory),
-            Kind::Payment => Some(Service::Payment),
-            Kind::Shipping => Some(Service::Shipping),
+            Kind::Inventory => Some(inventory::SERVICE),
+            Kind::Payment => Some(payment::SERVICE),
+            Kind::Shipping => Some(shipping::SERVICE),
             Kind::Notification => None,
         }
     }
@@ -77,7 +78,7 @@ pub async fn run(
                 js,
                 subjects,
                 service,
-                Noop,
+                Noop { service },
                 n,
                 settings.faults.clone(),
                 shutdown,
@@ -96,15 +97,15 @@ pub async fn run(
             )
             .await;
         }
-        (Some(Service::Inventory), Mode::Real) => {
-            let inventory = Inventory::new(connect_db(&settings, kind, &shutdown).await?);
-            let sweeper = inventory.clone();
+        (Some(inventory::SERVICE), Mode::Real) => {
+            let stock = Inventory::new(connect_db(&settings, kind, &shutdown).await?);
+            let sweeper = stock.clone();
             tokio::join!(
                 bus::serve_commands(
                     js,
                     subjects,
-                    Service::Inventory,
-                    inventory,
+                    inventory::SERVICE,
+                    stock,
                     n,
                     settings.faults.clone(),
                     shutdown.clone()
@@ -115,9 +116,9 @@ pub async fn run(
                 ),
             );
         }
-        (Some(Service::Payment), Mode::Real) => {
+        (Some(payment::SERVICE), Mode::Real) => {
             let processor = Processor::new(&settings.processor);
-            let payment = Payment::new(
+            let payments = Payment::new(
                 connect_db(&settings, kind, &shutdown).await?,
                 processor,
                 config::ms(settings.processor.record_pending_after_ms),
@@ -125,17 +126,17 @@ pub async fn run(
             bus::serve_commands(
                 js,
                 subjects,
-                Service::Payment,
-                payment,
+                payment::SERVICE,
+                payments,
                 n,
                 settings.faults.clone(),
                 shutdown,
             )
             .await;
         }
-        (Some(Service::Shipping), Mode::Real) => {
+        (Some(shipping::SERVICE), Mode::Real) => {
             let carrier = Carrier::new(&settings.carrier);
-            let shipping = Shipping::new(
+            let shipments = Shipping::new(
                 connect_db(&settings, kind, &shutdown).await?,
                 carrier,
                 config::ms(settings.carrier.record_pending_after_ms),
@@ -143,14 +144,15 @@ pub async fn run(
             bus::serve_commands(
                 js,
                 subjects,
-                Service::Shipping,
-                shipping,
+                shipping::SERVICE,
+                shipments,
                 n,
                 settings.faults.clone(),
                 shutdown,
             )
             .await;
         }
+        (Some(other), Mode::Real) => anyhow::bail!("no real worker for the {other} service"),
         (None, Mode::Real) => {
             let notification = Notification::new(connect_db(&settings, kind, &shutdown).await?);
             bus::serve_events(

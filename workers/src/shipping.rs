@@ -13,7 +13,8 @@
 //! effects alone, without the check (tests drive them directly).
 
 use chrono::Utc;
-use sagas::wire::{Address, Command, CommandBody, Line, OrderId, ReplyOutcome, SagaId, StepOutput};
+use sagas::shop::{Address, Line, OrderId, ids, shipping};
+use sagas::wire::{Command, ReplyOutcome, SagaId};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
@@ -72,9 +73,9 @@ struct Found {
 
 impl Handler for Shipping {
     async fn handle(&self, cmd: &Command) -> Result<ReplyOutcome, bus::Error> {
-        match &cmd.body {
-            CommandBody::CreateShipment { order_id, lines } => {
-                let found = self.checked(cmd, *order_id).await?;
+        match bus::payload(cmd, shipping::SERVICE)? {
+            shipping::Command::CreateShipment { order_id, lines } => {
+                let found = self.checked(cmd, order_id).await?;
                 let address: Address = found
                     .address
                     .and_then(|a| serde_json::from_value(a).ok())
@@ -84,22 +85,38 @@ impl Handler for Shipping {
                     ))
                 })?;
                 Ok(self
-                    .create_from(found.shipment, cmd.saga_id, *order_id, &address, lines)
+                    .create_from(found.shipment, cmd.saga_id, order_id, &address, &lines)
                     .await?)
             }
-            CommandBody::CancelShipment { order_id } => {
-                self.checked(cmd, *order_id).await?;
-                Ok(self.cancel(cmd.saga_id, *order_id).await?)
+            shipping::Command::CancelShipment {
+                order_id,
+                shipment_id,
+            } => {
+                let found = self.checked(cmd, order_id).await?;
+                // It names a shipment that is not this order's: nothing of it is here to undo.
+                let own = ids::shipment(cmd.saga_id, BOOKING_STEP);
+                let known = found.shipment.as_ref().map_or(own, |s| s.id);
+                if let Some(named) = shipment_id
+                    && named != known
+                {
+                    return Ok(refused(
+                        "unknown_shipment",
+                        format!(
+                            "shipment {named} is not order {order_id}'s: nothing of it can be cancelled"
+                        ),
+                    ));
+                }
+                Ok(self.cancel(cmd.saga_id, order_id).await?)
             }
-            other => Ok(refused(
-                "unsupported",
-                format!("shipping does not {}", other.action().as_str()),
-            )),
         }
     }
 }
 
 /// A row to claim (insert unless present).
+/// The step that books an order's shipment (the checkout's): a shipment's id is derived from
+/// its saga and this step ([`ids::shipment`]), one shipment per order.
+const BOOKING_STEP: &str = "create_shipment";
+
 struct Claim {
     saga: SagaId,
     order: OrderId,
@@ -155,7 +172,7 @@ async fn claim_many(
          SELECT s.order_id, s.id, s.status, s.carrier_ref, s.tracking_number, s.reason, false
            FROM shipping.shipments s WHERE s.order_id = ANY($3)",
     )
-    .bind(claims.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| ids::shipment(c.saga, BOOKING_STEP)).collect::<Vec<_>>())
     .bind(claims.iter().map(|c| c.saga.as_uuid()).collect::<Vec<_>>())
     .bind(claims.iter().map(|c| c.order.as_uuid()).collect::<Vec<_>>())
     .bind(claims.iter().map(|c| c.status).collect::<Vec<_>>())
@@ -246,7 +263,7 @@ async fn settle_many(pool: &PgPool, ss: Vec<Settle>) -> Result<Vec<Option<Shipme
           WHERE s.status = 'pending'
          RETURNING s.order_id, s.id, s.status, s.carrier_ref, s.tracking_number, s.reason",
     )
-    .bind(apply.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(apply.iter().map(|s| ids::shipment(s.claim.saga, BOOKING_STEP)).collect::<Vec<_>>())
     .bind(apply.iter().map(|s| s.claim.saga.as_uuid()).collect::<Vec<_>>())
     .bind(apply.iter().map(|s| s.claim.order.as_uuid()).collect::<Vec<_>>())
     .bind(apply.iter().map(|s| s.claim.status).collect::<Vec<_>>())
@@ -364,7 +381,8 @@ impl Shipping {
     /// [`bus::Error::Poison`] when it does not.
     async fn checked(&self, cmd: &Command, order: OrderId) -> Result<Found, bus::Error> {
         let found = self.lookups.call((cmd.saga_id, order)).await?;
-        orders::check(cmd, found.order.as_ref()).map_err(bus::Error::Poison)?;
+        orders::check(cmd.action(), cmd.saga_id, order, None, found.order.as_ref())
+            .map_err(bus::Error::Poison)?;
         Ok(found)
     }
 
@@ -565,9 +583,7 @@ impl Shipping {
     /// alone, without the check that the command matches its order ([`Handler::handle`] checks
     /// first).
     pub async fn cancel(&self, saga: SagaId, order: OrderId) -> Result<ReplyOutcome, Unavailable> {
-        let done = ReplyOutcome::Succeeded {
-            output: StepOutput::ShipmentCancelled,
-        };
+        let done = ReplyOutcome::succeeded(&shipping::Output::ShipmentCancelled);
         let (row, _) = self.claim(saga, order, "voided", None, &[]).await?;
         let outcome = match row.status.as_str() {
             "created" => {
@@ -625,10 +641,8 @@ fn rejected(row: Shipment) -> ReplyOutcome {
 }
 
 fn created(row: &Shipment) -> ReplyOutcome {
-    ReplyOutcome::Succeeded {
-        output: StepOutput::ShipmentCreated {
-            shipment_id: row.id,
-            tracking_number: row.tracking_number.clone().unwrap_or_default(),
-        },
-    }
+    ReplyOutcome::succeeded(&shipping::Output::ShipmentCreated {
+        shipment_id: row.id,
+        tracking_number: row.tracking_number.clone().unwrap_or_default(),
+    })
 }

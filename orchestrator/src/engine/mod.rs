@@ -18,7 +18,7 @@ mod store;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use sagas::api::{Input, Status};
+use sagas::api::{Input, Registry, Status};
 use sagas::wire::{SagaId, Subjects};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -223,16 +223,18 @@ pub struct Engine {
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         pool: sqlx::PgPool,
+        registry: Registry,
         subjects: Subjects,
         relay: relay::Handle,
         breakers: Arc<Breakers>,
         metrics: Metrics,
         settings: &config::Engine,
     ) -> (Engine, Vec<JoinHandle<()>>) {
-        let registry: Arc<HashMap<&'static str, &'static dyn sagas::api::SagaType>> =
-            Arc::new(sagas::types().into_iter().map(|t| (t.name(), t)).collect());
+        let commit = Arc::new(store::CommitStatement::new(&registry.projections()));
+        let registry = Arc::new(registry);
         let watchers = Arc::new(Watchers::default());
         let mut senders = Vec::with_capacity(settings.shards);
         let mut tasks = Vec::with_capacity(settings.shards);
@@ -243,6 +245,7 @@ impl Engine {
                 index,
                 pool.clone(),
                 registry.clone(),
+                commit.clone(),
                 subjects.clone(),
                 relay.clone(),
                 watchers.clone(),
@@ -369,14 +372,14 @@ impl Engine {
 /// snapshot must be equal (an invariant the tests check for every saga, and an operator can
 /// check with `GET /sagas/{id}/verify`).
 pub fn replay(
+    registry: &Registry,
     saga_type: &str,
     id: SagaId,
     events: &[EventRow],
 ) -> Result<serde_json::Value, String> {
     use sagas::api::{Env, Verdict};
-    let t = sagas::types()
-        .into_iter()
-        .find(|t| t.name() == saga_type)
+    let t = registry
+        .get(saga_type)
         .ok_or_else(|| format!("unknown saga type {saga_type:?}"))?;
     let env = |e: &EventRow| -> Result<Env, String> {
         Ok(Env {

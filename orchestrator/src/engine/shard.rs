@@ -6,7 +6,7 @@ use std::sync::Arc;
 use chrono::{SubsecRound, Utc};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use sagas::api::{Effect, Env, Input, Saga, SagaType, Timer, Verdict};
+use sagas::api::{Effect, Env, Input, Registry, Saga, Verdict};
 use sagas::wire::{SagaId, Subjects};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -26,14 +26,15 @@ const MAX_ROUNDS: usize = 5;
 /// below that, waiting for the first makes a bigger (cheaper per input) batch.
 const PIPELINE_MIN: usize = 8;
 
-type Registry = HashMap<&'static str, &'static dyn SagaType>;
-
 /// A live saga as the shard keeps it.
 struct Entry {
     saga: Box<dyn Saga>,
     saga_type: &'static str,
     version: i64,
     correlation_id: String,
+    /// The read-model rows last written for it (JSON text), so that a transition that does not
+    /// change them writes none. `None` after a load: the next change writes them again.
+    projected: Option<String>,
 }
 
 /// A batch applied in memory, ready to commit.
@@ -73,6 +74,7 @@ pub(super) struct Shard {
     index: usize,
     pool: sqlx::PgPool,
     registry: Arc<Registry>,
+    commit: Arc<store::CommitStatement>,
     subjects: Subjects,
     relay: relay::Handle,
     watchers: Arc<Watchers>,
@@ -90,6 +92,7 @@ impl Shard {
         index: usize,
         pool: sqlx::PgPool,
         registry: Arc<Registry>,
+        commit: Arc<store::CommitStatement>,
         subjects: Subjects,
         relay: relay::Handle,
         watchers: Arc<Watchers>,
@@ -103,6 +106,7 @@ impl Shard {
             index,
             pool,
             registry,
+            commit,
             subjects,
             relay,
             watchers,
@@ -151,13 +155,14 @@ impl Shard {
                         if let Some(mut prepared) = self.prepare(requests).await {
                             in_flight.extend(prepared.work.keys().copied());
                             let pool = self.pool.clone();
+                            let statement = self.commit.clone();
                             // Rows the relay published go out with this commit; if it fails,
                             // they are handed back for the next one.
                             prepared.batch.published = self.relay.take_acked();
                             let published = prepared.batch.published.clone();
                             commits.push(async move {
                                 let started = std::time::Instant::now();
-                                let result = store::commit(&pool, prepared.batch).await;
+                                let result = statement.run(&pool, prepared.batch).await;
                                 (prepared.work, prepared.followers, prepared.inputs, rounds, started, result, published)
                             });
                         }
@@ -280,11 +285,6 @@ impl Shard {
                     } else {
                         w.apply(&self.subjects, &input, &origin, &env)
                     };
-                    if let Applied::Applied { .. } = answer
-                        && let Some((step, ok)) = breaker_outcome(&input)
-                    {
-                        w.health.push((step.to_owned(), ok));
-                    }
                     self.metrics
                         .input(input.kind(), matches!(answer, Applied::Applied { .. }));
                     w.answers.push(Answer::Applied(answer));
@@ -433,18 +433,17 @@ impl Shard {
     fn start(&self, id: SagaId, new: &super::NewSaga, env: &Env) -> Result<Work, Error> {
         let saga_type = self
             .registry
-            .get_key_value(new.saga_type.as_str())
-            .map(|(k, t)| (*k, *t))
+            .get(new.saga_type.as_str())
             .ok_or_else(|| Error::UnknownType(new.saga_type.clone()))?;
         let (saga, effects) = saga_type
-            .1
             .start(id, &new.request, env)
             .map_err(|e| Error::InvalidStart(e.to_string()))?;
         let entry = Entry {
             saga,
-            saga_type: saga_type.0,
+            saga_type: saga_type.name(),
             version: 1,
             correlation_id: new.correlation_id.clone(),
+            projected: None,
         };
         let mut w = Work::new(entry, false);
         w.idempotency = new.idempotency.clone();
@@ -481,11 +480,7 @@ impl Shard {
         }
         for row in store::load(&self.pool, &missing).await? {
             let id = row.id;
-            let Some((name, t)) = self
-                .registry
-                .get_key_value(row.saga_type.as_str())
-                .map(|(k, t)| (*k, *t))
-            else {
+            let Some(t) = self.registry.get(row.saga_type.as_str()) else {
                 tracing::error!(saga_id = %id, saga_type = %row.saga_type, "unknown saga type");
                 unreadable.insert(id, format!("unknown saga type {:?}", row.saga_type));
                 continue;
@@ -496,9 +491,10 @@ impl Shard {
                         id,
                         Entry {
                             saga,
-                            saga_type: name,
+                            saga_type: t.name(),
                             version: row.version,
                             correlation_id: row.correlation_id,
+                            projected: None,
                         },
                     );
                 }
@@ -606,29 +602,30 @@ impl Work {
                 Effect::Dispatch(cmd) => self.outbox.push(OutboxRow {
                     saga_id: id,
                     msg_id: cmd.msg_id(),
-                    subject: cmd.subject(subjects),
+                    subject: subjects.command(&cmd.service),
                     correlation_id: self.entry.correlation_id.clone(),
                     payload: serde_json::to_vec(cmd).expect("commands serialize"),
                 }),
                 Effect::Emit(event) => self.outbox.push(OutboxRow {
                     saga_id: id,
                     msg_id: event.id.to_string(),
-                    subject: subjects.event(event.event.name()),
+                    subject: subjects.event(event),
                     correlation_id: self.entry.correlation_id.clone(),
                     payload: serde_json::to_vec(event).expect("events serialize"),
                 }),
-                Effect::SetTimer { timer, at } => {
+                Effect::SetTimer { name, at, payload } => {
                     self.timers.insert(
-                        timer.key().to_owned(),
+                        name.clone(),
                         TimerOp::Set {
-                            timer: serde_json::to_string(timer).expect("timers serialize"),
+                            timer: serde_json::to_string(payload).expect("timers serialize"),
                             at: *at,
                         },
                     );
                 }
-                Effect::CancelTimer { key } => {
-                    self.timers.insert(key.clone(), TimerOp::Cancel);
+                Effect::CancelTimer { name } => {
+                    self.timers.insert(name.clone(), TimerOp::Cancel);
                 }
+                Effect::Health { step, ok } => self.health.push((step.clone(), *ok)),
             }
         }
         self.events.push(EventWrite {
@@ -672,6 +669,21 @@ impl Batch {
                     batch.checks.push((*id, version));
                 }
                 continue;
+            }
+            // The read model, when the transition changed it.
+            let rows = w.entry.saga.projection();
+            if !rows.is_empty() {
+                let text = serde_json::to_string(&rows).expect("projections serialize");
+                if w.entry.projected.as_deref() != Some(text.as_str()) {
+                    for row in rows {
+                        batch
+                            .projections
+                            .entry(row.table)
+                            .or_default()
+                            .push(serde_json::to_string(&row.row).expect("rows serialize"));
+                    }
+                    w.entry.projected = Some(text);
+                }
             }
             let saga = &w.entry.saga;
             let status = saga.status();
@@ -731,24 +743,5 @@ impl Batch {
             }
         }
         batch
-    }
-}
-
-/// What an applied input says about the health of a step: a reply is a success for the
-/// breaker unless it is a retryable failure; a deadline is a failure.
-fn breaker_outcome(input: &Input) -> Option<(&str, bool)> {
-    match input {
-        Input::Reply(r) => Some((
-            r.step.as_str(),
-            !matches!(
-                r.outcome,
-                sagas::wire::ReplyOutcome::Failed {
-                    retryable: true,
-                    ..
-                }
-            ),
-        )),
-        Input::TimerFired(Timer::StepDeadline { step, .. }) => Some((step.as_str(), false)),
-        _ => None,
     }
 }

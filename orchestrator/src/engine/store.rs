@@ -5,10 +5,12 @@ use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use sagas::api::ProjectionTable;
 use sagas::api::Status;
 use sagas::wire::SagaId;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgPool, Row};
+use sqlx::postgres::PgArguments;
+use sqlx::{Arguments, PgPool, Row};
 use uuid::Uuid;
 
 use crate::relay;
@@ -121,6 +123,8 @@ pub(super) struct Batch {
     pub secrets: Vec<(SagaId, String, String)>,
     /// Sagas this batch ends: their secrets are deleted.
     pub ended: Vec<SagaId>,
+    /// Read-model rows (JSON objects), by table.
+    pub projections: std::collections::BTreeMap<&'static str, Vec<String>>,
 }
 
 impl Batch {
@@ -156,249 +160,474 @@ fn uuids<'a>(ids: impl Iterator<Item = &'a SagaId>) -> Vec<Uuid> {
     ids.map(|i| i.as_uuid()).collect()
 }
 
-/// The whole batch in ONE statement, hence one round trip and one implicit transaction:
+/// The parts of the commit statement, each a data-modifying CTE (or the final `SELECT`) with
+/// its parameters named `@name`. [`Named::compile`] numbers them.
+///
+/// The whole batch goes in ONE statement, hence one round trip and one implicit transaction:
 /// new sagas are inserted (unless their idempotency key is taken), changed ones updated if
-/// their version is still the one we read, unchanged ones checked to be still at the version
-/// we read; the event-log, outbox and timer writes of a saga happen only if its own row was
-/// written or checked (`ok`). Outbox rows the relay published are deleted on the way.
-const COMMIT: &str = "
-WITH ins AS (
-    INSERT INTO orchestrator.sagas
-        (id, saga_type, state, status, snapshot, version, correlation_id, idempotency_key,
-         request_hash, created_at, updated_at, parked_on, subject, idempotency_scope)
-    SELECT u.id, u.saga_type, u.state, u.status, u.snapshot::json, u.version, u.correlation_id,
-           u.idempotency_key, u.request_hash, u.at, u.at, u.parked_on, u.subject, u.scope
-      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
-                  $7::text[], $8::text[], $9::bytea[], $10::timestamptz[], $11::text[], $12::text[],
-                  $45::text[])
-        AS u(id, saga_type, state, status, snapshot, version, correlation_id, idempotency_key,
-             request_hash, at, parked_on, subject, scope)
-    ON CONFLICT (idempotency_scope, idempotency_key) DO NOTHING
-    RETURNING id
-), upd AS (
-    UPDATE orchestrator.sagas s
-       SET state = u.state, status = u.status, snapshot = u.snapshot::json,
-           version = u.new_version, updated_at = u.at, parked_on = u.parked_on
-      FROM unnest($13::uuid[], $14::int8[], $15::int8[], $16::text[], $17::text[], $18::text[],
-                  $19::timestamptz[], $20::text[])
-        AS u(id, old_version, new_version, state, status, snapshot, at, parked_on)
-     WHERE s.id = u.id AND s.version = u.old_version
-    RETURNING s.id
-), chk AS (
-    SELECT s.id FROM orchestrator.sagas s
-      JOIN unnest($42::uuid[], $43::int8[]) AS c(id, version)
-        ON s.id = c.id AND s.version = c.version
-), ok AS (
-    SELECT id FROM ins UNION ALL SELECT id FROM upd UNION ALL SELECT id FROM chk
-), ev AS (
-    INSERT INTO orchestrator.saga_events (saga_id, seq, kind, input, effects, state_after, at, blocked)
-    SELECT e.saga_id, e.seq, e.kind, e.input::json, e.effects::json, e.state_after, e.at, e.blocked::json
-      FROM unnest($21::uuid[], $22::int4[], $23::text[], $24::text[], $25::text[], $26::text[],
-                  $27::timestamptz[], $28::text[])
-        AS e(saga_id, seq, kind, input, effects, state_after, at, blocked)
-     WHERE e.saga_id IN (SELECT id FROM ok)
-), ob AS (
-    INSERT INTO orchestrator.outbox (saga_id, msg_id, subject, correlation_id, payload, created_at)
-    SELECT o.saga_id, o.msg_id, o.subject, o.correlation_id, o.payload, $34
-      FROM unnest($29::uuid[], $30::text[], $31::text[], $32::text[], $33::bytea[])
-        AS o(saga_id, msg_id, subject, correlation_id, payload)
-     WHERE o.saga_id IN (SELECT id FROM ok)
-    RETURNING msg_id, id
-), tset AS (
-    INSERT INTO orchestrator.timers (saga_id, key, fire_at, timer)
-    SELECT t.saga_id, t.key, t.fire_at, t.timer::jsonb
-      FROM unnest($35::uuid[], $36::text[], $37::timestamptz[], $38::text[]) AS t(saga_id, key, fire_at, timer)
-     WHERE t.saga_id IN (SELECT id FROM ok)
-    ON CONFLICT (saga_id, key) DO UPDATE
-       SET fire_at = excluded.fire_at, timer = excluded.timer, leased_until = NULL
-), tdel AS (
-    DELETE FROM orchestrator.timers t
-     USING unnest($39::uuid[], $40::text[], $41::timestamptz[]) AS d(saga_id, key, fire_at)
-     WHERE t.saga_id = d.saga_id AND t.key = d.key
-       AND (d.fire_at IS NULL OR t.fire_at = d.fire_at)
-       AND d.saga_id IN (SELECT id FROM ok)
-), odel AS (
-    DELETE FROM orchestrator.outbox WHERE id = ANY($44::int8[])
-), sset AS (
-    INSERT INTO orchestrator.saga_secrets (saga_id, name, value)
-    SELECT c.saga_id, c.name, c.value
-      FROM unnest($46::uuid[], $47::text[], $48::text[]) AS c(saga_id, name, value)
-     WHERE c.saga_id IN (SELECT id FROM ok)
-), sdel AS (
-    DELETE FROM orchestrator.saga_secrets
-     WHERE saga_id = ANY($49::uuid[]) AND saga_id IN (SELECT id FROM ok)
-)
-SELECT 0::int4, id::text, 0::int8 FROM ok
-UNION ALL
-SELECT 1::int4, msg_id, id FROM ob";
+/// their version is still the one we read, unchanged ones checked to be still at the version we
+/// read; the event-log, outbox, timer, secret and read-model writes of a saga happen only if its
+/// own row was written or checked (`ok`). Outbox rows the relay published are deleted on the
+/// way.
+const PARTS: &[(&str, &str)] = &[
+    (
+        "ins",
+        "INSERT INTO orchestrator.sagas
+             (id, saga_type, state, status, snapshot, version, correlation_id, idempotency_key,
+              request_hash, created_at, updated_at, parked_on, subject, idempotency_scope)
+         SELECT u.id, u.saga_type, u.state, u.status, u.snapshot::json, u.version,
+                u.correlation_id, u.idempotency_key, u.request_hash, u.at, u.at, u.parked_on,
+                u.subject, u.scope
+           FROM unnest(@new_id::uuid[], @new_type::text[], @new_state::text[],
+                       @new_status::text[], @new_snapshot::text[], @new_version::int8[],
+                       @new_correlation::text[], @new_key::text[], @new_hash::bytea[],
+                       @new_at::timestamptz[], @new_parked::text[], @new_subject::text[],
+                       @new_scope::text[])
+             AS u(id, saga_type, state, status, snapshot, version, correlation_id,
+                  idempotency_key, request_hash, at, parked_on, subject, scope)
+         ON CONFLICT (idempotency_scope, idempotency_key) DO NOTHING
+         RETURNING id",
+    ),
+    (
+        "upd",
+        "UPDATE orchestrator.sagas s
+            SET state = u.state, status = u.status, snapshot = u.snapshot::json,
+                version = u.new_version, updated_at = u.at, parked_on = u.parked_on
+           FROM unnest(@upd_id::uuid[], @upd_old::int8[], @upd_new::int8[], @upd_state::text[],
+                       @upd_status::text[], @upd_snapshot::text[], @upd_at::timestamptz[],
+                       @upd_parked::text[])
+             AS u(id, old_version, new_version, state, status, snapshot, at, parked_on)
+          WHERE s.id = u.id AND s.version = u.old_version
+         RETURNING s.id",
+    ),
+    (
+        "chk",
+        "SELECT s.id FROM orchestrator.sagas s
+           JOIN unnest(@chk_id::uuid[], @chk_version::int8[]) AS c(id, version)
+             ON s.id = c.id AND s.version = c.version",
+    ),
+    (
+        "ok",
+        "SELECT id FROM ins UNION ALL SELECT id FROM upd UNION ALL SELECT id FROM chk",
+    ),
+    (
+        "ev",
+        "INSERT INTO orchestrator.saga_events
+             (saga_id, seq, kind, input, effects, state_after, at, blocked)
+         SELECT e.saga_id, e.seq, e.kind, e.input::json, e.effects::json, e.state_after, e.at,
+                e.blocked::json
+           FROM unnest(@ev_saga::uuid[], @ev_seq::int4[], @ev_kind::text[], @ev_input::text[],
+                       @ev_effects::text[], @ev_state::text[], @ev_at::timestamptz[],
+                       @ev_blocked::text[])
+             AS e(saga_id, seq, kind, input, effects, state_after, at, blocked)
+          WHERE e.saga_id IN (SELECT id FROM ok)",
+    ),
+    (
+        "ob",
+        "INSERT INTO orchestrator.outbox (saga_id, msg_id, subject, correlation_id, payload, created_at)
+         SELECT o.saga_id, o.msg_id, o.subject, o.correlation_id, o.payload, @now
+           FROM unnest(@ob_saga::uuid[], @ob_msg::text[], @ob_subject::text[],
+                       @ob_correlation::text[], @ob_payload::bytea[])
+             AS o(saga_id, msg_id, subject, correlation_id, payload)
+          WHERE o.saga_id IN (SELECT id FROM ok)
+         RETURNING msg_id, id",
+    ),
+    (
+        "tset",
+        "INSERT INTO orchestrator.timers (saga_id, key, fire_at, timer)
+         SELECT t.saga_id, t.key, t.fire_at, t.timer::jsonb
+           FROM unnest(@tset_saga::uuid[], @tset_key::text[], @tset_at::timestamptz[],
+                       @tset_timer::text[])
+             AS t(saga_id, key, fire_at, timer)
+          WHERE t.saga_id IN (SELECT id FROM ok)
+         ON CONFLICT (saga_id, key) DO UPDATE
+            SET fire_at = excluded.fire_at, timer = excluded.timer, leased_until = NULL",
+    ),
+    (
+        "tdel",
+        "DELETE FROM orchestrator.timers t
+          USING unnest(@tdel_saga::uuid[], @tdel_key::text[], @tdel_at::timestamptz[])
+             AS d(saga_id, key, fire_at)
+          WHERE t.saga_id = d.saga_id AND t.key = d.key
+            AND (d.fire_at IS NULL OR t.fire_at = d.fire_at)
+            AND d.saga_id IN (SELECT id FROM ok)",
+    ),
+    (
+        "odel",
+        "DELETE FROM orchestrator.outbox WHERE id = ANY(@published::int8[])",
+    ),
+    (
+        "sset",
+        "INSERT INTO orchestrator.saga_secrets (saga_id, name, value)
+         SELECT c.saga_id, c.name, c.value
+           FROM unnest(@secret_saga::uuid[], @secret_name::text[], @secret_value::text[])
+             AS c(saga_id, name, value)
+          WHERE c.saga_id IN (SELECT id FROM ok)",
+    ),
+    (
+        "sdel",
+        "DELETE FROM orchestrator.saga_secrets
+          WHERE saga_id = ANY(@ended::uuid[]) AND saga_id IN (SELECT id FROM ok)",
+    ),
+];
 
-pub(super) async fn commit(pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx::Error> {
-    let mut outcome = Outcome::default();
-    if batch.is_empty() {
-        return Ok(outcome);
-    }
-    let n = &batch.new_sagas;
-    let u = &batch.updates;
-    let e = &batch.events;
-    let o = &batch.outbox;
-    let mut set = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut del = (Vec::new(), Vec::new(), Vec::new());
-    for t in &batch.timers {
-        match t {
-            TimerWrite::Set {
-                saga_id,
-                key,
-                at,
-                timer,
-            } => {
-                set.0.push(saga_id.as_uuid());
-                set.1.push(key.as_str());
-                set.2.push(*at);
-                set.3.push(timer.as_str());
+/// What the statement returns: the sagas written or checked, and the outbox rows with their ids.
+const RESULT: &str = "SELECT 0::int4 AS kind, id::text AS key, 0::int8 AS row_id FROM ok
+                      UNION ALL
+                      SELECT 1::int4, msg_id, id FROM ob";
+
+/// A statement whose parameters are named `@name` in its text, numbered once.
+#[derive(Debug)]
+struct Named {
+    text: String,
+    /// `$k` is `names[k - 1]`.
+    names: Vec<String>,
+}
+
+impl Named {
+    fn compile(template: &str) -> Named {
+        let mut text = String::with_capacity(template.len());
+        let mut names: Vec<String> = Vec::new();
+        let mut chars = template.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c != '@' {
+                text.push(c);
+                continue;
             }
-            TimerWrite::Delete {
-                saga_id,
-                key,
-                fire_at,
-            } => {
-                del.0.push(saga_id.as_uuid());
-                del.1.push(key.as_str());
-                del.2.push(*fire_at);
+            let start = i + 1;
+            let mut end = start;
+            while let Some((j, n)) = chars.peek().copied() {
+                if n.is_ascii_alphanumeric() || n == '_' {
+                    end = j + n.len_utf8();
+                    chars.next();
+                } else {
+                    break;
+                }
             }
+            let name = &template[start..end];
+            let k = match names.iter().position(|n| n == name) {
+                Some(k) => k + 1,
+                None => {
+                    names.push(name.to_owned());
+                    names.len()
+                }
+            };
+            text.push_str(&format!("${k}"));
         }
+        Named { text, names }
     }
-    let rows = sqlx::query(COMMIT)
-        .bind(uuids(n.iter().map(|r| &r.id)))
-        .bind(n.iter().map(|r| r.saga_type.as_str()).collect::<Vec<_>>())
-        .bind(n.iter().map(|r| r.state.as_str()).collect::<Vec<_>>())
-        .bind(n.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-        .bind(n.iter().map(|r| r.snapshot.as_str()).collect::<Vec<_>>())
-        .bind(n.iter().map(|r| r.version).collect::<Vec<_>>())
-        .bind(
-            n.iter()
-                .map(|r| r.correlation_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            n.iter()
-                .map(|r| r.idempotency_key.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            n.iter()
-                .map(|r| r.request_hash.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(n.iter().map(|r| r.at).collect::<Vec<_>>())
-        .bind(n.iter().map(|r| r.parked_on.as_deref()).collect::<Vec<_>>())
-        .bind(n.iter().map(|r| r.subject.as_deref()).collect::<Vec<_>>())
-        .bind(uuids(u.iter().map(|r| &r.id)))
-        .bind(u.iter().map(|r| r.old_version).collect::<Vec<_>>())
-        .bind(u.iter().map(|r| r.new_version).collect::<Vec<_>>())
-        .bind(u.iter().map(|r| r.state.as_str()).collect::<Vec<_>>())
-        .bind(u.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-        .bind(u.iter().map(|r| r.snapshot.as_str()).collect::<Vec<_>>())
-        .bind(u.iter().map(|r| r.at).collect::<Vec<_>>())
-        .bind(u.iter().map(|r| r.parked_on.as_deref()).collect::<Vec<_>>())
-        .bind(uuids(e.iter().map(|r| &r.saga_id)))
-        .bind(e.iter().map(|r| r.seq).collect::<Vec<_>>())
-        .bind(e.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>())
-        .bind(e.iter().map(|r| r.input.as_str()).collect::<Vec<_>>())
-        .bind(e.iter().map(|r| r.effects.as_str()).collect::<Vec<_>>())
-        .bind(e.iter().map(|r| r.state_after.as_str()).collect::<Vec<_>>())
-        .bind(e.iter().map(|r| r.at).collect::<Vec<_>>())
-        .bind(e.iter().map(|r| r.blocked.as_deref()).collect::<Vec<_>>())
-        .bind(uuids(o.iter().map(|r| &r.saga_id)))
-        .bind(o.iter().map(|r| r.msg_id.as_str()).collect::<Vec<_>>())
-        .bind(o.iter().map(|r| r.subject.as_str()).collect::<Vec<_>>())
-        .bind(
-            o.iter()
-                .map(|r| r.correlation_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(o.iter().map(|r| r.payload.as_slice()).collect::<Vec<_>>())
-        .bind(Utc::now())
-        .bind(&set.0)
-        .bind(&set.1)
-        .bind(&set.2)
-        .bind(&set.3)
-        .bind(&del.0)
-        .bind(&del.1)
-        .bind(&del.2)
-        .bind(uuids(batch.checks.iter().map(|(id, _)| id)))
-        .bind(batch.checks.iter().map(|(_, v)| *v).collect::<Vec<_>>())
-        .bind(&batch.published)
-        .bind(
-            n.iter()
-                .map(|r| r.idempotency_scope.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(uuids(batch.secrets.iter().map(|(id, _, _)| id)))
-        .bind(
-            batch
-                .secrets
+}
+
+type Bind = Box<dyn FnOnce(&mut PgArguments) -> Result<(), sqlx::error::BoxDynError> + Send>;
+
+/// The values of one run of a [`Named`] statement, by name.
+#[derive(Default)]
+struct Binds(HashMap<String, Bind>);
+
+impl Binds {
+    fn set<T>(&mut self, name: &str, value: T)
+    where
+        T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + 'static,
+    {
+        self.0
+            .insert(name.to_owned(), Box::new(move |args| args.add(value)));
+    }
+
+    fn arguments(mut self, named: &Named) -> Result<PgArguments, sqlx::Error> {
+        let mut args = PgArguments::default();
+        for name in &named.names {
+            let bind = self
+                .0
+                .remove(name)
+                .ok_or_else(|| sqlx::Error::Protocol(format!("no value for @{name}")))?;
+            bind(&mut args).map_err(sqlx::Error::Encode)?;
+        }
+        Ok(args)
+    }
+}
+
+/// The engine's commit: [`PARTS`], plus an upsert per table of the registered saga types' read
+/// models, in one statement, built once per process (so its text, and its prepared plan, are
+/// the same for every batch).
+#[derive(Debug)]
+pub(super) struct CommitStatement {
+    named: Named,
+    /// The tables of the read-model parts, with the name of their parameter.
+    projections: Vec<(&'static str, String)>,
+}
+
+impl CommitStatement {
+    pub(super) fn new(tables: &[ProjectionTable]) -> Self {
+        let mut parts: Vec<(String, String)> = PARTS
+            .iter()
+            .map(|(n, sql)| ((*n).to_owned(), (*sql).to_owned()))
+            .collect();
+        let mut projections = Vec::new();
+        for (i, t) in tables.iter().enumerate() {
+            let param = format!("proj{i}");
+            let columns = t.columns.join(", ");
+            let selected: Vec<String> = t.columns.iter().map(|c| format!("r.{c}")).collect();
+            let updates: Vec<String> = t
+                .columns
                 .iter()
-                .map(|(_, n, _)| n.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            batch
-                .secrets
-                .iter()
-                .map(|(_, _, v)| v.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(uuids(batch.ended.iter()))
-        .fetch_all(pool)
-        .await?;
-    let mut written: HashSet<Uuid> = HashSet::with_capacity(n.len() + u.len());
-    let mut outbox_ids: HashMap<String, i64> = HashMap::with_capacity(o.len());
-    for row in rows {
-        let kind: i32 = row.get(0);
-        let key: String = row.get(1);
-        if kind == 0 {
-            written.insert(key.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?);
-        } else {
-            outbox_ids.insert(key, row.get(2));
+                .filter(|c| !t.key.contains(c))
+                .map(|c| format!("{c} = excluded.{c}"))
+                .collect();
+            let on_conflict = if updates.is_empty() {
+                "DO NOTHING".to_owned()
+            } else {
+                format!("DO UPDATE SET {}", updates.join(", "))
+            };
+            // Typed rows from JSON objects: each value is cast to its column's type.
+            parts.push((
+                format!("p{i}"),
+                format!(
+                    "INSERT INTO {table} AS t ({columns})
+                     SELECT {selected}
+                       FROM unnest(@{param}::text[]) AS j(row),
+                            jsonb_populate_record(NULL::{table}, j.row::jsonb) AS r
+                      WHERE r.saga_id IN (SELECT id FROM ok)
+                     ON CONFLICT ({key}) {on_conflict}",
+                    table = t.table,
+                    selected = selected.join(", "),
+                    key = t.key.join(", "),
+                ),
+            ));
+            projections.push((t.table, param));
+        }
+        let ctes: Vec<String> = parts
+            .iter()
+            .map(|(name, sql)| format!("{name} AS ({sql})"))
+            .collect();
+        let template = format!("WITH {}\n{RESULT}", ctes.join(",\n"));
+        Self {
+            named: Named::compile(&template),
+            projections,
         }
     }
-    outcome.conflicted = u
-        .iter()
-        .map(|r| r.id)
-        .chain(batch.checks.iter().map(|(id, _)| *id))
-        .filter(|id| !written.contains(&id.as_uuid()))
-        .collect();
-    let lost: Vec<&NewSagaRow> = n
-        .iter()
-        .filter(|r| !written.contains(&r.id.as_uuid()))
-        .collect();
-    if !lost.is_empty() {
-        // The batch is committed: a failure to find who holds the keys must not make it look
-        // failed. Those starts wrote nothing; they are run again, like a lost version race.
-        match holders_of(pool, &lost).await {
-            Ok(holders) => outcome.duplicates = holders,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the holders of taken idempotency keys; those starts are retried");
-                outcome.conflicted.extend(lost.iter().map(|r| r.id));
+
+    /// Write `batch`.
+    pub(super) async fn run(&self, pool: &PgPool, batch: Batch) -> Result<Outcome, sqlx::Error> {
+        let mut outcome = Outcome::default();
+        if batch.is_empty() {
+            return Ok(outcome);
+        }
+        let mut b = Binds::default();
+        let n = &batch.new_sagas;
+        b.set("new_id", uuids(n.iter().map(|r| &r.id)));
+        b.set("new_type", strings(n.iter().map(|r| r.saga_type.as_str())));
+        b.set("new_state", strings(n.iter().map(|r| r.state.as_str())));
+        b.set("new_status", strings(n.iter().map(|r| r.status.as_str())));
+        b.set(
+            "new_snapshot",
+            strings(n.iter().map(|r| r.snapshot.as_str())),
+        );
+        b.set(
+            "new_version",
+            n.iter().map(|r| r.version).collect::<Vec<_>>(),
+        );
+        b.set(
+            "new_correlation",
+            strings(n.iter().map(|r| r.correlation_id.as_str())),
+        );
+        b.set(
+            "new_key",
+            n.iter()
+                .map(|r| r.idempotency_key.clone())
+                .collect::<Vec<_>>(),
+        );
+        b.set(
+            "new_hash",
+            n.iter().map(|r| r.request_hash.clone()).collect::<Vec<_>>(),
+        );
+        b.set("new_at", n.iter().map(|r| r.at).collect::<Vec<_>>());
+        b.set(
+            "new_parked",
+            n.iter().map(|r| r.parked_on.clone()).collect::<Vec<_>>(),
+        );
+        b.set(
+            "new_subject",
+            n.iter().map(|r| r.subject.clone()).collect::<Vec<_>>(),
+        );
+        b.set(
+            "new_scope",
+            strings(n.iter().map(|r| r.idempotency_scope.as_str())),
+        );
+        let u = &batch.updates;
+        b.set("upd_id", uuids(u.iter().map(|r| &r.id)));
+        b.set(
+            "upd_old",
+            u.iter().map(|r| r.old_version).collect::<Vec<_>>(),
+        );
+        b.set(
+            "upd_new",
+            u.iter().map(|r| r.new_version).collect::<Vec<_>>(),
+        );
+        b.set("upd_state", strings(u.iter().map(|r| r.state.as_str())));
+        b.set("upd_status", strings(u.iter().map(|r| r.status.as_str())));
+        b.set(
+            "upd_snapshot",
+            strings(u.iter().map(|r| r.snapshot.as_str())),
+        );
+        b.set("upd_at", u.iter().map(|r| r.at).collect::<Vec<_>>());
+        b.set(
+            "upd_parked",
+            u.iter().map(|r| r.parked_on.clone()).collect::<Vec<_>>(),
+        );
+        b.set("chk_id", uuids(batch.checks.iter().map(|(id, _)| id)));
+        b.set(
+            "chk_version",
+            batch.checks.iter().map(|(_, v)| *v).collect::<Vec<_>>(),
+        );
+        let e = &batch.events;
+        b.set("ev_saga", uuids(e.iter().map(|r| &r.saga_id)));
+        b.set("ev_seq", e.iter().map(|r| r.seq).collect::<Vec<_>>());
+        b.set("ev_kind", strings(e.iter().map(|r| r.kind.as_str())));
+        b.set("ev_input", strings(e.iter().map(|r| r.input.as_str())));
+        b.set("ev_effects", strings(e.iter().map(|r| r.effects.as_str())));
+        b.set(
+            "ev_state",
+            strings(e.iter().map(|r| r.state_after.as_str())),
+        );
+        b.set("ev_at", e.iter().map(|r| r.at).collect::<Vec<_>>());
+        b.set(
+            "ev_blocked",
+            e.iter().map(|r| r.blocked.clone()).collect::<Vec<_>>(),
+        );
+        let o = &batch.outbox;
+        b.set("ob_saga", uuids(o.iter().map(|r| &r.saga_id)));
+        b.set("ob_msg", strings(o.iter().map(|r| r.msg_id.as_str())));
+        b.set("ob_subject", strings(o.iter().map(|r| r.subject.as_str())));
+        b.set(
+            "ob_correlation",
+            strings(o.iter().map(|r| r.correlation_id.as_str())),
+        );
+        b.set(
+            "ob_payload",
+            o.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(),
+        );
+        b.set("now", Utc::now());
+        let (mut set_saga, mut set_key, mut set_at, mut set_timer) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut del_saga, mut del_key, mut del_at) = (Vec::new(), Vec::new(), Vec::new());
+        for t in &batch.timers {
+            match t {
+                TimerWrite::Set {
+                    saga_id,
+                    key,
+                    at,
+                    timer,
+                } => {
+                    set_saga.push(saga_id.as_uuid());
+                    set_key.push(key.clone());
+                    set_at.push(*at);
+                    set_timer.push(timer.clone());
+                }
+                TimerWrite::Delete {
+                    saga_id,
+                    key,
+                    fire_at,
+                } => {
+                    del_saga.push(saga_id.as_uuid());
+                    del_key.push(key.clone());
+                    del_at.push(*fire_at);
+                }
             }
         }
-    }
-    for row in batch.outbox {
-        if let Some(id) = outbox_ids.get(&row.msg_id).copied() {
-            outcome
-                .outbox
-                .entry(row.saga_id)
-                .or_default()
-                .push(relay::Message {
-                    id,
-                    subject: row.subject,
-                    msg_id: row.msg_id,
-                    correlation_id: row.correlation_id,
-                    payload: Bytes::from(row.payload),
-                });
+        b.set("tset_saga", set_saga);
+        b.set("tset_key", set_key);
+        b.set("tset_at", set_at);
+        b.set("tset_timer", set_timer);
+        b.set("tdel_saga", del_saga);
+        b.set("tdel_key", del_key);
+        b.set("tdel_at", del_at);
+        b.set("published", batch.published.clone());
+        b.set(
+            "secret_saga",
+            uuids(batch.secrets.iter().map(|(id, _, _)| id)),
+        );
+        b.set(
+            "secret_name",
+            strings(batch.secrets.iter().map(|(_, n, _)| n.as_str())),
+        );
+        b.set(
+            "secret_value",
+            strings(batch.secrets.iter().map(|(_, _, v)| v.as_str())),
+        );
+        b.set("ended", uuids(batch.ended.iter()));
+        for (table, param) in &self.projections {
+            let rows = batch.projections.get(table).cloned().unwrap_or_default();
+            b.set(param, rows);
         }
+        let args = b.arguments(&self.named)?;
+        let rows: Vec<CommitRow> =
+            sqlx::query_as_with(sqlx::AssertSqlSafe(self.named.text.clone()), args)
+                .fetch_all(pool)
+                .await?;
+        let mut written: HashSet<Uuid> = HashSet::with_capacity(n.len() + u.len());
+        let mut outbox_ids: HashMap<String, i64> = HashMap::with_capacity(o.len());
+        for row in rows {
+            if row.kind == 0 {
+                written.insert(
+                    row.key
+                        .parse()
+                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                );
+            } else {
+                outbox_ids.insert(row.key, row.row_id);
+            }
+        }
+        outcome.conflicted = u
+            .iter()
+            .map(|r| r.id)
+            .chain(batch.checks.iter().map(|(id, _)| *id))
+            .filter(|id| !written.contains(&id.as_uuid()))
+            .collect();
+        let lost: Vec<&NewSagaRow> = n
+            .iter()
+            .filter(|r| !written.contains(&r.id.as_uuid()))
+            .collect();
+        if !lost.is_empty() {
+            // The batch is committed: a failure to find who holds the keys must not make it look
+            // failed. Those starts wrote nothing; they are run again, like a lost version race.
+            match holders_of(pool, &lost).await {
+                Ok(holders) => outcome.duplicates = holders,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the holders of taken idempotency keys; those starts are retried");
+                    outcome.conflicted.extend(lost.iter().map(|r| r.id));
+                }
+            }
+        }
+        for row in batch.outbox {
+            if let Some(id) = outbox_ids.get(&row.msg_id).copied() {
+                outcome
+                    .outbox
+                    .entry(row.saga_id)
+                    .or_default()
+                    .push(relay::Message {
+                        id,
+                        subject: row.subject,
+                        msg_id: row.msg_id,
+                        correlation_id: row.correlation_id,
+                        payload: Bytes::from(row.payload),
+                    });
+            }
+        }
+        Ok(outcome)
     }
-    Ok(outcome)
+}
+
+/// A row of the commit's result: a saga written or checked (`kind` 0, its id in `key`), or an
+/// outbox row (`kind` 1, its message id in `key`, its id in `row_id`).
+#[derive(sqlx::FromRow)]
+struct CommitRow {
+    kind: i32,
+    key: String,
+    row_id: i64,
+}
+
+fn strings<'a>(items: impl Iterator<Item = &'a str>) -> Vec<String> {
+    items.map(str::to_owned).collect()
 }
 
 /// The sagas that hold the idempotency keys of new sagas that could not be inserted.

@@ -5,7 +5,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sagas::checkout::{self, PricedLine};
-use sagas::wire::{Address, Customer, Line, OrderId, Quantity, SagaId, Sku};
+use sagas::shop::{Address, Customer, Line, OrderId, Quantity, Sku};
+use sagas::wire::SagaId;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

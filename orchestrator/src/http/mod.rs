@@ -33,6 +33,8 @@ use problem::Problem;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
+    /// The saga types this orchestrator runs.
+    pub registry: Arc<::sagas::api::Registry>,
     pub pool: PgPool,
     pub js: jetstream::Context,
     pub topology: Topology,

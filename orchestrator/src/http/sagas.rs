@@ -24,15 +24,13 @@ pub fn parse_id(raw: &str) -> Result<SagaId, Problem> {
     })
 }
 
-/// The order id of a checkout saga.
+/// The business entity a saga runs for (a checkout's order id).
 pub async fn order_id_of(pool: &PgPool, id: SagaId) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT snapshot -> 'data' ->> 'order_id' FROM orchestrator.sagas WHERE id = $1",
-    )
-    .bind(id.as_uuid())
-    .fetch_optional(pool)
-    .await
-    .map(Option::flatten)
+    sqlx::query_scalar("SELECT subject FROM orchestrator.sagas WHERE id = $1")
+        .bind(id.as_uuid())
+        .fetch_optional(pool)
+        .await
+        .map(Option::flatten)
 }
 
 /// A saga as `GET /sagas/{id}` shows it.
@@ -258,7 +256,7 @@ pub async fn verify(
     let Some((record, events)) = engine::load_record(&state.pool, id).await? else {
         return Err(Problem::not_found(format!("no saga {id}")));
     };
-    let body = match engine::replay(&record.saga_type, id, &events) {
+    let body = match engine::replay(&state.registry, &record.saga_type, id, &events) {
         Ok(replayed) if replayed == record.snapshot => {
             serde_json::json!({ "saga_id": id, "consistent": true, "events": events.len() })
         }

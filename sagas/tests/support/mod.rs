@@ -2,9 +2,13 @@
 #![allow(dead_code)]
 
 use chrono::{DateTime, Duration};
-use sagas::api::{Effect, Env, Input, Saga, SagaType, Status, Timer, Verdict};
+use std::collections::BTreeMap;
+
+use sagas::api::{Effect, Env, FiredTimer, Input, Saga, SagaType, Status, Verdict};
 use sagas::checkout;
-use sagas::wire::{Command, Phase, ReplyOutcome, SagaId, StepOutput, Timestamp};
+use sagas::shop::{inventory, payment, shipping};
+use sagas::stepwise::StepTimer;
+use sagas::wire::{Command, Phase, ReplyOutcome, SagaId, Timestamp};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -39,8 +43,10 @@ pub struct Harness {
     pub start_effects: Vec<Effect>,
     /// The last command dispatched.
     pub in_flight: Option<Command>,
-    /// The armed timer and when it fires.
-    pub timer: Option<(Timer, Timestamp)>,
+    /// The armed timers, by name, and when they fire.
+    pub timers: BTreeMap<String, (FiredTimer, Timestamp)>,
+    /// What the steps said about their health, in order.
+    pub health: Vec<(String, bool)>,
     pub log: Vec<Logged>,
     pub events: Vec<String>,
     /// Steps whose breaker is open, as the engine would pass them.
@@ -64,7 +70,8 @@ impl Harness {
             now: t0(),
             start_effects: effects.clone(),
             in_flight: None,
-            timer: None,
+            timers: BTreeMap::new(),
+            health: Vec::new(),
             log: Vec::new(),
             events: Vec::new(),
             blocked: Default::default(),
@@ -78,9 +85,18 @@ impl Harness {
         for e in effects {
             match e {
                 Effect::Dispatch(c) => self.in_flight = Some(c.clone()),
-                Effect::SetTimer { timer, at } => self.timer = Some((timer.clone(), *at)),
-                Effect::CancelTimer { .. } => self.timer = None,
-                Effect::Emit(ev) => self.events.push(ev.event.name().to_owned()),
+                Effect::SetTimer { name, at, payload } => {
+                    let fired = FiredTimer {
+                        name: name.clone(),
+                        payload: payload.clone(),
+                    };
+                    self.timers.insert(name.clone(), (fired, *at));
+                }
+                Effect::CancelTimer { name } => {
+                    self.timers.remove(name);
+                }
+                Effect::Emit(ev) => self.events.push(ev.name.clone()),
+                Effect::Health { step, ok } => self.health.push((step.clone(), *ok)),
             }
         }
     }
@@ -131,11 +147,33 @@ impl Harness {
         ))
     }
 
-    /// Advance the clock to the armed timer and fire it.
+    /// Advance the clock to the timer that fires first and fire it.
     pub fn fire(&mut self) -> Option<Vec<Effect>> {
-        let (timer, at) = self.timer.clone().expect("a timer armed");
+        let (timer, at) = self
+            .timers
+            .values()
+            .min_by_key(|(_, at)| *at)
+            .cloned()
+            .expect("a timer armed");
+        self.fire_timer(timer, at)
+    }
+
+    /// Advance the clock to the timer `name` and fire it.
+    pub fn fire_named(&mut self, name: &str) -> Option<Vec<Effect>> {
+        let (timer, at) = self.timers.get(name).cloned().expect("the timer is armed");
+        self.fire_timer(timer, at)
+    }
+
+    fn fire_timer(&mut self, timer: FiredTimer, at: Timestamp) -> Option<Vec<Effect>> {
         self.now = self.now.max(at);
+        self.timers.remove(&timer.name);
         self.feed(Input::TimerFired(timer))
+    }
+
+    /// The step timer armed now, as the machine set it.
+    pub fn step_timer(&self) -> Option<StepTimer> {
+        let (fired, _) = self.timers.get("step")?;
+        serde_json::from_value(serde_json::Value::Object(fired.payload.clone())).ok()
     }
 
     pub fn cancel(&mut self) -> Option<Vec<Effect>> {
@@ -180,74 +218,76 @@ impl Harness {
 }
 
 pub fn success_for(cmd: &Command) -> ReplyOutcome {
-    let output = match cmd.body.action() {
-        sagas::wire::Action::ReserveStock => StepOutput::StockReserved {
+    match cmd.action() {
+        "reserve_stock" => ReplyOutcome::succeeded(&inventory::Output::StockReserved {
+            reservation_id: None,
             expires_at: cmd.deadline + Duration::minutes(30),
-        },
-        sagas::wire::Action::ReleaseStock => StepOutput::StockReleased,
-        sagas::wire::Action::CommitStock => StepOutput::StockCommitted,
-        sagas::wire::Action::ChargePayment => StepOutput::PaymentCharged {
+        }),
+        "release_stock" => ReplyOutcome::succeeded(&inventory::Output::StockReleased),
+        "commit_stock" => ReplyOutcome::succeeded(&inventory::Output::StockCommitted),
+        "charge_payment" => ReplyOutcome::succeeded(&payment::Output::PaymentCharged {
             charge_id: Uuid::from_u128(9),
             processor_ref: "ch_1".into(),
-        },
-        sagas::wire::Action::RefundPayment => StepOutput::PaymentRefunded { refund_id: None },
-        sagas::wire::Action::CreateShipment => StepOutput::ShipmentCreated {
+        }),
+        "refund_payment" => {
+            ReplyOutcome::succeeded(&payment::Output::PaymentRefunded { refund_id: None })
+        }
+        "create_shipment" => ReplyOutcome::succeeded(&shipping::Output::ShipmentCreated {
             shipment_id: Uuid::from_u128(10),
             tracking_number: "TRK1".into(),
-        },
-        sagas::wire::Action::CancelShipment => StepOutput::ShipmentCancelled,
-    };
-    ReplyOutcome::Succeeded { output }
+        }),
+        "cancel_shipment" => ReplyOutcome::succeeded(&shipping::Output::ShipmentCancelled),
+        other => panic!("no such action {other}"),
+    }
 }
 
-/// A compact, readable form of effects, relative to `now`, for the tables.
+/// A compact, readable form of effects, relative to `now`, for the tables. (Health reports are
+/// left out: they are checked on their own.)
 pub fn describe(effects: &[Effect], now: Timestamp) -> Vec<String> {
     effects
         .iter()
-        .map(|e| match e {
-            Effect::Dispatch(c) if c.dispatch > 0 => format!(
-                "redispatch {} {} #{}.{}",
-                c.body.action().as_str(),
-                phase(c.phase),
-                c.attempt,
-                c.dispatch
-            ),
-            Effect::Dispatch(c) => format!(
-                "dispatch {} {} #{}",
-                c.body.action().as_str(),
-                phase(c.phase),
-                c.attempt
-            ),
-            Effect::SetTimer { timer, at } => {
-                let ms = (*at - now).num_milliseconds();
-                match timer {
-                    Timer::StepDeadline {
-                        step,
-                        phase: p,
-                        attempt,
-                        dispatch: 0,
-                    } => format!("deadline {step} {} #{attempt} +{ms}ms", phase(*p)),
-                    Timer::StepDeadline {
-                        step,
-                        phase: p,
-                        attempt,
-                        dispatch,
-                    } => format!(
-                        "deadline {step} {} #{attempt}.{dispatch} +{ms}ms",
-                        phase(*p)
-                    ),
-                    Timer::StepRetry {
-                        step,
-                        phase: p,
-                        attempt,
-                    } => {
-                        let _ = ms;
-                        format!("retry {step} {} #{attempt}", phase(*p))
+        .filter_map(|e| {
+            Some(match e {
+                Effect::Dispatch(c) if c.dispatch > 0 => format!(
+                    "redispatch {} {} #{}.{}",
+                    c.action(),
+                    phase(c.phase),
+                    c.attempt,
+                    c.dispatch
+                ),
+                Effect::Dispatch(c) => {
+                    format!("dispatch {} {} #{}", c.action(), phase(c.phase), c.attempt)
+                }
+                Effect::SetTimer { at, payload, .. } => {
+                    let ms = (*at - now).num_milliseconds();
+                    let timer: StepTimer =
+                        serde_json::from_value(serde_json::Value::Object(payload.clone()))
+                            .expect("a step timer");
+                    match timer {
+                        StepTimer::StepDeadline {
+                            step,
+                            phase: p,
+                            attempt,
+                            dispatch: 0,
+                        } => format!("deadline {step} {} #{attempt} +{ms}ms", phase(p)),
+                        StepTimer::StepDeadline {
+                            step,
+                            phase: p,
+                            attempt,
+                            dispatch,
+                        } => format!("deadline {step} {} #{attempt}.{dispatch} +{ms}ms", phase(p)),
+                        StepTimer::StepRetry {
+                            step,
+                            phase: p,
+                            attempt,
+                        } => format!("retry {step} {} #{attempt}", phase(p)),
+                        StepTimer::Sla { step } => format!("sla {step} +{ms}ms"),
                     }
                 }
-            }
-            Effect::CancelTimer { key } => format!("cancel timer {key}"),
-            Effect::Emit(ev) => format!("emit {}", ev.event.name()),
+                Effect::CancelTimer { name } => format!("cancel timer {name}"),
+                Effect::Emit(ev) => format!("emit {}", ev.name),
+                Effect::Health { .. } => return None,
+            })
         })
         .collect()
 }
@@ -264,10 +304,9 @@ pub fn retry_delay_ms(effects: &[Effect], now: Timestamp) -> i64 {
     effects
         .iter()
         .find_map(|e| match e {
-            Effect::SetTimer {
-                timer: Timer::StepRetry { .. },
-                at,
-            } => Some((*at - now).num_milliseconds()),
+            Effect::SetTimer { at, payload, .. } if payload["timer"] == "step_retry" => {
+                Some((*at - now).num_milliseconds())
+            }
             _ => None,
         })
         .expect("a retry timer")
