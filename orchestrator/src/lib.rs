@@ -15,6 +15,7 @@
 
 pub mod breakers;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod http;
@@ -22,6 +23,8 @@ pub mod metrics;
 pub mod privacy;
 pub mod relay;
 pub mod replies;
+pub mod signals;
+pub mod starts;
 pub mod startup;
 pub mod timers;
 pub mod topology;

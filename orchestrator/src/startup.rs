@@ -49,7 +49,7 @@ impl Application {
             settings.nats.replicas,
             config::ms(settings.replies.ack_wait_ms),
             settings.replies.max_deliver,
-            registry.services(),
+            &registry,
         );
         // Right after a NATS restart the connection may be up before JetStream answers: retry
         // for a while, as for the connection itself, rather than exit.
@@ -151,6 +151,24 @@ impl Application {
             state.metrics.clone(),
         );
         let replies = tokio::spawn(replies.run(shutdown.clone()));
+        let signals = crate::signals::SignalConsumer::new(
+            state.engine.clone(),
+            state.pool.clone(),
+            state.js.clone(),
+            state.topology.clone(),
+            state.settings.replies.concurrency,
+            state.metrics.clone(),
+        );
+        let signals = tokio::spawn(signals.run(shutdown.clone()));
+        let starts = crate::starts::StartConsumer::new(
+            state.engine.clone(),
+            state.registry.clone(),
+            state.js.clone(),
+            state.topology.clone(),
+            state.settings.replies.concurrency,
+            state.metrics.clone(),
+        );
+        let starts = tokio::spawn(starts.run(shutdown.clone()));
         let timers = TimerLoop::new(
             state.pool.clone(),
             state.engine.clone(),
@@ -190,6 +208,8 @@ impl Application {
         tracing::info!("HTTP stopped; finishing replies and timers in hand");
         release.await.ok();
         replies.await.ok();
+        signals.await.ok();
+        starts.await.ok();
         timers.await.ok();
         unparker.await.ok();
         maintenance.await.ok();

@@ -52,6 +52,8 @@ pub struct Topology {
     reply_max_deliver: i64,
     /// The worker pools of the registered saga types: a command consumer each.
     services: Vec<&'static str>,
+    /// Whether a registered saga type is started by events (then their consumer is declared).
+    started_by_events: bool,
 }
 
 impl Topology {
@@ -60,14 +62,15 @@ impl Topology {
         replicas: usize,
         reply_ack_wait: Duration,
         reply_max_deliver: i64,
-        services: Vec<&'static str>,
+        registry: &sagas::api::Registry,
     ) -> Self {
         Self {
             subjects,
             replicas,
             reply_ack_wait,
             reply_max_deliver,
-            services,
+            services: registry.services(),
+            started_by_events: registry.types().any(|t| !t.triggers().is_empty()),
         }
     }
 
@@ -158,6 +161,19 @@ impl Topology {
                     s.command(service),
                     Duration::from_secs(30),
                     50,
+                ),
+            ));
+        }
+        // Events that start sagas (only the orchestrator knows which: its registered types'
+        // triggers), read from the same stream as every subscriber.
+        if self.started_by_events {
+            all.push((
+                streams::EVENTS,
+                self.consumer(
+                    consumers::STARTS,
+                    s.events(),
+                    self.reply_ack_wait,
+                    self.reply_max_deliver,
                 ),
             ));
         }

@@ -239,6 +239,24 @@ impl Clone for Box<dyn Saga> {
     }
 }
 
+/// A domain event that starts sagas of a type: when it is published, the orchestrator starts
+/// one saga per the key [`SagaType::start_on`] gives (so a redelivered or duplicated event
+/// never starts a second).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trigger {
+    /// The service that publishes it, e.g. `order`.
+    pub source: &'static str,
+    /// Its type, e.g. `OrderConfirmed`.
+    pub event: &'static str,
+}
+
+/// What an event starts: a saga with this start request, once per `key` (within its type).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventStart {
+    pub key: String,
+    pub request: serde_json::Value,
+}
+
 /// A step of a saga type, as the engine and the operators see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepInfo {
@@ -257,6 +275,14 @@ pub trait SagaType: Send + Sync + 'static {
     /// The tables of its read model.
     fn projections(&self) -> &'static [ProjectionTable] {
         &[]
+    }
+    /// The domain events that start sagas of this type.
+    fn triggers(&self) -> &'static [Trigger] {
+        &[]
+    }
+    /// The saga `event` (one of [`SagaType::triggers`]) starts, if it starts one.
+    fn start_on(&self, _event: &Event) -> Option<EventStart> {
+        None
     }
     /// Start a new instance from its start request. The effects are those of entering the first
     /// step.
@@ -322,6 +348,17 @@ impl Registry {
         services.sort_unstable();
         services.dedup();
         services
+    }
+
+    /// The registered types an event of `source` and type `name` starts.
+    pub fn triggered_by(&self, source: &str, name: &str) -> Vec<&'static dyn SagaType> {
+        self.types()
+            .filter(|t| {
+                t.triggers()
+                    .iter()
+                    .any(|tr| tr.source == source && tr.event == name)
+            })
+            .collect()
     }
 
     /// Every read-model table of the registered types.

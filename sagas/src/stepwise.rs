@@ -50,7 +50,8 @@ use statig::blocking::StateMachine;
 use statig::prelude::*;
 
 use crate::api::{
-    self, Effect, Env, FiredTimer, Input, ProjectionRow, ProjectionTable, Status, StepInfo, Verdict,
+    self, Effect, Env, EventStart, FiredTimer, Input, ProjectionRow, ProjectionTable, Status,
+    StepInfo, Trigger, Verdict,
 };
 use crate::policy::{self, Policy, StepPolicy, StepPolicyOverride};
 use crate::wire::{
@@ -136,6 +137,8 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
     const NAME: &'static str;
     /// The tables of its read model ([`Definition::project`] writes their rows).
     const PROJECTIONS: &'static [ProjectionTable] = &[];
+    /// The domain events that start it ([`Definition::start_on`] says with what).
+    const TRIGGERS: &'static [Trigger] = &[];
     /// What the saga carries from its start to its end.
     type Data: Clone + Debug + PartialEq + Serialize + DeserializeOwned + Send + Sync;
     /// The start request as the engine receives it (JSON).
@@ -173,6 +176,11 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
     /// The business entity the saga runs for (for a checkout, its order id): stored and
     /// indexed with the saga so it can be found by it.
     fn subject(_data: &Self::Data) -> Option<String> {
+        None
+    }
+    /// The saga `event` starts (one of [`Definition::TRIGGERS`]): its key (one saga per key)
+    /// and its start request.
+    fn start_on(_event: &Event) -> Option<EventStart> {
         None
     }
     /// The saga's rows in the tables of [`Definition::PROJECTIONS`], as it stands now.
@@ -1762,6 +1770,14 @@ impl<D: Definition> api::SagaType for Type<D> {
 
     fn projections(&self) -> &'static [ProjectionTable] {
         D::PROJECTIONS
+    }
+
+    fn triggers(&self) -> &'static [Trigger] {
+        D::TRIGGERS
+    }
+
+    fn start_on(&self, event: &Event) -> Option<EventStart> {
+        D::start_on(event)
     }
 
     fn start(

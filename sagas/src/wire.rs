@@ -361,6 +361,8 @@ pub mod consumers {
     pub const REPLIES: &str = "orchestrator";
     /// The orchestrators' signal consumer.
     pub const SIGNALS: &str = "orchestrator-signals";
+    /// The orchestrators' consumer of the domain events that start sagas.
+    pub const STARTS: &str = "orchestrator-starts";
     /// The notification service's consumer of domain events.
     pub const NOTIFICATION_EVENTS: &str = "notification";
     /// Consumers that earlier versions declared and that nothing reads any more, with the

@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod courier;
+
+use sagas::api::Registry;
 use sagas::wire::SagaId;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -72,6 +75,14 @@ pub struct Options {
     pub nats_url: Option<String>,
     /// Which workers to start.
     pub workers: Vec<&'static str>,
+    /// The orchestrator binary (the shop's, or the suite's `test-orchestrator`).
+    pub orchestrator_binary: &'static str,
+    /// The saga types that binary runs (for replaying their logs).
+    pub registry: fn() -> Registry,
+    /// Worker binaries of other services to start (configured like the shop's workers).
+    pub extra_workers: Vec<&'static str>,
+    /// SQL run on the test's database after the migrations (tables of the suite's own types).
+    pub setup_sql: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -82,6 +93,10 @@ impl Default for Options {
             worker_env: Vec::new(),
             nats_url: None,
             workers: WORKERS.to_vec(),
+            orchestrator_binary: "orchestrator",
+            registry: sagas::shop_types,
+            extra_workers: Vec::new(),
+            setup_sql: None,
         }
     }
 }
@@ -91,6 +106,17 @@ impl Options {
     pub fn without_workers() -> Self {
         Self {
             workers: Vec::new(),
+            ..Self::default()
+        }
+    }
+
+    /// The suite's own orchestrator and `courier` worker, beside the shop's workers.
+    pub fn with_courier() -> Self {
+        Self {
+            orchestrator_binary: "test-orchestrator",
+            registry: courier::registry,
+            extra_workers: vec!["courier-worker"],
+            setup_sql: Some(courier::SCHEMA),
             ..Self::default()
         }
     }
@@ -155,6 +181,12 @@ impl App {
             .await
             .expect("migrations apply");
         seed(&pool).await;
+        if let Some(sql) = options.setup_sql {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(&pool)
+                .await
+                .expect("the test's own tables");
+        }
         let logs = std::env::current_exe()
             .expect("exe")
             .parent()
@@ -192,6 +224,9 @@ impl App {
         for w in app.options.workers.clone() {
             app.start(w);
         }
+        for w in app.options.extra_workers.clone() {
+            app.start(w);
+        }
         app
     }
 
@@ -224,16 +259,21 @@ impl App {
                 } else {
                     self.http_port_b
                 };
-                let mut c = Command::new(binary("orchestrator"));
+                let mut c = Command::new(binary(self.options.orchestrator_binary));
                 c.envs(self.common_env());
                 c.env("SAGA_HTTP__PORT", port.to_string());
                 c.envs(self.options.orchestrator_env.clone());
                 c
             }
             worker => {
-                assert!(WORKERS.contains(&worker), "unknown process {worker}");
-                let mut c = Command::new(binary("worker"));
-                c.arg(worker);
+                let mut c = if self.options.extra_workers.contains(&worker) {
+                    Command::new(binary(worker))
+                } else {
+                    assert!(WORKERS.contains(&worker), "unknown process {worker}");
+                    let mut c = Command::new(binary("worker"));
+                    c.arg(worker);
+                    c
+                };
                 c.envs(self.common_env());
                 c.env("SAGA_WORKER__MODE", self.options.mode);
                 c.env("SAGA_WORKER__CONCURRENCY", "32");
@@ -467,9 +507,13 @@ impl App {
                 .await
                 .expect("load")
                 .expect("exists");
-            let replayed =
-                orchestrator::engine::replay(&sagas::shop_types(), &record.saga_type, id, &events)
-                    .unwrap_or_else(|e| panic!("saga {id}: {e}"));
+            let replayed = orchestrator::engine::replay(
+                &(self.options.registry)(),
+                &record.saga_type,
+                id,
+                &events,
+            )
+            .unwrap_or_else(|e| panic!("saga {id}: {e}"));
             assert_eq!(
                 replayed, record.snapshot,
                 "saga {id}: replay differs from the stored snapshot"
@@ -508,7 +552,7 @@ impl Drop for App {
                 if shared_nats && let Ok(client) = async_nats::connect(&nats).await {
                     let js = async_nats::jetstream::new(client);
                     let prefix = name.to_ascii_uppercase();
-                    for role in ["COMMANDS", "REPLIES", "EVENTS", "DEAD_LETTERS"] {
+                    for role in ["COMMANDS", "REPLIES", "EVENTS", "DEAD_LETTERS", "SIGNALS"] {
                         let _ = js.delete_stream(format!("{prefix}_{role}")).await;
                     }
                 }

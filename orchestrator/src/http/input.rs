@@ -84,6 +84,50 @@ pub fn email(errors: &mut Vec<FieldError>, pointer: &str, value: &str) -> String
     address
 }
 
+/// A signal's name: 1 to 64 characters of `a-z`, `0-9` and `_`, as the saga types name them.
+pub fn signal_name(name: &str) -> Result<(), String> {
+    if !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "a signal name is 1 to 64 characters of a-z, 0-9 and _, got {name:?}"
+        ))
+    }
+}
+
+/// Every text of a JSON document (its strings and its keys) follows the rules of a stored text
+/// (no control characters; at most 2,000 characters each), and it nests at most 16 deep:
+/// a signal's payload is stored with its saga. `Err` names the first that does not, by its
+/// JSON pointer.
+pub fn json_texts(doc: &serde_json::Value) -> Result<(), String> {
+    fn walk(v: &serde_json::Value, at: &str, depth: usize) -> Result<(), String> {
+        if depth > 16 {
+            return Err(format!("{at}: nests deeper than 16 levels"));
+        }
+        match v {
+            serde_json::Value::String(s) => {
+                check(s, 2_000, true).map_err(|why| format!("{at}: {why}"))
+            }
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, x)| walk(x, &format!("{at}/{i}"), depth + 1)),
+            serde_json::Value::Object(map) => map.iter().try_for_each(|(k, x)| {
+                let key = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
+                check(k, 200, true).map_err(|why| format!("{key}: the key {why}"))?;
+                walk(x, &key, depth + 1)
+            }),
+            _ => Ok(()),
+        }
+    }
+    walk(doc, "", 0)
+}
+
 /// A header that carries an identifier the service stores (`Idempotency-Key`,
 /// `X-Correlation-Id`): 1 to `max` visible ASCII characters. `None` when it is absent; a
 /// problem (422, naming the header) when it is there but breaks the rule.

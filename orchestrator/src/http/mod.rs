@@ -7,6 +7,7 @@ pub mod health;
 pub mod input;
 pub mod problem;
 pub mod sagas;
+pub mod signals;
 pub mod wait;
 
 use std::sync::Arc;
@@ -58,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sagas/{id}", get(sagas::get))
         .route("/sagas/{id}/cancel", post(sagas::cancel))
         .route("/sagas/{id}/verify", get(sagas::verify))
+        .route("/sagas/{id}/signals/{name}", post(signals::send))
         .route("/breakers", get(breakers::list))
         .route("/breakers/{step}", axum::routing::put(breakers::force))
         .route("/metrics", get(breakers::metrics))

@@ -312,6 +312,20 @@ pub fn parse_query<T: DeserializeOwned + Default>(raw: Option<&str>) -> Result<T
     })
 }
 
+/// The two parameters of a path (`/sagas/{id}/signals/{name}`), whose rejection is a problem.
+pub struct PathPair(pub String, pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathPair {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path((a, b))| PathPair(a, b))
+            .map_err(|r| Problem::bad_request("invalid-path", "Invalid path", r.body_text()))
+    }
+}
+
 /// The one parameter of a path (`/sagas/{id}`), whose rejection (a segment that is not valid
 /// percent-encoded UTF-8) is a problem too.
 pub struct PathParam(pub String);

@@ -44,6 +44,8 @@ pub struct SagaView {
     pub steps: serde_json::Value,
     pub failure: serde_json::Value,
     pub cancel_reason: serde_json::Value,
+    /// Every signal the saga received, with what became of it (applied, buffered, ignored).
+    pub signals: serde_json::Value,
     /// Every input the saga applied, in order, with the effects it produced.
     pub events: Vec<EventRow>,
 }
@@ -120,6 +122,10 @@ pub async fn get(
         steps: complete_steps(field("steps")),
         failure: field("failure"),
         cancel_reason: field("cancel_reason"),
+        signals: match field("signals") {
+            serde_json::Value::Null => serde_json::json!([]),
+            signals => signals,
+        },
         events,
     };
     // Every reader is public until the API authenticates operators.

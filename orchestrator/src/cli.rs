@@ -1,0 +1,126 @@
+//! The orchestrator's command line: `serve` (the default), `migrate`, `config`,
+//! `catalog load`, `delete-streams`. The binary is a thin `main` around [`main`].
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use runtime::shutdown::cancel_on_signal;
+use sagas::api::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::startup::Application;
+
+/// The saga orchestrator. Configuration: see orchestrator/config/default.toml; override with
+/// SAGA_CONFIG=<file>, SAGA_<SECTION>__<KEY>=<value>, DATABASE_URL and NATS_URL.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the orchestrator (the default).
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Print the effective configuration (secrets redacted) and exit.
+    Config,
+    /// Manage the product catalogue.
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+    /// Delete this deployment's JetStream streams (and their messages). For test and
+    /// benchmark resets; the next start declares them again.
+    DeleteStreams,
+}
+
+#[derive(Subcommand)]
+enum CatalogCommand {
+    /// Load (or reload) products and their stock from a JSON file.
+    Load { file: PathBuf },
+}
+
+/// Run the orchestrator command line with the saga types of `registry`: the shop's binary
+/// passes [`sagas::shop_types`]; another deployment (or a test) builds its own binary that
+/// passes its own, and nothing else changes.
+pub fn main(registry: Registry) -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    runtime::telemetry::init(settings.log.format, &settings.log.level);
+    let runtime = match settings.runtime.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, settings, registry)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "orchestrator failed");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, settings: Settings, registry: Registry) -> anyhow::Result<()> {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let app = Application::build(settings, registry).await?;
+            let shutdown = CancellationToken::new();
+            cancel_on_signal(shutdown.clone());
+            app.run_until_stopped(shutdown).await
+        }
+        Command::Migrate => {
+            runtime::db::connect(&settings.database, "saga-orchestrator").await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Config => {
+            println!("{settings:#?}");
+            Ok(())
+        }
+        Command::DeleteStreams => {
+            let (_client, js) =
+                runtime::nats::connect(&settings.nats.url, "orchestrator-admin").await?;
+            let topology = crate::topology::Topology::new(
+                settings.subjects(),
+                settings.nats.replicas,
+                crate::config::ms(settings.replies.ack_wait_ms),
+                settings.replies.max_deliver,
+                &registry,
+            );
+            for stream in topology.streams() {
+                match js.delete_stream(&stream.name).await {
+                    Ok(_) => println!("deleted {}", stream.name),
+                    Err(e) => println!("{}: {e}", stream.name),
+                }
+            }
+            Ok(())
+        }
+        Command::Catalog {
+            command: CatalogCommand::Load { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let catalogue: crate::catalog::CatalogueFile = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a valid catalogue", file.display()))?;
+            let pool = runtime::db::connect(&settings.database, "saga-orchestrator").await?;
+            let n = crate::catalog::load(&pool, &catalogue).await?;
+            println!("loaded {n} variants from {}", file.display());
+            Ok(())
+        }
+    }
+}

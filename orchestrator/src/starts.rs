@@ -1,0 +1,124 @@
+//! Sagas started by domain events: the consumer of the events stream that starts, for each
+//! event a registered saga type is triggered by ([`sagas::api::SagaType::triggers`]), the saga
+//! the type makes of it. A start is idempotent per type and key (the key the type derives from
+//! the event, e.g. the order id): a redelivered or duplicated event finds the saga it started
+//! and starts no second one. Events that start nothing are acknowledged and skipped; an event
+//! that cannot be read is dead-lettered; one whose start fails for now comes back later.
+
+use async_nats::jetstream;
+use runtime::consume::{self, DeadLetters};
+use sagas::api::Registry;
+use sagas::wire::{Event, consumers, headers};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::engine::{self, Engine, Idempotency, NewSaga};
+use crate::metrics::Metrics;
+use crate::topology::{Topology, streams};
+
+const ORIGIN: &str = "starts";
+
+pub struct StartConsumer {
+    engine: Engine,
+    registry: Arc<Registry>,
+    js: jetstream::Context,
+    topology: Topology,
+    dead_letters: DeadLetters,
+    concurrency: usize,
+    metrics: Metrics,
+}
+
+impl StartConsumer {
+    pub fn new(
+        engine: Engine,
+        registry: Arc<Registry>,
+        js: jetstream::Context,
+        topology: Topology,
+        concurrency: usize,
+        metrics: Metrics,
+    ) -> Self {
+        let dead_letters = DeadLetters::new(js.clone(), topology.subjects().clone());
+        Self {
+            engine,
+            registry,
+            js,
+            topology,
+            dead_letters,
+            concurrency,
+            metrics,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        if self.registry.types().all(|t| t.triggers().is_empty()) {
+            // Nothing is started by events: the consumer is not read (it keeps its place).
+            return;
+        }
+        let stream = self.topology.stream_name(streams::EVENTS);
+        let this = &self;
+        consume::consume(
+            self.js.clone(),
+            stream,
+            consumers::STARTS,
+            self.concurrency,
+            shutdown,
+            |msg, max_deliver| async move { this.handle(msg, max_deliver).await },
+        )
+        .await;
+    }
+
+    async fn handle(&self, msg: jetstream::Message, max_deliver: i64) {
+        let correlation_id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::CORRELATION_ID))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_else(runtime::telemetry::new_correlation_id);
+        let span = tracing::info_span!("start", correlation_id = %correlation_id);
+        async move {
+            let event: Event = match serde_json::from_slice(&msg.payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    if consume::dead_letter(&self.dead_letters, ORIGIN, &msg, &format!("not an event: {e}")).await {
+                        self.metrics.dead_letter(ORIGIN);
+                    }
+                    return;
+                }
+            };
+            for t in self.registry.triggered_by(&event.source, &event.name) {
+                let Some(start) = t.start_on(&event) else { continue };
+                let request_hash = Sha256::digest(start.request.to_string()).to_vec();
+                let new = NewSaga {
+                    saga_type: t.name().to_owned(),
+                    request: start.request,
+                    correlation_id: correlation_id.clone(),
+                    idempotency: Some(Idempotency {
+                        scope: format!("event:{}", t.name()),
+                        key: start.key,
+                        request_hash,
+                    }),
+                    secrets: Vec::new(),
+                };
+                match self.engine.start(new).await {
+                    Ok(started) => tracing::info!(saga_type = t.name(), event = %event.name, ?started, "saga started by an event"),
+                    // The type cannot make a saga of this event: a defect of the type or of
+                    // the event, not something a redelivery fixes.
+                    Err(e @ engine::Error::InvalidStart(_)) => {
+                        tracing::error!(saga_type = t.name(), event = %event.name, error = %e, "an event could not start its saga");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "saga not started; the event comes back");
+                        return consume::retry_later(&self.dead_letters, ORIGIN, &msg, max_deliver, &e.to_string()).await;
+                    }
+                }
+            }
+            if let Err(e) = msg.ack().await {
+                tracing::warn!(error = %e, "could not acknowledge an event; it comes back and starts nothing twice");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
