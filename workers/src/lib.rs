@@ -24,3 +24,4 @@ pub mod payment;
 pub mod run;
 pub mod shipping;
 pub mod simulator;
+pub mod thirdparty;
