@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use sagas::shop::{Currency, Money, Sku};
 use serde::Deserialize;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 pub struct Catalog {
@@ -45,25 +45,24 @@ impl Catalog {
         if missing.is_empty() {
             return Ok(found);
         }
-        let rows = sqlx::query(
+        let rows = sqlx::query!(
             "SELECT sku, price_minor, currency FROM inventory.variants WHERE sku = ANY($1)",
+            &missing,
         )
-        .bind(&missing)
         .fetch_all(&self.pool)
         .await?;
         let mut cache = self.cache.lock().expect("catalog cache lock");
         for row in rows {
-            let sku: String = row.get(0);
-            let currency: String = row.get(2);
-            let (Ok(parsed), Ok(currency)) = (Sku::parse(&sku), Currency::parse(&currency)) else {
-                tracing::error!(sku, "catalogue row is invalid");
+            let (Ok(parsed), Ok(currency)) = (Sku::parse(&row.sku), Currency::parse(&row.currency))
+            else {
+                tracing::error!(sku = row.sku, "catalogue row is invalid");
                 continue;
             };
             let price = Money {
-                minor: row.get(1),
+                minor: row.price_minor,
                 currency,
             };
-            cache.insert(sku, (price.clone(), now));
+            cache.insert(row.sku, (price.clone(), now));
             found.insert(parsed, price);
         }
         Ok(found)
@@ -131,13 +130,13 @@ pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, LoadErro
     let mut tx = pool.begin().await?;
     let mut variants = 0;
     for p in &file.products {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO inventory.products (id, name, description) VALUES ($1, $2, $3)
              ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description",
+            p.id,
+            &p.name,
+            &p.description,
         )
-        .bind(p.id)
-        .bind(&p.name)
-        .bind(&p.description)
         .execute(&mut *tx)
         .await?;
         for v in &p.variants {
@@ -145,13 +144,13 @@ pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, LoadErro
             // Lock the row first, so that the stock it had and the stock it gets are read
             // under the same lock (a reservation consumed in between would make the audited
             // adjustment differ from the change).
-            let before: Option<i32> = sqlx::query_scalar(
+            let before: Option<i32> = sqlx::query_scalar!(
                 "SELECT quantity FROM inventory.variants WHERE sku = $1 FOR UPDATE",
+                v.sku.as_str(),
             )
-            .bind(v.sku.as_str())
             .fetch_optional(&mut *tx)
             .await?;
-            let after: i32 = sqlx::query_scalar(
+            let after: i32 = sqlx::query_scalar!(
                 "INSERT INTO inventory.variants (sku, product_id, name, price_minor, currency, quantity, reserved)
                  VALUES ($1, $2, $3, $4, $5, $6, 0)
                  ON CONFLICT (sku) DO UPDATE
@@ -159,23 +158,23 @@ pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, LoadErro
                         price_minor = excluded.price_minor, currency = excluded.currency,
                         quantity = inventory.variants.reserved + $6, updated_at = now()
                  RETURNING quantity",
+                v.sku.as_str(),
+                p.id,
+                &v.name,
+                v.price.minor,
+                v.price.currency.as_str(),
+                available,
             )
-            .bind(v.sku.as_str())
-            .bind(p.id)
-            .bind(&v.name)
-            .bind(v.price.minor)
-            .bind(v.price.currency.as_str())
-            .bind(available)
             .fetch_one(&mut *tx)
             .await?;
             let delta = after - before.unwrap_or(0);
             if delta != 0 {
-                sqlx::query(
+                sqlx::query!(
                     "INSERT INTO inventory.stock_movements (sku, kind, quantity_delta, reserved_delta, note)
                      VALUES ($1, 'adjust', $2, 0, 'catalogue load')",
+                    v.sku.as_str(),
+                    delta,
                 )
-                .bind(v.sku.as_str())
-                .bind(delta)
                 .execute(&mut *tx)
                 .await?;
             }

@@ -21,7 +21,7 @@ use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMes
 use bytes::Bytes;
 use futures::future::join_all;
 use sagas::wire::headers;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -170,27 +170,19 @@ impl Relay {
     async fn scan_once(&self, grace: Duration) -> Result<usize, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let cutoff = chrono::Utc::now() - grace;
-        let rows = sqlx::query(
+        // Read straight into messages, by column name (the payload's bytes become `Bytes`).
+        let messages = sqlx::query_as!(
+            Message,
             "SELECT id, subject, msg_id, correlation_id, payload FROM orchestrator.outbox
               WHERE created_at <= $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+            cutoff,
+            self.settings.max_batch as i64,
         )
-        .bind(cutoff)
-        .bind(self.settings.max_batch as i64)
         .fetch_all(&mut *tx)
         .await?;
-        if rows.is_empty() {
+        if messages.is_empty() {
             return Ok(0);
         }
-        let messages: Vec<Message> = rows
-            .iter()
-            .map(|r| Message {
-                id: r.get(0),
-                subject: r.get(1),
-                msg_id: r.get(2),
-                correlation_id: r.get(3),
-                payload: Bytes::from(r.get::<Vec<u8>, _>(4)),
-            })
-            .collect();
         let found = messages.len();
         let done = self.publish(&messages).await;
         self.metrics.published(done.len(), found - done.len(), true);
@@ -252,8 +244,7 @@ impl Relay {
 }
 
 async fn delete<'e>(executor: impl sqlx::PgExecutor<'e>, ids: &[i64]) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM orchestrator.outbox WHERE id = ANY($1)")
-        .bind(ids)
+    sqlx::query!("DELETE FROM orchestrator.outbox WHERE id = ANY($1)", ids)
         .execute(executor)
         .await?;
     Ok(())

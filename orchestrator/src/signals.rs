@@ -36,12 +36,12 @@ pub async fn resolve(pool: &PgPool, target: &SignalTarget) -> Result<Option<Saga
     match target {
         SignalTarget::Saga { saga_id } => Ok(Some(*saga_id)),
         SignalTarget::Subject { saga_type, subject } => {
-            let id: Option<uuid::Uuid> = sqlx::query_scalar(
+            let id = sqlx::query_scalar!(
                 "SELECT id FROM orchestrator.sagas WHERE saga_type = $1 AND subject = $2
                   ORDER BY id DESC LIMIT 1",
+                saga_type,
+                subject,
             )
-            .bind(saga_type)
-            .bind(subject)
             .fetch_optional(pool)
             .await?;
             Ok(id.map(SagaId::from_uuid))

@@ -9,7 +9,7 @@
 use futures::future::join_all;
 use sagas::api::{FiredTimer as Due, Input};
 use sagas::wire::SagaId;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
@@ -63,7 +63,7 @@ impl TimerLoop {
     pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
         let now = chrono::Utc::now();
         let lease = now + config::ms(self.settings.lease_ms);
-        let rows = sqlx::query(
+        let rows = sqlx::query!(
             "UPDATE orchestrator.timers t SET leased_until = $2
                FROM (SELECT saga_id, key FROM orchestrator.timers
                       WHERE fire_at <= $1 AND (leased_until IS NULL OR leased_until < $1)
@@ -71,20 +71,18 @@ impl TimerLoop {
                       FOR UPDATE SKIP LOCKED) due
               WHERE t.saga_id = due.saga_id AND t.key = due.key
           RETURNING t.saga_id, t.key, t.fire_at, t.timer",
+            now,
+            lease,
+            self.settings.max_batch,
         )
-        .bind(now)
-        .bind(lease)
-        .bind(self.settings.max_batch)
         .fetch_all(&self.pool)
         .await?;
         let claimed = rows.len();
         self.metrics.timers_fired(claimed);
         let fired = rows.into_iter().filter_map(|row| {
-            let saga = SagaId::from_uuid(row.get(0));
-            let key: String = row.get(1);
-            let fire_at = row.get(2);
-            let timer: serde_json::Value = row.get(3);
-            match timer {
+            let saga = SagaId::from_uuid(row.saga_id);
+            let (key, fire_at) = (row.key, row.fire_at);
+            match row.timer {
                 serde_json::Value::Object(payload) => Some((
                     saga,
                     Due {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use futures::future::join_all;
 use sagas::api::Input;
 use sagas::wire::SagaId;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::breakers::{Breakers, Force};
@@ -90,17 +90,17 @@ impl Unparker {
     }
 
     async fn parked(&self, step: &str, limit: i64) -> Result<Vec<SagaId>, sqlx::Error> {
-        let rows = sqlx::query(
+        let ids = sqlx::query_scalar!(
             // Oldest first, in the order of the index `sagas_parked (parked_on, created_at)`:
             // a page is read from the index, not sorted out of every saga parked on the step
             // (an outage can park hundreds of thousands).
             "SELECT id FROM orchestrator.sagas WHERE parked_on = $1 ORDER BY created_at LIMIT $2",
+            step,
+            limit,
         )
-        .bind(step)
-        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(|r| SagaId::from_uuid(r.get(0))).collect())
+        Ok(ids.into_iter().map(SagaId::from_uuid).collect())
     }
 
     /// Resume sagas; returns how many went on.
@@ -132,14 +132,11 @@ impl Unparker {
 }
 
 pub async fn load_overrides(pool: &PgPool) -> Result<BTreeMap<String, Force>, sqlx::Error> {
-    let rows = sqlx::query("SELECT step, force FROM orchestrator.breaker_overrides")
+    let rows = sqlx::query!("SELECT step, force FROM orchestrator.breaker_overrides")
         .fetch_all(pool)
         .await?;
     Ok(rows
-        .iter()
-        .filter_map(|r| {
-            let force: String = r.get(1);
-            Some((r.get::<String, _>(0), Force::parse(&force)?))
-        })
+        .into_iter()
+        .filter_map(|r| Some((r.step, Force::parse(&r.force)?)))
         .collect())
 }

@@ -37,11 +37,16 @@ pub async fn run(
 /// One pass over the tables of `schemas`: vacuum and analyze the ones that need it. Returns
 /// how many it worked on.
 pub async fn pass(pool: &PgPool, schemas: &[&str]) -> Result<usize, sqlx::Error> {
-    let due: Vec<(String, bool, bool)> = sqlx::query_as(
-        "SELECT table_name, needs_vacuum, needs_analyze FROM public.maintenance_due($1)
-          WHERE needs_vacuum OR needs_analyze",
+    let schemas: Vec<String> = schemas.iter().map(|s| (*s).to_owned()).collect();
+    // A function's columns may be NULL as far as PostgreSQL tells; these never are (a quoted
+    // name, and comparisons of counters that are never NULL).
+    let due = sqlx::query!(
+        r#"SELECT table_name AS "table_name!", needs_vacuum AS "needs_vacuum!",
+                  needs_analyze AS "needs_analyze!"
+             FROM public.maintenance_due($1)
+            WHERE needs_vacuum OR needs_analyze"#,
+        &schemas,
     )
-    .bind(schemas)
     .fetch_all(pool)
     .await?;
     if due.is_empty() {
@@ -50,12 +55,16 @@ pub async fn pass(pool: &PgPool, schemas: &[&str]) -> Result<usize, sqlx::Error>
     // Throttled as autovacuum is (its default cost delay, with the default cost limit of 200):
     // a VACUUM of a table that has grown large then spreads its work over a few seconds instead
     // of taking a core for a second or more at once, which stalled the hot path behind it.
+    // These commands go as they are (the simple protocol), not through the query macros: the
+    // VACUUM or ANALYZE and its table are chosen at run time, and none of them binds or reads
+    // anything a macro could check.
     let mut conn = pool.acquire().await?;
     sqlx::raw_sql("SET vacuum_cost_delay = '2ms'")
         .execute(&mut *conn)
         .await?;
-    for (table, vacuum, analyze) in &due {
-        let command = match (vacuum, analyze) {
+    for d in &due {
+        let table = &d.table_name;
+        let command = match (d.needs_vacuum, d.needs_analyze) {
             // One core: parallel index vacuuming would take both of a small machine's cores
             // from the hot path at once (autovacuum does not vacuum in parallel either).
             (true, true) => "VACUUM (ANALYZE, SKIP_LOCKED, PARALLEL 0)",

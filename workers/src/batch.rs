@@ -12,16 +12,18 @@ use crate::bus::Unavailable;
 
 type Reply<O> = oneshot::Sender<Result<O, Arc<sqlx::Error>>>;
 
-/// The input a row of a batched lookup answers: the statement numbers its keys with `unnest(..)
-/// WITH ORDINALITY` (from 1) and returns that number in `column`; `Err` for a number outside
-/// the `inputs` keys.
-pub fn input_of(
-    row: &sqlx::postgres::PgRow,
-    column: usize,
-    inputs: usize,
-) -> Result<usize, sqlx::Error> {
-    use sqlx::Row;
-    let n: i64 = row.try_get(column)?;
+/// A row of a batched lookup: the statement numbers its keys with `unnest(..) WITH ORDINALITY
+/// AS k(.., n)` (from 1) and returns that number in its column `n`, which the row's struct
+/// (read by `sqlx::query_as!`, by column name) hands over here.
+pub trait Numbered {
+    /// The row's `n`: the number of the key it was found for.
+    fn n(&self) -> i64;
+}
+
+/// The input a row of a batched lookup answers, counted from 0 (its [`Numbered::n`] less one);
+/// `Err` for a number outside the `inputs` keys.
+pub fn input_of(row: &impl Numbered, inputs: usize) -> Result<usize, sqlx::Error> {
+    let n = row.n();
     usize::try_from(n - 1)
         .ok()
         .filter(|i| *i < inputs)
@@ -81,5 +83,26 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         rx.await
             .map_err(|_| Unavailable("the batch writer stopped".into()))?
             .map_err(|e| Unavailable(format!("database: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Row(i64);
+
+    impl Numbered for Row {
+        fn n(&self) -> i64 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn a_row_answers_the_input_its_ordinality_names() {
+        assert_eq!(input_of(&Row(1), 3).unwrap(), 0);
+        assert_eq!(input_of(&Row(3), 3).unwrap(), 2);
+        assert!(input_of(&Row(0), 3).is_err());
+        assert!(input_of(&Row(4), 3).is_err());
     }
 }

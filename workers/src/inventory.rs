@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Duration, Utc};
 use sagas::shop::{Line, OrderId, ids, inventory};
 use sagas::wire::{Command, ReplyOutcome, SagaId};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -296,11 +296,11 @@ impl Inventory {
     /// the stock again at its commit if nobody bought it meanwhile. Returns how many were due.
     /// One step of the sweeper, callable on its own.
     pub async fn expire_due(&self, limit: i64) -> Result<usize, Unavailable> {
-        let due: Vec<Uuid> = sqlx::query_scalar(
+        let due = sqlx::query_scalar!(
             "SELECT order_id FROM inventory.reservations
               WHERE status = 'active' AND expires_at <= now() ORDER BY expires_at LIMIT $1",
+            limit,
         )
-        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         let n = due.len();
@@ -367,24 +367,23 @@ async fn apply(
         .into_iter()
         .collect();
     let mut held: HashMap<OrderId, Held> = HashMap::new();
-    for r in sqlx::query(
+    for r in sqlx::query!(
         "SELECT order_id, saga_id, status, lines, expires_at, reason, id FROM inventory.reservations
           WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
+        &orders,
     )
-    .bind(&orders)
     .fetch_all(&mut *tx)
     .await?
     {
-        let status: String = r.get(2);
         held.insert(
-            OrderId::from_uuid(r.get(0)),
+            OrderId::from_uuid(r.order_id),
             Held {
-                saga: SagaId::from_uuid(r.get(1)),
-                id: r.get(6),
-                status: status_of(&status),
-                lines: serde_json::from_value(r.get(3)).unwrap_or_default(),
-                expires_at: r.get(4),
-                reason: r.get(5),
+                saga: SagaId::from_uuid(r.saga_id),
+                id: r.id,
+                status: status_of(&r.status),
+                lines: serde_json::from_value(r.lines).unwrap_or_default(),
+                expires_at: r.expires_at,
+                reason: r.reason,
                 new: false,
                 changed: false,
             },
@@ -407,15 +406,14 @@ async fn apply(
     let by_saga: HashMap<Uuid, Order> = if sagas.is_empty() {
         HashMap::new()
     } else {
-        sqlx::query(
+        sqlx::query!(
             "SELECT o.saga_id, o.id, o.status FROM orders.orders o WHERE o.saga_id = ANY($1)",
+            &sagas,
         )
-        .bind(&sagas)
         .fetch_all(&mut *tx)
         .await?
-        .iter()
-        .filter_map(|r| Order::at(r, 0))
-        .map(|o| (o.saga_id.as_uuid(), o))
+        .into_iter()
+        .map(|r| (r.saga_id, Order::new(r.saga_id, Some(r.id), r.status)))
         .collect()
     };
     let confirmed: BTreeSet<Uuid> = by_saga
@@ -438,19 +436,19 @@ async fn apply(
     }
     let skus: Vec<String> = skus.into_iter().collect();
     let mut stock: HashMap<String, Stock> = HashMap::new();
-    for r in sqlx::query(
+    for r in sqlx::query!(
         "SELECT sku, quantity, reserved FROM inventory.variants
           WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+        &skus,
     )
-    .bind(&skus)
     .fetch_all(&mut *tx)
     .await?
     {
         stock.insert(
-            r.get(0),
+            r.sku,
             Stock {
-                quantity: r.get(1),
-                reserved: r.get(2),
+                quantity: r.quantity,
+                reserved: r.reserved,
                 changed: false,
             },
         );
@@ -760,26 +758,34 @@ async fn write(
     // delivered twice at once); then the batch is rolled back and retried.
     let fresh: Vec<(&OrderId, &Held)> = held.iter().filter(|(_, h)| h.new).collect();
     if !fresh.is_empty() {
-        let inserted = sqlx::query(
+        let orders: Vec<Uuid> = fresh.iter().map(|(o, _)| o.as_uuid()).collect();
+        let sagas: Vec<Uuid> = fresh.iter().map(|(_, h)| h.saga.as_uuid()).collect();
+        let statuses: Vec<String> = fresh.iter().map(|(_, h)| h.status.to_owned()).collect();
+        let lines: Vec<String> = fresh
+            .iter()
+            .map(|(_, h)| serde_json::to_string(&h.lines).expect("lines serialize"))
+            .collect();
+        let expires: Vec<DateTime<Utc>> = fresh.iter().map(|(_, h)| h.expires_at).collect();
+        let reasons: Vec<Option<&str>> = fresh.iter().map(|(_, h)| h.reason.as_deref()).collect();
+        let ids: Vec<Option<Uuid>> = fresh.iter().map(|(_, h)| h.id).collect();
+        let inserted = sqlx::query!(
             "INSERT INTO inventory.reservations (order_id, saga_id, status, lines, expires_at, reason, created_at, updated_at, id)
              SELECT u.order_id, u.saga_id, u.status, u.lines::jsonb, u.expires_at, u.reason, $7, $7, u.id
                FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $8::uuid[])
                  AS u(order_id, saga_id, status, lines, expires_at, reason, id)
              ON CONFLICT (order_id) DO NOTHING",
+            &orders,
+            &sagas,
+            &statuses,
+            &lines,
+            &expires,
+            // Arrays that may hold NULLs: the macros check an array parameter against a slice
+            // of non-null values (`&[String]`, `&[Uuid]`), so these are bound with their type
+            // said (`as`), which skips that check; PostgreSQL takes the NULLs as they are.
+            &reasons as &[Option<&str>],
+            now,
+            &ids as &[Option<Uuid>],
         )
-        .bind(fresh.iter().map(|(o, _)| o.as_uuid()).collect::<Vec<_>>())
-        .bind(fresh.iter().map(|(_, h)| h.saga.as_uuid()).collect::<Vec<_>>())
-        .bind(fresh.iter().map(|(_, h)| h.status).collect::<Vec<_>>())
-        .bind(
-            fresh
-                .iter()
-                .map(|(_, h)| serde_json::to_string(&h.lines).expect("lines serialize"))
-                .collect::<Vec<_>>(),
-        )
-        .bind(fresh.iter().map(|(_, h)| h.expires_at).collect::<Vec<_>>())
-        .bind(fresh.iter().map(|(_, h)| h.reason.as_deref()).collect::<Vec<_>>())
-        .bind(now)
-        .bind(fresh.iter().map(|(_, h)| h.id).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -792,46 +798,58 @@ async fn write(
     let changed: Vec<(&OrderId, &Held)> =
         held.iter().filter(|(_, h)| h.changed && !h.new).collect();
     if !changed.is_empty() {
-        sqlx::query(
+        let orders: Vec<Uuid> = changed.iter().map(|(o, _)| o.as_uuid()).collect();
+        let statuses: Vec<String> = changed.iter().map(|(_, h)| h.status.to_owned()).collect();
+        let expires: Vec<DateTime<Utc>> = changed.iter().map(|(_, h)| h.expires_at).collect();
+        let reasons: Vec<Option<&str>> = changed.iter().map(|(_, h)| h.reason.as_deref()).collect();
+        sqlx::query!(
             "UPDATE inventory.reservations r
                 SET status = u.status, expires_at = u.expires_at, reason = u.reason, updated_at = $5
                FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[]) AS u(order_id, status, expires_at, reason)
               WHERE r.order_id = u.order_id",
+            &orders,
+            &statuses,
+            &expires,
+            &reasons as &[Option<&str>],
+            now,
         )
-        .bind(changed.iter().map(|(o, _)| o.as_uuid()).collect::<Vec<_>>())
-        .bind(changed.iter().map(|(_, h)| h.status).collect::<Vec<_>>())
-        .bind(changed.iter().map(|(_, h)| h.expires_at).collect::<Vec<_>>())
-        .bind(changed.iter().map(|(_, h)| h.reason.as_deref()).collect::<Vec<_>>())
-        .bind(now)
         .execute(&mut **tx)
         .await?;
     }
     let variants: Vec<(&String, &Stock)> = stock.iter().filter(|(_, s)| s.changed).collect();
     if !variants.is_empty() {
-        sqlx::query(
+        let skus: Vec<String> = variants.iter().map(|(k, _)| (*k).clone()).collect();
+        let quantities: Vec<i32> = variants.iter().map(|(_, s)| s.quantity).collect();
+        let reserved: Vec<i32> = variants.iter().map(|(_, s)| s.reserved).collect();
+        sqlx::query!(
             "UPDATE inventory.variants v SET quantity = u.quantity, reserved = u.reserved, updated_at = $4
                FROM unnest($1::text[], $2::int4[], $3::int4[]) AS u(sku, quantity, reserved)
               WHERE v.sku = u.sku",
+            &skus,
+            &quantities,
+            &reserved,
+            now,
         )
-        .bind(variants.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
-        .bind(variants.iter().map(|(_, s)| s.quantity).collect::<Vec<_>>())
-        .bind(variants.iter().map(|(_, s)| s.reserved).collect::<Vec<_>>())
-        .bind(now)
         .execute(&mut **tx)
         .await?;
     }
     if !movements.is_empty() {
-        sqlx::query(
+        let skus: Vec<String> = movements.iter().map(|m| m.sku.clone()).collect();
+        let kinds: Vec<String> = movements.iter().map(|m| m.kind.to_owned()).collect();
+        let quantities: Vec<i32> = movements.iter().map(|m| m.quantity_delta).collect();
+        let reserved: Vec<i32> = movements.iter().map(|m| m.reserved_delta).collect();
+        let orders: Vec<Uuid> = movements.iter().map(|m| m.order.as_uuid()).collect();
+        sqlx::query!(
             "INSERT INTO inventory.stock_movements (sku, kind, quantity_delta, reserved_delta, order_id, at)
              SELECT u.sku, u.kind, u.qd, u.rd, u.order_id, $6
                FROM unnest($1::text[], $2::text[], $3::int4[], $4::int4[], $5::uuid[]) AS u(sku, kind, qd, rd, order_id)",
+            &skus,
+            &kinds,
+            &quantities,
+            &reserved,
+            &orders,
+            now,
         )
-        .bind(movements.iter().map(|m| m.sku.as_str()).collect::<Vec<_>>())
-        .bind(movements.iter().map(|m| m.kind).collect::<Vec<_>>())
-        .bind(movements.iter().map(|m| m.quantity_delta).collect::<Vec<_>>())
-        .bind(movements.iter().map(|m| m.reserved_delta).collect::<Vec<_>>())
-        .bind(movements.iter().map(|m| m.order.as_uuid()).collect::<Vec<_>>())
-        .bind(now)
         .execute(&mut **tx)
         .await?;
     }

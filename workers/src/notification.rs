@@ -31,7 +31,23 @@ pub struct Notification {
 
 /// Record many messages in one statement (group commit); whether each was new.
 async fn record_many(pool: &PgPool, sent: Vec<Sent>) -> Result<Vec<bool>, sqlx::Error> {
-    let inserted: std::collections::HashSet<Uuid> = sqlx::query_scalar(
+    // One array per column, for `unnest`.
+    let n = sent.len();
+    let mut events = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut orders = Vec::with_capacity(n);
+    let mut subjects = Vec::with_capacity(n);
+    let mut bodies = Vec::with_capacity(n);
+    let mut at = Vec::with_capacity(n);
+    for s in sent {
+        events.push(s.event_id);
+        kinds.push(s.kind);
+        orders.push(s.order);
+        subjects.push(s.subject);
+        bodies.push(s.body);
+        at.push(s.at);
+    }
+    let inserted: std::collections::HashSet<Uuid> = sqlx::query_scalar!(
         "INSERT INTO notifications.sent (event_id, kind, recipient, subject, body, sent_at)
          SELECT u.event_id, u.kind, coalesce(o.customer_email, ''), u.subject, u.body, u.at
            FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
@@ -39,22 +55,22 @@ async fn record_many(pool: &PgPool, sent: Vec<Sent>) -> Result<Vec<bool>, sqlx::
            LEFT JOIN orders.orders o ON o.id = u.order_id
          ON CONFLICT (event_id) DO NOTHING
          RETURNING event_id",
+        &events,
+        &kinds,
+        &orders,
+        &subjects,
+        &bodies,
+        &at,
     )
-    .bind(sent.iter().map(|s| s.event_id).collect::<Vec<_>>())
-    .bind(sent.iter().map(|s| s.kind.as_str()).collect::<Vec<_>>())
-    .bind(sent.iter().map(|s| s.order).collect::<Vec<_>>())
-    .bind(sent.iter().map(|s| s.subject.as_str()).collect::<Vec<_>>())
-    .bind(sent.iter().map(|s| s.body.as_str()).collect::<Vec<_>>())
-    .bind(sent.iter().map(|s| s.at).collect::<Vec<_>>())
     .fetch_all(pool)
     .await?
     .into_iter()
     .collect();
     // The same event twice in one batch (a redelivery racing the first delivery) is new once.
     let mut answered = std::collections::HashSet::new();
-    Ok(sent
+    Ok(events
         .iter()
-        .map(|s| inserted.contains(&s.event_id) && answered.insert(s.event_id))
+        .map(|id| inserted.contains(id) && answered.insert(*id))
         .collect())
 }
 

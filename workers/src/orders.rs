@@ -13,19 +13,18 @@
 //! Each service reads the order in a statement it runs anyway for a batch of commands (payment
 //! and shipping join it to their record lookup, the inventory writer to its batch's
 //! transaction), by `saga_id`: the view's key, the primary key of `orchestrator.sagas`, so a
-//! lookup is an index probe whatever the table's size. Statements select the view's columns
-//! `o.saga_id, o.id, o.status`, in this order, and [`Order::at`] reads them; the payment
-//! service adds `o.total_minor, o.currency` ([`Order::with_total_at`]). Only the columns a
-//! statement names are computed, and the totals are the ones that parse the saga's snapshot
-//! (json), so the others leave them out.
+//! lookup is an index probe whatever the table's size. Statements select the columns
+//! `o.saga_id, o.id, o.status` (named `order_saga_id`, `order_id` and `order_status` where an
+//! outer join puts them next to a service's own columns, and nullable there), read by name
+//! into the statement's row, and [`Order::new`] or [`Order::found`] makes the order of them;
+//! the payment service adds `o.total_minor, o.currency` ([`Order::with_total`]). Only the
+//! columns a statement names are read, so the others leave the totals out.
 //!
 //! Must never: write the view's tables (they are the orchestrator's), or be asked for anything
 //! but a command's own saga.
 
 use sagas::shop::{Currency, Money, OrderId};
 use sagas::wire::SagaId;
-use sqlx::Row;
-use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 /// A checkout saga's order as the view shows it.
@@ -36,34 +35,36 @@ pub struct Order {
     pub id: Option<Uuid>,
     /// `pending`, `confirmed`, `cancelled` or `needs_attention`.
     pub status: String,
-    /// The total, when the statement read it ([`Order::with_total_at`]).
+    /// The total, when the statement read it ([`Order::with_total`]).
     pub total_minor: Option<i64>,
     pub currency: Option<String>,
 }
 
 impl Order {
-    /// The order in the three columns that start at `offset` of a row (`o.saga_id, o.id,
-    /// o.status`), without its total; `None` when they are NULL (an outer join that found no
-    /// saga).
-    pub fn at(r: &PgRow, offset: usize) -> Option<Order> {
-        let saga: Option<Uuid> = r.get(offset);
-        saga.map(|saga| Order {
-            saga_id: SagaId::from_uuid(saga),
-            id: r.get(offset + 1),
-            status: r.get(offset + 2),
+    /// The order of a row's `o.saga_id, o.id, o.status`, without its total.
+    pub fn new(saga_id: Uuid, id: Option<Uuid>, status: String) -> Order {
+        Order {
+            saga_id: SagaId::from_uuid(saga_id),
+            id,
+            status,
             total_minor: None,
             currency: None,
-        })
+        }
     }
 
-    /// The order in the five columns that start at `offset` of a row (`o.saga_id, o.id,
-    /// o.status, o.total_minor, o.currency`), with its total.
-    pub fn with_total_at(r: &PgRow, offset: usize) -> Option<Order> {
-        Order::at(r, offset).map(|o| Order {
-            total_minor: r.get(offset + 3),
-            currency: r.get(offset + 4),
-            ..o
-        })
+    /// The order an outer join found, from the same columns; `None` when it found none (its
+    /// saga id and status, never NULL in the table, are NULL then).
+    pub fn found(saga_id: Option<Uuid>, id: Option<Uuid>, status: Option<String>) -> Option<Order> {
+        Some(Order::new(saga_id?, id, status?))
+    }
+
+    /// The order with its total, from a row's `o.total_minor, o.currency`.
+    pub fn with_total(self, total_minor: Option<i64>, currency: Option<String>) -> Order {
+        Order {
+            total_minor,
+            currency,
+            ..self
+        }
     }
 
     /// The total, as the orders view has it, for a message.

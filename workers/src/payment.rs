@@ -29,12 +29,12 @@
 use chrono::Utc;
 use sagas::shop::{Money, OrderId, ids, payment};
 use sagas::wire::{Command, ReplyOutcome, SagaId};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use std::time::Duration;
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Numbered};
 use crate::bus::{self, Handler, Unavailable};
 use crate::clients::{CallError, Processor};
 use crate::orders::{self, Order};
@@ -108,6 +108,68 @@ struct ChargeOutcome {
     reason: Option<String>,
 }
 
+/// The columns of a batch of charge rows to write, one array per column for `unnest`: the
+/// statements' macros check each array against its column type, which for `text[]` is a slice
+/// of owned strings.
+struct Entries {
+    ids: Vec<Uuid>,
+    sagas: Vec<Uuid>,
+    steps: Vec<String>,
+    orders: Vec<Uuid>,
+    amounts: Vec<i64>,
+    currencies: Vec<String>,
+    statuses: Vec<String>,
+}
+
+impl Entries {
+    fn of<'a>(rows: impl ExactSizeIterator<Item = (&'a Entry, &'static str)>) -> Self {
+        let mut e = Entries {
+            ids: Vec::with_capacity(rows.len()),
+            sagas: Vec::with_capacity(rows.len()),
+            steps: Vec::with_capacity(rows.len()),
+            orders: Vec::with_capacity(rows.len()),
+            amounts: Vec::with_capacity(rows.len()),
+            currencies: Vec::with_capacity(rows.len()),
+            statuses: Vec::with_capacity(rows.len()),
+        };
+        for (entry, status) in rows {
+            e.ids.push(ids::charge(entry.saga, &entry.step));
+            e.sagas.push(entry.saga.as_uuid());
+            e.steps.push(entry.step.clone());
+            e.orders.push(entry.order);
+            e.amounts.push(entry.amount_minor);
+            e.currencies.push(entry.currency.clone());
+            e.statuses.push(status.to_owned());
+        }
+        e
+    }
+}
+
+/// The processor's answers of a batch, one array per column. Their elements may be NULL, which
+/// the macros' check of a `text[]` parameter (a slice of strings) does not allow for: they are
+/// bound with their type said (`as &[Option<&str>]`), which skips that check.
+struct Outcomes<'a> {
+    processor_refs: Vec<Option<&'a str>>,
+    decline_codes: Vec<Option<&'a str>>,
+    reasons: Vec<Option<&'a str>>,
+}
+
+impl<'a> Outcomes<'a> {
+    fn of(outcomes: impl Iterator<Item = &'a ChargeOutcome>) -> Self {
+        let mut o = Outcomes {
+            processor_refs: Vec::new(),
+            decline_codes: Vec::new(),
+            reasons: Vec::new(),
+        };
+        for outcome in outcomes {
+            o.processor_refs.push(outcome.processor_ref.as_deref());
+            o.decline_codes.push(outcome.decline_code.as_deref());
+            o.reasons.push(outcome.reason.as_deref());
+        }
+        o
+    }
+}
+
 /// What a lookup finds for a command: its charge row, the order of its saga, and the saga's
 /// payment token (a secret: never logged, never put in a message).
 #[derive(Default)]
@@ -171,18 +233,28 @@ impl Handler for Payment {
     }
 }
 
-fn charge_of(r: &sqlx::postgres::PgRow, offset: usize) -> Charge {
-    Charge {
-        id: r.get(offset),
-        status: r.get(offset + 1),
-        processor_ref: r.get(offset + 2),
-        decline_code: r.get(offset + 3),
-        reason: r.get(offset + 4),
-    }
+/// A row of [`lookup_many`], by column name: the input it answers (`n`), and what the outer
+/// joins found for it, NULL where they found nothing: the charge, the order of the saga (with
+/// its total), the saga's payment token.
+struct Lookup {
+    n: i64,
+    charge_id: Option<Uuid>,
+    charge_status: Option<String>,
+    processor_ref: Option<String>,
+    decline_code: Option<String>,
+    reason: Option<String>,
+    order_saga_id: Option<Uuid>,
+    order_id: Option<Uuid>,
+    order_status: Option<String>,
+    total_minor: Option<i64>,
+    currency: Option<String>,
+    token: Option<String>,
 }
 
-fn key_of(r: &sqlx::postgres::PgRow) -> (SagaId, String) {
-    (SagaId::from_uuid(r.get(0)), r.get(1))
+impl Numbered for Lookup {
+    fn n(&self) -> i64 {
+        self.n
+    }
 }
 
 /// Read many rows, and the orders of their sagas, in one statement: one row per key (the
@@ -192,25 +264,42 @@ async fn lookup_many(
     pool: &PgPool,
     keys: Vec<(SagaId, String)>,
 ) -> Result<Vec<Found>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT k.n, c.id, c.status, c.processor_ref, c.decline_code, c.reason,
-                o.saga_id, o.id, o.status, o.total_minor, o.currency, t.value
-           FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS k(saga_id, step, n)
-           LEFT JOIN payments.charges c ON c.saga_id = k.saga_id AND c.step = k.step
-           LEFT JOIN orders.orders o ON o.saga_id = k.saga_id
-           LEFT JOIN orchestrator.saga_secrets t
-                  ON t.saga_id = k.saga_id AND t.name = 'payment_token'",
+    let inputs = keys.len();
+    let (sagas, steps): (Vec<Uuid>, Vec<String>) = keys
+        .into_iter()
+        .map(|(saga, step)| (saga.as_uuid(), step))
+        .unzip();
+    // Every column of an outer join may be NULL (`?`); the ordinality never is (`!`).
+    let rows = sqlx::query_as!(
+        Lookup,
+        r#"SELECT k.n AS "n!", c.id AS "charge_id?", c.status AS "charge_status?",
+                  c.processor_ref AS "processor_ref?", c.decline_code AS "decline_code?",
+                  c.reason AS "reason?",
+                  o.saga_id AS "order_saga_id?", o.id AS "order_id?", o.status AS "order_status?",
+                  o.total_minor AS "total_minor?", o.currency AS "currency?", t.value AS "token?"
+             FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS k(saga_id, step, n)
+             LEFT JOIN payments.charges c ON c.saga_id = k.saga_id AND c.step = k.step
+             LEFT JOIN orders.orders o ON o.saga_id = k.saga_id
+             LEFT JOIN orchestrator.saga_secrets t
+                    ON t.saga_id = k.saga_id AND t.name = 'payment_token'"#,
+        &sagas,
+        &steps,
     )
-    .bind(keys.iter().map(|k| k.0.as_uuid()).collect::<Vec<_>>())
-    .bind(keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>())
     .fetch_all(pool)
     .await?;
-    thirdparty::per_input(&rows, keys.len(), |f: &mut Found, r| {
-        if r.get::<Option<Uuid>, _>(1).is_some() {
-            f.charge = Some(charge_of(r, 1));
+    thirdparty::per_input(rows, inputs, |f: &mut Found, r| {
+        if let (Some(id), Some(status)) = (r.charge_id, r.charge_status) {
+            f.charge = Some(Charge {
+                id,
+                status,
+                processor_ref: r.processor_ref,
+                decline_code: r.decline_code,
+                reason: r.reason,
+            });
         }
-        f.order = Order::with_total_at(r, 6);
-        f.token = r.get(11);
+        f.order = Order::found(r.order_saga_id, r.order_id, r.order_status)
+            .map(|o| o.with_total(r.total_minor, r.currency));
+        f.token = r.token;
     })
 }
 
@@ -277,8 +366,11 @@ impl thirdparty::Service for Charges {
         &self,
         claims: &[Claim<Self>],
     ) -> Result<Vec<((SagaId, String), Charge, bool)>, sqlx::Error> {
-        let rows = sqlx::query(
-            "WITH ins AS (
+        let entries = Entries::of(claims.iter().map(|c| (&c.entry, c.status)));
+        // PostgreSQL cannot tell the nullability of a UNION's columns: the key, id, status and
+        // flag are never NULL (`!`), the processor's answer may be (`?`).
+        let rows = sqlx::query!(
+            r#"WITH ins AS (
                  INSERT INTO payments.charges
                      (id, saga_id, step, order_id, idempotency_key, amount_minor, currency, status, created_at, updated_at)
                  SELECT u.id, u.saga_id, u.step, u.order_id, u.saga_id::text || ':' || u.step, u.amount, u.currency, u.status, $8, $8
@@ -286,25 +378,37 @@ impl thirdparty::Service for Charges {
                      AS u(id, saga_id, step, order_id, amount, currency, status)
                  ON CONFLICT (saga_id, step) DO NOTHING
                  RETURNING saga_id, step, id, status, processor_ref, decline_code, reason)
-             SELECT saga_id, step, id, status, processor_ref, decline_code, reason, true FROM ins
+             SELECT saga_id AS "saga_id!", step AS "step!", id AS "id!", status AS "status!",
+                    processor_ref AS "processor_ref?", decline_code AS "decline_code?",
+                    reason AS "reason?", true AS "inserted!"
+               FROM ins
              UNION ALL
              SELECT c.saga_id, c.step, c.id, c.status, c.processor_ref, c.decline_code, c.reason, false
                FROM payments.charges c
-               JOIN unnest($2::uuid[], $3::text[]) AS k(saga_id, step) ON c.saga_id = k.saga_id AND c.step = k.step",
+               JOIN unnest($2::uuid[], $3::text[]) AS k(saga_id, step) ON c.saga_id = k.saga_id AND c.step = k.step"#,
+            &entries.ids,
+            &entries.sagas,
+            &entries.steps,
+            &entries.orders,
+            &entries.amounts,
+            &entries.currencies,
+            &entries.statuses,
+            Utc::now(),
         )
-        .bind(claims.iter().map(|c| ids::charge(c.entry.saga, &c.entry.step)).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.entry.saga.as_uuid()).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.entry.step.as_str()).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.entry.order).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.entry.amount_minor).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.entry.currency.as_str()).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.status).collect::<Vec<_>>())
-        .bind(Utc::now())
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
-            .iter()
-            .map(|r| (key_of(r), charge_of(r, 2), r.get(7)))
+            .into_iter()
+            .map(|r| {
+                let charge = Charge {
+                    id: r.id,
+                    status: r.status,
+                    processor_ref: r.processor_ref,
+                    decline_code: r.decline_code,
+                    reason: r.reason,
+                };
+                ((SagaId::from_uuid(r.saga_id), r.step), charge, r.inserted)
+            })
             .collect())
     }
 
@@ -312,7 +416,9 @@ impl thirdparty::Service for Charges {
         &self,
         settles: &[&Settle<Self>],
     ) -> Result<Vec<((SagaId, String), Charge)>, sqlx::Error> {
-        let rows = sqlx::query(
+        let entries = Entries::of(settles.iter().map(|s| (&s.claim.entry, s.claim.status)));
+        let outcomes = Outcomes::of(settles.iter().map(|s| &s.outcome));
+        let rows = sqlx::query!(
             "INSERT INTO payments.charges AS c
                  (id, saga_id, step, order_id, idempotency_key, amount_minor, currency, status,
                   processor_ref, decline_code, reason, created_at, updated_at)
@@ -327,25 +433,42 @@ impl thirdparty::Service for Charges {
                     reason = coalesce(excluded.reason, c.reason), updated_at = excluded.updated_at
               WHERE c.status = 'pending'
              RETURNING c.saga_id, c.step, c.id, c.status, c.processor_ref, c.decline_code, c.reason",
+            &entries.ids,
+            &entries.sagas,
+            &entries.steps,
+            &entries.orders,
+            &entries.amounts,
+            &entries.currencies,
+            &entries.statuses,
+            // Arrays that may hold NULLs: their type is said (see `Outcomes`).
+            &outcomes.processor_refs as &[Option<&str>],
+            &outcomes.decline_codes as &[Option<&str>],
+            &outcomes.reasons as &[Option<&str>],
+            Utc::now(),
         )
-        .bind(settles.iter().map(|s| ids::charge(s.claim.entry.saga, &s.claim.entry.step)).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.claim.entry.saga.as_uuid()).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.claim.entry.step.as_str()).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.claim.entry.order).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.claim.entry.amount_minor).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.claim.entry.currency.as_str()).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.claim.status).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.outcome.processor_ref.as_deref()).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.outcome.decline_code.as_deref()).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.outcome.reason.as_deref()).collect::<Vec<_>>())
-        .bind(Utc::now())
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(|r| (key_of(r), charge_of(r, 2))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let charge = Charge {
+                    id: r.id,
+                    status: r.status,
+                    processor_ref: r.processor_ref,
+                    decline_code: r.decline_code,
+                    reason: r.reason,
+                };
+                ((SagaId::from_uuid(r.saga_id), r.step), charge)
+            })
+            .collect())
     }
 
     async fn transition_rows(&self, ts: &[&Transition<Self>]) -> Result<Vec<Uuid>, sqlx::Error> {
-        sqlx::query_scalar(
+        let ids: Vec<Uuid> = ts.iter().map(|t| t.id).collect();
+        let from: Vec<String> = ts.iter().map(|t| t.from.to_owned()).collect();
+        let to: Vec<String> = ts.iter().map(|t| t.to.to_owned()).collect();
+        let outcomes = Outcomes::of(ts.iter().map(|t| &t.outcome));
+        sqlx::query_scalar!(
             "UPDATE payments.charges c
                 SET status = u.to_status, processor_ref = coalesce(u.processor_ref, c.processor_ref),
                     decline_code = coalesce(u.decline_code, c.decline_code), reason = coalesce(u.reason, c.reason),
@@ -354,28 +477,28 @@ impl thirdparty::Service for Charges {
                  AS u(id, from_status, to_status, processor_ref, decline_code, reason)
               WHERE c.id = u.id AND c.status = u.from_status
              RETURNING c.id",
+            &ids,
+            &from,
+            &to,
+            &outcomes.processor_refs as &[Option<&str>],
+            &outcomes.decline_codes as &[Option<&str>],
+            &outcomes.reasons as &[Option<&str>],
+            Utc::now(),
         )
-        .bind(ts.iter().map(|t| t.id).collect::<Vec<_>>())
-        .bind(ts.iter().map(|t| t.from).collect::<Vec<_>>())
-        .bind(ts.iter().map(|t| t.to).collect::<Vec<_>>())
-        .bind(ts.iter().map(|t| t.outcome.processor_ref.as_deref()).collect::<Vec<_>>())
-        .bind(ts.iter().map(|t| t.outcome.decline_code.as_deref()).collect::<Vec<_>>())
-        .bind(ts.iter().map(|t| t.outcome.reason.as_deref()).collect::<Vec<_>>())
-        .bind(Utc::now())
         .fetch_all(&self.pool)
         .await
     }
 
     async fn row(&self, (saga, step): &(SagaId, String)) -> Result<Option<Charge>, sqlx::Error> {
-        let row = sqlx::query(
+        sqlx::query_as!(
+            Charge,
             "SELECT id, status, processor_ref, decline_code, reason FROM payments.charges
               WHERE saga_id = $1 AND step = $2",
+            saga.as_uuid(),
+            step,
         )
-        .bind(saga.as_uuid())
-        .bind(step)
         .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| charge_of(&r, 0)))
+        .await
     }
 
     async fn void(&self, key: &str) -> Result<Option<String>, CallError> {
@@ -419,28 +542,27 @@ impl Charges {
     ) -> Result<Uuid, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let now = Utc::now();
-        let id: Uuid = sqlx::query(
+        let id = sqlx::query_scalar!(
             "INSERT INTO payments.refunds (id, charge_id, saga_id, amount_minor, currency, processor_ref, created_at)
              SELECT $1, c.id, $3, c.amount_minor, c.currency, $4, $5 FROM payments.charges c WHERE c.id = $2
              ON CONFLICT (charge_id) DO UPDATE SET processor_ref = excluded.processor_ref
              RETURNING id",
+            Uuid::now_v7(),
+            charge,
+            saga.as_uuid(),
+            refund_ref,
+            now,
         )
-        .bind(Uuid::now_v7())
-        .bind(charge)
-        .bind(saga.as_uuid())
-        .bind(refund_ref)
-        .bind(now)
         .fetch_one(&mut *tx)
-        .await?
-        .get(0);
-        sqlx::query(
+        .await?;
+        sqlx::query!(
             "UPDATE payments.charges SET status = 'refunded', processor_ref = $3, updated_at = $4
               WHERE id = $1 AND status = $2",
+            charge,
+            from,
+            processor_ref,
+            now,
         )
-        .bind(charge)
-        .bind(from)
-        .bind(processor_ref)
-        .bind(now)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -17,12 +17,12 @@
 use chrono::Utc;
 use sagas::shop::{Address, Line, OrderId, ids, shipping};
 use sagas::wire::{Command, ReplyOutcome, SagaId};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use std::time::Duration;
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Numbered};
 use crate::bus::{self, Handler, Unavailable};
 use crate::clients::{CallError, Carrier};
 use crate::orders::{self, Order};
@@ -141,13 +141,25 @@ impl Handler for Shipping {
 /// its saga and this step ([`ids::shipment`]), one shipment per order.
 const BOOKING_STEP: &str = "create_shipment";
 
-fn shipment_of(r: &sqlx::postgres::PgRow, offset: usize) -> Shipment {
-    Shipment {
-        id: r.get(offset),
-        status: r.get(offset + 1),
-        carrier_ref: r.get(offset + 2),
-        tracking_number: r.get(offset + 3),
-        reason: r.get(offset + 4),
+/// A row of [`lookup_many`], by column name: the input it answers (`n`), and what the outer
+/// joins found for it, NULL where they found nothing: the order's shipment, the order of the
+/// saga and its address.
+struct Lookup {
+    n: i64,
+    shipment_id: Option<Uuid>,
+    shipment_status: Option<String>,
+    carrier_ref: Option<String>,
+    tracking_number: Option<String>,
+    reason: Option<String>,
+    order_saga_id: Option<Uuid>,
+    order_id: Option<Uuid>,
+    order_status: Option<String>,
+    shipping_address: Option<serde_json::Value>,
+}
+
+impl Numbered for Lookup {
+    fn n(&self) -> i64 {
+        self.n
     }
 }
 
@@ -157,24 +169,96 @@ async fn lookup_many(
     pool: &PgPool,
     keys: Vec<(SagaId, OrderId)>,
 ) -> Result<Vec<Found>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT k.n, s.id, s.status, s.carrier_ref, s.tracking_number, s.reason,
-                o.saga_id, o.id, o.status, o.shipping_address
-           FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS k(saga_id, order_id, n)
-           LEFT JOIN shipping.shipments s ON s.order_id = k.order_id
-           LEFT JOIN orders.orders o ON o.saga_id = k.saga_id",
+    let sagas: Vec<Uuid> = keys.iter().map(|k| k.0.as_uuid()).collect();
+    let orders: Vec<Uuid> = keys.iter().map(|k| k.1.as_uuid()).collect();
+    // Every column of an outer join may be NULL (`?`); the ordinality never is (`!`).
+    let rows = sqlx::query_as!(
+        Lookup,
+        r#"SELECT k.n AS "n!", s.id AS "shipment_id?", s.status AS "shipment_status?",
+                  s.carrier_ref AS "carrier_ref?", s.tracking_number AS "tracking_number?",
+                  s.reason AS "reason?",
+                  o.saga_id AS "order_saga_id?", o.id AS "order_id?", o.status AS "order_status?",
+                  o.shipping_address AS "shipping_address?"
+             FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS k(saga_id, order_id, n)
+             LEFT JOIN shipping.shipments s ON s.order_id = k.order_id
+             LEFT JOIN orders.orders o ON o.saga_id = k.saga_id"#,
+        &sagas,
+        &orders,
     )
-    .bind(keys.iter().map(|k| k.0.as_uuid()).collect::<Vec<_>>())
-    .bind(keys.iter().map(|k| k.1.as_uuid()).collect::<Vec<_>>())
     .fetch_all(pool)
     .await?;
-    thirdparty::per_input(&rows, keys.len(), |f: &mut Found, r| {
-        if r.get::<Option<Uuid>, _>(1).is_some() {
-            f.shipment = Some(shipment_of(r, 1));
+    thirdparty::per_input(rows, keys.len(), |f: &mut Found, r| {
+        if let (Some(id), Some(status)) = (r.shipment_id, r.shipment_status) {
+            f.shipment = Some(Shipment {
+                id,
+                status,
+                carrier_ref: r.carrier_ref,
+                tracking_number: r.tracking_number,
+                reason: r.reason,
+            });
         }
-        f.order = Order::at(r, 6);
-        f.address = r.get(9);
+        f.order = Order::found(r.order_saga_id, r.order_id, r.order_status);
+        f.address = r.shipping_address;
     })
+}
+
+/// The columns of a batch of shipment rows to write, one array per column for `unnest`: the
+/// statements' macros check each array against its column type, which for `text[]` is a slice
+/// of owned strings.
+struct Entries {
+    ids: Vec<Uuid>,
+    sagas: Vec<Uuid>,
+    orders: Vec<Uuid>,
+    statuses: Vec<String>,
+    addresses: Vec<String>,
+    lines: Vec<String>,
+}
+
+impl Entries {
+    fn of<'a>(rows: impl ExactSizeIterator<Item = (&'a Entry, &'static str)>) -> Self {
+        let mut e = Entries {
+            ids: Vec::with_capacity(rows.len()),
+            sagas: Vec::with_capacity(rows.len()),
+            orders: Vec::with_capacity(rows.len()),
+            statuses: Vec::with_capacity(rows.len()),
+            addresses: Vec::with_capacity(rows.len()),
+            lines: Vec::with_capacity(rows.len()),
+        };
+        for (entry, status) in rows {
+            e.ids.push(ids::shipment(entry.saga, BOOKING_STEP));
+            e.sagas.push(entry.saga.as_uuid());
+            e.orders.push(entry.order.as_uuid());
+            e.statuses.push(status.to_owned());
+            e.addresses.push(entry.address.clone());
+            e.lines.push(entry.lines.clone());
+        }
+        e
+    }
+}
+
+/// The carrier's answers of a batch, one array per column. Their elements may be NULL, which
+/// the macros' check of a `text[]` parameter (a slice of strings) does not allow for: they are
+/// bound with their type said (`as &[Option<&str>]`), which skips that check.
+struct Outcomes<'a> {
+    carrier_refs: Vec<Option<&'a str>>,
+    tracking_numbers: Vec<Option<&'a str>>,
+    reasons: Vec<Option<&'a str>>,
+}
+
+impl<'a> Outcomes<'a> {
+    fn of(outcomes: impl Iterator<Item = &'a ShipmentOutcome>) -> Self {
+        let mut o = Outcomes {
+            carrier_refs: Vec::new(),
+            tracking_numbers: Vec::new(),
+            reasons: Vec::new(),
+        };
+        for outcome in outcomes {
+            o.carrier_refs.push(outcome.carrier_ref.as_deref());
+            o.tracking_numbers.push(outcome.tracking_number.as_deref());
+            o.reasons.push(outcome.reason.as_deref());
+        }
+        o
+    }
 }
 
 impl thirdparty::Service for Shipments {
@@ -236,31 +320,46 @@ impl thirdparty::Service for Shipments {
         &self,
         claims: &[Claim<Self>],
     ) -> Result<Vec<(OrderId, Shipment, bool)>, sqlx::Error> {
-        let rows = sqlx::query(
-            "WITH ins AS (
+        let entries = Entries::of(claims.iter().map(|c| (&c.entry, c.status)));
+        // PostgreSQL cannot tell the nullability of a UNION's columns: the order, id, status and
+        // flag are never NULL (`!`), the carrier's answer may be (`?`).
+        let rows = sqlx::query!(
+            r#"WITH ins AS (
                  INSERT INTO shipping.shipments (id, saga_id, order_id, status, address, lines, created_at, updated_at)
                  SELECT u.id, u.saga_id, u.order_id, u.status, u.address::jsonb, u.lines::jsonb, $7, $7
                    FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[])
                      AS u(id, saga_id, order_id, status, address, lines)
                  ON CONFLICT (order_id) DO NOTHING
                  RETURNING order_id, id, status, carrier_ref, tracking_number, reason)
-             SELECT order_id, id, status, carrier_ref, tracking_number, reason, true FROM ins
+             SELECT order_id AS "order_id!", id AS "id!", status AS "status!",
+                    carrier_ref AS "carrier_ref?", tracking_number AS "tracking_number?",
+                    reason AS "reason?", true AS "inserted!"
+               FROM ins
              UNION ALL
              SELECT s.order_id, s.id, s.status, s.carrier_ref, s.tracking_number, s.reason, false
-               FROM shipping.shipments s WHERE s.order_id = ANY($3)",
+               FROM shipping.shipments s WHERE s.order_id = ANY($3)"#,
+            &entries.ids,
+            &entries.sagas,
+            &entries.orders,
+            &entries.statuses,
+            &entries.addresses,
+            &entries.lines,
+            Utc::now(),
         )
-        .bind(claims.iter().map(|c| ids::shipment(c.entry.saga, BOOKING_STEP)).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.entry.saga.as_uuid()).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.entry.order.as_uuid()).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.status).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.entry.address.as_str()).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.entry.lines.as_str()).collect::<Vec<_>>())
-        .bind(Utc::now())
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
-            .iter()
-            .map(|r| (OrderId::from_uuid(r.get(0)), shipment_of(r, 1), r.get(6)))
+            .into_iter()
+            .map(|r| {
+                let shipment = Shipment {
+                    id: r.id,
+                    status: r.status,
+                    carrier_ref: r.carrier_ref,
+                    tracking_number: r.tracking_number,
+                    reason: r.reason,
+                };
+                (OrderId::from_uuid(r.order_id), shipment, r.inserted)
+            })
             .collect())
     }
 
@@ -268,7 +367,9 @@ impl thirdparty::Service for Shipments {
         &self,
         settles: &[&Settle<Self>],
     ) -> Result<Vec<(OrderId, Shipment)>, sqlx::Error> {
-        let rows = sqlx::query(
+        let entries = Entries::of(settles.iter().map(|s| (&s.claim.entry, s.claim.status)));
+        let outcomes = Outcomes::of(settles.iter().map(|s| &s.outcome));
+        let rows = sqlx::query!(
             "INSERT INTO shipping.shipments AS s
                  (id, saga_id, order_id, status, address, lines, carrier_ref, tracking_number, reason, created_at, updated_at)
              SELECT u.id, u.saga_id, u.order_id, u.status, u.address::jsonb, u.lines::jsonb,
@@ -282,27 +383,41 @@ impl thirdparty::Service for Shipments {
                     reason = coalesce(excluded.reason, s.reason), updated_at = excluded.updated_at
               WHERE s.status = 'pending'
              RETURNING s.order_id, s.id, s.status, s.carrier_ref, s.tracking_number, s.reason",
+            &entries.ids,
+            &entries.sagas,
+            &entries.orders,
+            &entries.statuses,
+            &entries.addresses,
+            &entries.lines,
+            // Arrays that may hold NULLs: their type is said (see `Outcomes`).
+            &outcomes.carrier_refs as &[Option<&str>],
+            &outcomes.tracking_numbers as &[Option<&str>],
+            &outcomes.reasons as &[Option<&str>],
+            Utc::now(),
         )
-        .bind(settles.iter().map(|s| ids::shipment(s.claim.entry.saga, BOOKING_STEP)).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.claim.entry.saga.as_uuid()).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.claim.entry.order.as_uuid()).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.claim.status).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.claim.entry.address.as_str()).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.claim.entry.lines.as_str()).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.outcome.carrier_ref.as_deref()).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.outcome.tracking_number.as_deref()).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.outcome.reason.as_deref()).collect::<Vec<_>>())
-        .bind(Utc::now())
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
-            .iter()
-            .map(|r| (OrderId::from_uuid(r.get(0)), shipment_of(r, 1)))
+            .into_iter()
+            .map(|r| {
+                let shipment = Shipment {
+                    id: r.id,
+                    status: r.status,
+                    carrier_ref: r.carrier_ref,
+                    tracking_number: r.tracking_number,
+                    reason: r.reason,
+                };
+                (OrderId::from_uuid(r.order_id), shipment)
+            })
             .collect())
     }
 
     async fn transition_rows(&self, ts: &[&Transition<Self>]) -> Result<Vec<Uuid>, sqlx::Error> {
-        sqlx::query_scalar(
+        let ids: Vec<Uuid> = ts.iter().map(|t| t.id).collect();
+        let from: Vec<String> = ts.iter().map(|t| t.from.to_owned()).collect();
+        let to: Vec<String> = ts.iter().map(|t| t.to.to_owned()).collect();
+        let outcomes = Outcomes::of(ts.iter().map(|t| &t.outcome));
+        sqlx::query_scalar!(
             "UPDATE shipping.shipments s
                 SET status = u.to_status, carrier_ref = coalesce(u.carrier_ref, s.carrier_ref),
                     tracking_number = coalesce(u.tracking_number, s.tracking_number),
@@ -311,38 +426,26 @@ impl thirdparty::Service for Shipments {
                  AS u(id, from_status, to_status, carrier_ref, tracking_number, reason)
               WHERE s.id = u.id AND s.status = u.from_status
              RETURNING s.id",
+            &ids,
+            &from,
+            &to,
+            &outcomes.carrier_refs as &[Option<&str>],
+            &outcomes.tracking_numbers as &[Option<&str>],
+            &outcomes.reasons as &[Option<&str>],
+            Utc::now(),
         )
-        .bind(ts.iter().map(|t| t.id).collect::<Vec<_>>())
-        .bind(ts.iter().map(|t| t.from).collect::<Vec<_>>())
-        .bind(ts.iter().map(|t| t.to).collect::<Vec<_>>())
-        .bind(
-            ts.iter()
-                .map(|t| t.outcome.carrier_ref.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            ts.iter()
-                .map(|t| t.outcome.tracking_number.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            ts.iter()
-                .map(|t| t.outcome.reason.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(Utc::now())
         .fetch_all(&self.pool)
         .await
     }
 
     async fn row(&self, order: &OrderId) -> Result<Option<Shipment>, sqlx::Error> {
-        let row = sqlx::query(
+        sqlx::query_as!(
+            Shipment,
             "SELECT id, status, carrier_ref, tracking_number, reason FROM shipping.shipments WHERE order_id = $1",
+            order.as_uuid(),
         )
-        .bind(order.as_uuid())
         .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| shipment_of(&r, 0)))
+        .await
     }
 
     async fn void(&self, key: &str) -> Result<Option<String>, CallError> {
@@ -359,12 +462,12 @@ impl thirdparty::Service for Shipments {
         if let Err(e) = self.carrier.cancel(carrier_ref).await {
             return Ok(Err(e));
         }
-        sqlx::query(
+        sqlx::query!(
             "UPDATE shipping.shipments SET status = 'cancelled', carrier_ref = $2, updated_at = $3 WHERE id = $1",
+            row.id,
+            carrier_ref,
+            Utc::now(),
         )
-        .bind(row.id)
-        .bind(carrier_ref)
-        .bind(Utc::now())
         .execute(&self.pool)
         .await?;
         Ok(Ok(()))

@@ -31,10 +31,9 @@ use std::hash::Hash;
 use std::time::Duration;
 
 use sagas::wire::ReplyOutcome;
-use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Numbered};
 use crate::bus::Unavailable;
 use crate::clients::CallError;
 
@@ -170,17 +169,18 @@ pub fn refused(code: &str, reason: impl Into<String>) -> ReplyOutcome {
 }
 
 /// The answers of a batched lookup, one per input: each is `T::default()` until `read` fills
-/// it from the rows that name it (column 0 numbers the inputs, see
+/// it from the rows that name it (their column `n` numbers the inputs, see
 /// [`crate::batch::input_of`]). A service looks its rows up with what else a command needs (its
 /// order, a token, an address) in one statement, and answers through this.
-pub fn per_input<T: Default>(
-    rows: &[PgRow],
+pub fn per_input<R: Numbered, T: Default>(
+    rows: Vec<R>,
     inputs: usize,
-    mut read: impl FnMut(&mut T, &PgRow),
+    mut read: impl FnMut(&mut T, R),
 ) -> Rows<T> {
     let mut found: Vec<T> = (0..inputs).map(|_| T::default()).collect();
     for r in rows {
-        read(&mut found[crate::batch::input_of(r, 0, inputs)?], r);
+        let i = crate::batch::input_of(&r, inputs)?;
+        read(&mut found[i], r);
     }
     Ok(found)
 }

@@ -1,5 +1,11 @@
 //! The engine's SQL. A batch is written with one statement per table, whatever its size
 //! (`unnest` of arrays), inside one transaction.
+//!
+//! Every statement but the commit is a `sqlx::query!` macro (or `query_as!`, `query_scalar!`),
+//! checked against the schema when the crate is built (from the data in `.sqlx/` when offline)
+//! and read by column name. The commit cannot be: [`CommitStatement`] is put together at start-up
+//! from [`PARTS`] and the read-model tables of the registered saga types, which only the
+//! running binary knows; it reads its rows into [`CommitRow`], by name too.
 
 use std::collections::{HashMap, HashSet};
 
@@ -10,7 +16,7 @@ use sagas::api::Status;
 use sagas::wire::SagaId;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgArguments;
-use sqlx::{Arguments, PgPool, Row};
+use sqlx::{Arguments, PgPool};
 use uuid::Uuid;
 
 use crate::relay;
@@ -635,29 +641,30 @@ async fn holders_of(
     pool: &PgPool,
     lost: &[&NewSagaRow],
 ) -> Result<HashMap<SagaId, Existing>, sqlx::Error> {
-    let (scopes, keys): (Vec<&str>, Vec<&str>) = lost
+    let (scopes, keys): (Vec<String>, Vec<String>) = lost
         .iter()
-        .filter_map(|r| Some((r.idempotency_scope.as_str(), r.idempotency_key.as_deref()?)))
+        .filter_map(|r| Some((r.idempotency_scope.clone(), r.idempotency_key.clone()?)))
         .unzip();
-    let rows = sqlx::query(
-        "SELECT s.idempotency_scope, s.idempotency_key, s.id, s.status, s.request_hash
-           FROM orchestrator.sagas s
-           JOIN unnest($1::text[], $2::text[]) AS k(scope, key)
-             ON s.idempotency_scope = k.scope AND s.idempotency_key = k.key",
+    // The key matched one of ours, so it is not NULL.
+    let rows = sqlx::query!(
+        r#"SELECT s.idempotency_scope, s.idempotency_key AS "idempotency_key!", s.id, s.status,
+                  s.request_hash
+             FROM orchestrator.sagas s
+             JOIN unnest($1::text[], $2::text[]) AS k(scope, key)
+               ON s.idempotency_scope = k.scope AND s.idempotency_key = k.key"#,
+        &scopes,
+        &keys,
     )
-    .bind(&scopes)
-    .bind(&keys)
     .fetch_all(pool)
     .await?;
     let mut by_key = HashMap::new();
     for row in rows {
-        let status: String = row.get(3);
         by_key.insert(
-            (row.get::<String, _>(0), row.get::<String, _>(1)),
+            (row.idempotency_scope, row.idempotency_key),
             Existing {
-                id: SagaId::from_uuid(row.get(2)),
-                status: Status::parse(&status).unwrap_or(Status::Running),
-                request_hash: row.get(4),
+                id: SagaId::from_uuid(row.id),
+                status: Status::parse(&row.status).unwrap_or(Status::Running),
+                request_hash: row.request_hash,
             },
         );
     }
@@ -684,21 +691,21 @@ pub(super) struct LoadedRow {
 }
 
 pub(super) async fn load(pool: &PgPool, ids: &[SagaId]) -> Result<Vec<LoadedRow>, sqlx::Error> {
-    let rows = sqlx::query(
+    let rows = sqlx::query!(
         "SELECT id, saga_type, snapshot, version, correlation_id
            FROM orchestrator.sagas WHERE id = ANY($1)",
+        &uuids(ids.iter()),
     )
-    .bind(uuids(ids.iter()))
     .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
         .map(|r| LoadedRow {
-            id: SagaId::from_uuid(r.get(0)),
-            saga_type: r.get(1),
-            snapshot: r.get(2),
-            version: r.get(3),
-            correlation_id: r.get(4),
+            id: SagaId::from_uuid(r.id),
+            saga_type: r.saga_type,
+            snapshot: r.snapshot,
+            version: r.version,
+            correlation_id: r.correlation_id,
         })
         .collect())
 }
@@ -718,21 +725,34 @@ pub struct SagaRecord {
     pub snapshot: serde_json::Value,
 }
 
-const RECORD_COLUMNS: &str = "id, saga_type, state, status, version, correlation_id, \
-                              idempotency_key, created_at, updated_at, snapshot";
+/// A saga row as the API reads it: the columns of a [`SagaRecord`], by name.
+struct RecordRow {
+    id: Uuid,
+    saga_type: String,
+    state: String,
+    status: String,
+    version: i64,
+    correlation_id: String,
+    idempotency_key: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    snapshot: serde_json::Value,
+}
 
-fn record(r: &sqlx::postgres::PgRow) -> SagaRecord {
-    SagaRecord {
-        id: SagaId::from_uuid(r.get(0)),
-        saga_type: r.get(1),
-        state: r.get(2),
-        status: r.get(3),
-        version: r.get(4),
-        correlation_id: r.get(5),
-        idempotency_key: r.get(6),
-        created_at: r.get(7),
-        updated_at: r.get(8),
-        snapshot: r.get(9),
+impl From<RecordRow> for SagaRecord {
+    fn from(r: RecordRow) -> Self {
+        SagaRecord {
+            id: SagaId::from_uuid(r.id),
+            saga_type: r.saga_type,
+            state: r.state,
+            status: r.status,
+            version: r.version,
+            correlation_id: r.correlation_id,
+            idempotency_key: r.idempotency_key,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            snapshot: r.snapshot,
+        }
     }
 }
 
@@ -742,26 +762,39 @@ pub async fn load_record(
     pool: &PgPool,
     id: SagaId,
 ) -> Result<Option<(SagaRecord, Vec<EventRow>)>, sqlx::Error> {
-    let Some(row) = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {RECORD_COLUMNS},
-                (SELECT coalesce(json_agg(json_build_object(
-                            'saga_id', e.saga_id, 'seq', e.seq, 'kind', e.kind,
-                            'input', e.input, 'effects', e.effects,
-                            'state_after', e.state_after, 'at', e.at, 'blocked', e.blocked)
-                          ORDER BY e.seq), '[]'::json)
-                   FROM orchestrator.saga_events e WHERE e.saga_id = s.id)
-           FROM orchestrator.sagas s WHERE s.id = $1"
-    )))
-    .bind(id.as_uuid())
+    // `coalesce` gives the empty array when the saga has no events, so the log is never NULL.
+    let Some(row) = sqlx::query!(
+        r#"SELECT id, saga_type, state, status, version, correlation_id, idempotency_key,
+                  created_at, updated_at, snapshot,
+                  (SELECT coalesce(json_agg(json_build_object(
+                              'saga_id', e.saga_id, 'seq', e.seq, 'kind', e.kind,
+                              'input', e.input, 'effects', e.effects,
+                              'state_after', e.state_after, 'at', e.at, 'blocked', e.blocked)
+                            ORDER BY e.seq), '[]'::json)
+                     FROM orchestrator.saga_events e WHERE e.saga_id = s.id) AS "events!"
+             FROM orchestrator.sagas s WHERE s.id = $1"#,
+        id.as_uuid(),
+    )
     .fetch_optional(pool)
     .await?
     else {
         return Ok(None);
     };
-    let events: serde_json::Value = row.get(10);
     let events: Vec<EventRow> =
-        serde_json::from_value(events).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-    Ok(Some((record(&row), events)))
+        serde_json::from_value(row.events).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    let record = SagaRecord::from(RecordRow {
+        id: row.id,
+        saga_type: row.saga_type,
+        state: row.state,
+        status: row.status,
+        version: row.version,
+        correlation_id: row.correlation_id,
+        idempotency_key: row.idempotency_key,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        snapshot: row.snapshot,
+    });
+    Ok(Some((record, events)))
 }
 
 /// The newest sagas first (ids are UUID v7, so they sort by creation), optionally of one
@@ -776,30 +809,59 @@ pub async fn list_records(
     // for all sagas or the (many) ended ones, `sagas_in_flight` for the others (its predicate
     // is repeated so that the generic plan can use it).
     let before = before.map_or(Uuid::max(), |id| id.as_uuid());
-    let filter = match status {
-        None => "id < $1",
-        Some(Status::Completed | Status::Compensated) => "id < $1 AND status = $3",
-        Some(_) => "id < $1 AND status = $3 AND status NOT IN ('completed', 'compensated')",
+    let rows = match status {
+        None => {
+            sqlx::query_as!(
+                RecordRow,
+                "SELECT id, saga_type, state, status, version, correlation_id, idempotency_key,
+                        created_at, updated_at, snapshot
+                   FROM orchestrator.sagas WHERE id < $1 ORDER BY id DESC LIMIT $2",
+                before,
+                limit,
+            )
+            .fetch_all(pool)
+            .await?
+        }
+        Some(status @ (Status::Completed | Status::Compensated)) => {
+            sqlx::query_as!(
+                RecordRow,
+                "SELECT id, saga_type, state, status, version, correlation_id, idempotency_key,
+                        created_at, updated_at, snapshot
+                   FROM orchestrator.sagas WHERE id < $1 AND status = $3
+                  ORDER BY id DESC LIMIT $2",
+                before,
+                limit,
+                status.as_str(),
+            )
+            .fetch_all(pool)
+            .await?
+        }
+        Some(status) => {
+            sqlx::query_as!(
+                RecordRow,
+                "SELECT id, saga_type, state, status, version, correlation_id, idempotency_key,
+                        created_at, updated_at, snapshot
+                   FROM orchestrator.sagas
+                  WHERE id < $1 AND status = $3 AND status NOT IN ('completed', 'compensated')
+                  ORDER BY id DESC LIMIT $2",
+                before,
+                limit,
+                status.as_str(),
+            )
+            .fetch_all(pool)
+            .await?
+        }
     };
-    let query = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {RECORD_COLUMNS} FROM orchestrator.sagas WHERE {filter} ORDER BY id DESC LIMIT $2"
-    )))
-    .bind(before)
-    .bind(limit);
-    let query = match status {
-        Some(status) => query.bind(status.as_str()),
-        None => query,
-    };
-    let rows = query.fetch_all(pool).await?;
-    Ok(rows.iter().map(record).collect())
+    Ok(rows.into_iter().map(SagaRecord::from).collect())
 }
 
 /// The status of a saga, if it exists.
 pub(super) async fn status(pool: &PgPool, id: SagaId) -> Result<Option<Status>, sqlx::Error> {
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM orchestrator.sagas WHERE id = $1")
-            .bind(id.as_uuid())
-            .fetch_optional(pool)
-            .await?;
+    let status = sqlx::query_scalar!(
+        "SELECT status FROM orchestrator.sagas WHERE id = $1",
+        id.as_uuid(),
+    )
+    .fetch_optional(pool)
+    .await?;
     Ok(status.and_then(|s| Status::parse(&s)))
 }

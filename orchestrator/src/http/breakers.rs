@@ -4,7 +4,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 
 use super::AppState;
 use super::problem::{FieldError, JsonBody, PathParam, Problem};
@@ -19,13 +18,16 @@ struct Listed {
 }
 
 pub async fn list(State(state): State<AppState>) -> Result<Response, Problem> {
-    let parked: std::collections::HashMap<String, i64> = sqlx::query(
-        "SELECT parked_on, count(*) FROM orchestrator.sagas WHERE parked_on IS NOT NULL GROUP BY parked_on",
+    // PostgreSQL does not carry the `IS NOT NULL` over to the column's type, nor know that a
+    // count is never NULL: both are said here.
+    let parked: std::collections::HashMap<String, i64> = sqlx::query!(
+        r#"SELECT parked_on AS "parked_on!", count(*) AS "parked!"
+             FROM orchestrator.sagas WHERE parked_on IS NOT NULL GROUP BY parked_on"#,
     )
     .fetch_all(&state.pool)
     .await?
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
+    .into_iter()
+    .map(|r| (r.parked_on, r.parked))
     .collect();
     let breakers: Vec<Listed> = state
         .breakers
@@ -85,21 +87,23 @@ pub async fn force(
     }
     match force {
         Some(f) => {
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO orchestrator.breaker_overrides (step, force, reason, set_at) VALUES ($1, $2, $3, now())
                  ON CONFLICT (step) DO UPDATE SET force = excluded.force, reason = excluded.reason, set_at = now()",
+                &step,
+                f.as_str(),
+                &reason,
             )
-            .bind(&step)
-            .bind(f.as_str())
-            .bind(&reason)
             .execute(&state.pool)
             .await?;
         }
         None => {
-            sqlx::query("DELETE FROM orchestrator.breaker_overrides WHERE step = $1")
-                .bind(&step)
-                .execute(&state.pool)
-                .await?;
+            sqlx::query!(
+                "DELETE FROM orchestrator.breaker_overrides WHERE step = $1",
+                &step,
+            )
+            .execute(&state.pool)
+            .await?;
         }
     }
     // Apply it here at once; the other orchestrators (and this one, if reading it back fails

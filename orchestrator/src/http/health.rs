@@ -17,7 +17,8 @@ pub async fn healthz() -> Response {
 /// Ready only when PostgreSQL and JetStream both answer.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let limit = Duration::from_secs(2);
-    let db = tokio::time::timeout(limit, sqlx::query("SELECT 1").execute(&state.pool)).await;
+    let ping = sqlx::query_scalar!("SELECT 1").fetch_one(&state.pool);
+    let db = tokio::time::timeout(limit, ping).await;
     if !matches!(db, Ok(Ok(_))) {
         return Problem::unavailable("PostgreSQL does not answer").into_response();
     }

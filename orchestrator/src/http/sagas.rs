@@ -26,11 +26,13 @@ pub fn parse_id(raw: &str) -> Result<SagaId, Problem> {
 
 /// The business entity a saga runs for (a checkout's order id).
 pub async fn order_id_of(pool: &PgPool, id: SagaId) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT subject FROM orchestrator.sagas WHERE id = $1")
-        .bind(id.as_uuid())
-        .fetch_optional(pool)
-        .await
-        .map(Option::flatten)
+    sqlx::query_scalar!(
+        "SELECT subject FROM orchestrator.sagas WHERE id = $1",
+        id.as_uuid(),
+    )
+    .fetch_optional(pool)
+    .await
+    .map(Option::flatten)
 }
 
 /// A saga as `GET /sagas/{id}` shows it.
