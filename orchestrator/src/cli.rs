@@ -50,29 +50,12 @@ enum CatalogCommand {
 /// passes its own, and nothing else changes.
 pub fn main(registry: Registry) -> std::process::ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    runtime::telemetry::init(settings.log.format, &settings.log.level);
-    let runtime = match settings.runtime.build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli, settings, registry)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "orchestrator failed");
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    runtime::process::main(
+        "orchestrator",
+        Settings::load,
+        |s| (&s.log, &s.runtime),
+        |settings| run(cli, settings, registry),
+    )
 }
 
 async fn run(cli: Cli, settings: Settings, registry: Registry) -> anyhow::Result<()> {

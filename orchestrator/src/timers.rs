@@ -34,13 +34,8 @@ impl TimerLoop {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(config::ms(self.settings.poll_interval_ms));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
+        let every = config::ms(self.settings.poll_interval_ms);
+        runtime::shutdown::every(every, &shutdown, || async {
             // A full batch means more are due: keep going without waiting for the next tick.
             loop {
                 match self.fire_due().await {
@@ -54,7 +49,8 @@ impl TimerLoop {
                     }
                 }
             }
-        }
+        })
+        .await;
         tracing::info!("timer loop stopped");
     }
 

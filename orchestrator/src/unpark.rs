@@ -47,17 +47,12 @@ impl Unparker {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(config::ms(self.interval_ms));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
+        runtime::shutdown::every(config::ms(self.interval_ms), &shutdown, || async {
             if let Err(e) = self.step().await {
                 tracing::warn!(error = %e, "unparker could not run");
             }
-        }
+        })
+        .await;
         tracing::info!("unparker stopped");
     }
 

@@ -262,3 +262,37 @@ mod tests {
         assert!(e.contains("e must be 0 to 10"), "{e}");
     }
 }
+
+/// Helpers for the tests of a process's settings, which load from an environment of their own.
+pub mod testing {
+    use std::collections::BTreeMap;
+    use std::fmt::{Debug, Display};
+
+    /// An environment of exactly these variables.
+    pub fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Each `(variable, value, named)`, set alone, makes `load` fail with an error that says
+    /// `named`.
+    pub fn assert_refused<T: Debug, E: Display>(
+        load: impl Fn(BTreeMap<String, String>) -> Result<T, E>,
+        cases: &[(&str, &str, &str)],
+    ) {
+        for (key, value, named) in cases {
+            match load(env(&[(key, value)])) {
+                Ok(settings) => panic!("{key}={value} was accepted: {settings:?}"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains(named),
+                        "{key}={value}: {e} does not name {named}"
+                    );
+                }
+            }
+        }
+    }
+}

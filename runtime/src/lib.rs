@@ -17,5 +17,6 @@ pub mod consume;
 pub mod db;
 pub mod maintenance;
 pub mod nats;
+pub mod process;
 pub mod shutdown;
 pub mod telemetry;

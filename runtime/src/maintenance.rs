@@ -21,17 +21,12 @@ pub async fn run(
     if interval.is_zero() {
         return;
     }
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    crate::shutdown::every(interval, &shutdown, || async {
         if let Err(e) = pass(&pool, schemas).await {
             tracing::warn!(error = %e, ?schemas, "table maintenance failed");
         }
-    }
+    })
+    .await;
 }
 
 /// One pass over the tables of `schemas`: vacuum and analyze the ones that need it. Returns

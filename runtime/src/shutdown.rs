@@ -16,3 +16,21 @@ pub fn cancel_on_signal(token: CancellationToken) {
         token.cancel();
     });
 }
+
+/// Call `pass` every `interval` until `shutdown` is cancelled: the first call at once, a tick
+/// missed while a pass ran delayed rather than bunched, and no pass begun once stopping.
+pub async fn every<F, Fut>(interval: std::time::Duration, shutdown: &CancellationToken, mut pass: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        pass().await;
+    }
+}

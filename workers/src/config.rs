@@ -165,13 +165,7 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use runtime::config::testing::{assert_refused, env};
 
     #[test]
     fn defaults_and_overrides() {
@@ -186,45 +180,35 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let e = Settings::load_from(env(&[("SAGA_WORKER__MODE", "fast")]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("mode") || e.contains("fast"), "{e}");
-        let e = Settings::load_from(env(&[("SAGA_WORKER__CONCURRENCY", "0")]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("concurrency"), "{e}");
-        let e = Settings::load_from(env(&[("CARRIER_URL", "not a url")]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("carrier.url"), "{e}");
-        let e = Settings::load_from(env(&[("SAGA_PROCESSOR__RECORD_PENDING_AFTER_MS", "5000")]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("processor.record_pending_after_ms"), "{e}");
-        for (key, value, named) in [
-            (
-                "SAGA_INVENTORY__EXPIRY_SWEEP_INTERVAL_MS",
-                "0",
-                "inventory.expiry_sweep_interval_ms",
-            ),
-            (
-                "SAGA_CARRIER__BREAKER_OPEN_MAX_MS",
-                "18446744073709551615",
-                "carrier.breaker_open_max_ms",
-            ),
-            (
-                "SAGA_PROCESSOR__BREAKER_FAILURES",
-                "0",
-                "processor.breaker_failures",
-            ),
-            ("SAGA_LOG__LEVEL", "info,=[", "log.level"),
-        ] {
-            let e = Settings::load_from(env(&[(key, value)]))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(named), "{key}={value}: {e}");
-        }
+        assert_refused(
+            Settings::load_from,
+            &[
+                ("SAGA_WORKER__MODE", "fast", "fast"),
+                ("SAGA_WORKER__CONCURRENCY", "0", "concurrency"),
+                ("CARRIER_URL", "not a url", "carrier.url"),
+                (
+                    "SAGA_PROCESSOR__RECORD_PENDING_AFTER_MS",
+                    "5000",
+                    "processor.record_pending_after_ms",
+                ),
+                (
+                    "SAGA_INVENTORY__EXPIRY_SWEEP_INTERVAL_MS",
+                    "0",
+                    "inventory.expiry_sweep_interval_ms",
+                ),
+                (
+                    "SAGA_CARRIER__BREAKER_OPEN_MAX_MS",
+                    "18446744073709551615",
+                    "carrier.breaker_open_max_ms",
+                ),
+                (
+                    "SAGA_PROCESSOR__BREAKER_FAILURES",
+                    "0",
+                    "processor.breaker_failures",
+                ),
+                ("SAGA_LOG__LEVEL", "info,=[", "log.level"),
+            ],
+        );
     }
 }
 

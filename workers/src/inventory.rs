@@ -276,19 +276,14 @@ impl Inventory {
         every: std::time::Duration,
         shutdown: tokio_util::sync::CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
+        runtime::shutdown::every(every, &shutdown, || async {
             match self.expire_due(500).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(reservations = n, "expired reservations handled"),
                 Err(e) => tracing::warn!(error = %e, "reservation expiry failed"),
             }
-        }
+        })
+        .await;
     }
 
     /// Release up to `limit` reservations past their expiry, with an `expire` stock movement.

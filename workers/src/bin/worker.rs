@@ -21,31 +21,14 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    runtime::telemetry::init(settings.log.format, &settings.log.level);
-    let runtime = match settings.runtime.build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let shutdown = CancellationToken::new();
-    match runtime.block_on(async move {
-        runtime::shutdown::cancel_on_signal(shutdown.clone());
-        run::run(cli.kind, settings, shutdown).await
-    }) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "worker failed");
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    runtime::process::main(
+        "worker",
+        Settings::load,
+        |s| (&s.log, &s.runtime),
+        |settings| async move {
+            let shutdown = CancellationToken::new();
+            runtime::shutdown::cancel_on_signal(shutdown.clone());
+            run::run(cli.kind, settings, shutdown).await
+        },
+    )
 }
