@@ -87,6 +87,8 @@ impl StartConsumer {
                     return;
                 }
             };
+            // Why a type could not make a saga of the event, for the dead letter.
+            let mut refused = Vec::new();
             for t in self.registry.triggered_by(&event.source, &event.name) {
                 let Some(start) = t.start_on(&event) else { continue };
                 let request_hash = Sha256::digest(start.request.to_string()).to_vec();
@@ -107,12 +109,22 @@ impl StartConsumer {
                     // the event, not something a redelivery fixes.
                     Err(e @ engine::Error::InvalidStart(_)) => {
                         tracing::error!(saga_type = t.name(), event = %event.name, error = %e, "an event could not start its saga");
+                        refused.push(format!("{}: {e}", t.name()));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "saga not started; the event comes back");
                         return consume::retry_later(&self.dead_letters, ORIGIN, &msg, max_deliver, &e.to_string()).await;
                     }
                 }
+            }
+            if !refused.is_empty() {
+                // Set aside with the reason, for an operator to see (and replay once fixed); the
+                // types that did start a saga are not started twice by a replay.
+                let reason = format!("the event starts no saga: {}", refused.join("; "));
+                if consume::dead_letter(&self.dead_letters, ORIGIN, &msg, &reason).await {
+                    self.metrics.dead_letter(ORIGIN);
+                }
+                return;
             }
             if let Err(e) = msg.ack().await {
                 tracing::warn!(error = %e, "could not acknowledge an event; it comes back and starts nothing twice");

@@ -1,10 +1,12 @@
-//! The timer loop: fires due durable timers (step deadlines, retry backoffs) as inputs.
+//! The timer loop: fires due durable timers as inputs. It knows a timer by its saga and name
+//! only (a step's deadline or backoff, a signal's SLA, whatever a saga type sets): what a
+//! timer means is for the saga's machine to say.
 //!
 //! Due rows are claimed with `FOR UPDATE SKIP LOCKED` and leased for a while, so two
 //! orchestrators side by side never fire the same timer at once. The commit that applies the
 //! fired timer removes its row (or the transition re-arms it). If an orchestrator dies between
 //! claim and commit, the lease runs out and another one fires the timer; a timer fired twice
-//! is harmless, because the machine fences timers by step and attempt.
+//! is harmless, because the machine fences the timers it gets (a step's by step and attempt).
 
 use futures::future::join_all;
 use sagas::api::{FiredTimer as Due, Input};

@@ -162,6 +162,33 @@ async fn parcel_ready(app: &App, parcel: Uuid, extra: Value) {
     publish(app, subject, serde_json::to_vec(&event).unwrap()).await;
 }
 
+/// The reason of the last dead letter set aside by `origin` (`cmd-courier`, `starts`...), once
+/// there is one.
+async fn dead_letter_reason(app: &App, origin: &str) -> String {
+    let client = async_nats::connect(&app.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        if let Ok(dlq) = js
+            .get_stream(format!("{}_DEAD_LETTERS", app.name.to_uppercase()))
+            .await
+            && let Ok(m) = dlq
+                .get_last_raw_message_by_subject(&format!("{}.dlq.{origin}", app.name))
+                .await
+        {
+            return String::from_utf8_lossy(
+                m.headers.get(headers::DEAD_LETTER_REASON).unwrap().as_ref(),
+            )
+            .into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing dead-lettered by {origin}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn saga_of(app: &App, parcel: Uuid) -> String {
     let deadline = Instant::now() + WITHIN;
     loop {
@@ -359,31 +386,27 @@ async fn a_saga_type_of_the_suite_runs_on_the_platform_end_to_end() {
         serde_json::to_vec(&unknown).unwrap(),
     )
     .await;
-    let client = async_nats::connect(&app.nats_url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let deadline = Instant::now() + WITHIN;
-    let reason = loop {
-        if let Ok(dlq) = js
-            .get_stream(format!("{}_DEAD_LETTERS", app.name.to_uppercase()))
-            .await
-            && let Ok(m) = dlq
-                .get_last_raw_message_by_subject(&format!("{}.dlq.cmd-courier", app.name))
-                .await
-        {
-            break String::from_utf8_lossy(
-                m.headers.get(headers::DEAD_LETTER_REASON).unwrap().as_ref(),
-            )
-            .into_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the unknown command was not dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let reason = dead_letter_reason(&app, "cmd-courier").await;
     assert!(
         reason.contains("unknown command") && reason.contains("weigh_parcel"),
         "{reason}"
+    );
+
+    // An event whose saga the type refuses to start (a pick-up SLA under the platform's
+    // minimum of a second): set aside with the reason, not silently dropped.
+    let refused = Uuid::now_v7();
+    parcel_ready(&app, refused, json!({"pickup_sla_ms": 5})).await;
+    let reason = dead_letter_reason(&app, "starts").await;
+    assert!(
+        reason.contains("starts no saga") && reason.contains("courier") && reason.contains("SLA"),
+        "{reason}"
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM orchestrator.sagas WHERE subject = '{refused}'"
+        ))
+        .await,
+        0
     );
 
     // Both event logs replay to their snapshots (through the suite's registry).

@@ -7,8 +7,8 @@
 //! any effect, a real worker checks that the command's saga is an order and that the command
 //! matches it ([`orders`]); a command that does not is dead-lettered and does nothing.
 //!
-//! Must never: write another service's schema or the orchestrator's tables (the orders view
-//! over them is read, by saga id); act on a command whose saga is not an order or that does
+//! Must never: write another service's schema or the orchestrator's tables (the orders read
+//! model, `orders.orders`, is read, by saga id); act on a command whose saga is not an order or that does
 //! not match it; acknowledge a command before its reply is stored; repeat an effect for a
 //! `(saga, step)` it already answered.
 

@@ -12,22 +12,21 @@
 //!
 //! Each service reads the order in a statement it runs anyway for a batch of commands (payment
 //! and shipping join it to their record lookup, the inventory writer to its batch's
-//! transaction), by `saga_id`: the view's key, the primary key of `orchestrator.sagas`, so a
-//! lookup is an index probe whatever the table's size. Statements select the columns
+//! transaction), by `saga_id`, unique in `orders.orders`, so a lookup is an index probe whatever the table's size. Statements select the columns
 //! `o.saga_id, o.id, o.status` (named `order_saga_id`, `order_id` and `order_status` where an
 //! outer join puts them next to a service's own columns, and nullable there), read by name
 //! into the statement's row, and [`Order::new`] or [`Order::found`] makes the order of them;
 //! the payment service adds `o.total_minor, o.currency` ([`Order::with_total`]). Only the
 //! columns a statement names are read, so the others leave the totals out.
 //!
-//! Must never: write the view's tables (they are the orchestrator's), or be asked for anything
+//! Must never: write the read model's tables (they are the orchestrator's), or be asked for anything
 //! but a command's own saga.
 
 use sagas::shop::{Currency, Money, OrderId};
 use sagas::wire::SagaId;
 use uuid::Uuid;
 
-/// A checkout saga's order as the view shows it.
+/// A checkout saga's order as the read model shows it.
 #[derive(Debug, Clone)]
 pub struct Order {
     pub saga_id: SagaId,
@@ -67,7 +66,7 @@ impl Order {
         }
     }
 
-    /// The total, as the orders view has it, for a message.
+    /// The total, as the read model has it, for a message.
     fn total(&self) -> String {
         match (self.total_minor, self.currency.as_deref()) {
             (Some(minor), Some(code)) => match Currency::parse(code) {

@@ -1,11 +1,11 @@
 //! The engine: load a saga, feed it inputs, and commit the new snapshot, the event-log rows,
-//! the outbox rows and the timers in ONE transaction guarded by the saga's version. Only after
+//! the outbox rows, the timers, the secrets and the read-model rows in ONE statement guarded by the saga's version. Only after
 //! the commit does anything leave the process (the outbox rows go to the relay, the callers get
 //! their answers).
 //!
 //! Sagas are partitioned over shards by id. A shard is a single task that takes every request
 //! waiting in its queue (up to `max_batch`), applies them in memory, and writes them with one
-//! statement per table: while one transaction commits, the next batch gathers. That is where the
+//! statement (`store::CommitStatement`, an `unnest` of arrays per table): while one transaction commits, the next batch gathers. That is where the
 //! throughput comes from. A shard keeps the sagas it touched in a cache; the version check makes
 //! the cache safe even with several orchestrators: a stale entry fails the check, is reloaded
 //! and the input is applied again.

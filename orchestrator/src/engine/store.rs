@@ -1,5 +1,5 @@
-//! The engine's SQL. A batch is written with one statement per table, whatever its size
-//! (`unnest` of arrays), inside one transaction.
+//! The engine's SQL. A batch is written with one statement whatever its size: a data-modifying
+//! CTE per table, each an `unnest` of arrays.
 //!
 //! Every statement but the commit is a `sqlx::query!` macro (or `query_as!`, `query_scalar!`),
 //! checked against the schema when the crate is built (from the data in `.sqlx/` when offline)

@@ -6,37 +6,27 @@ use tokio_util::sync::CancellationToken;
 use workers::config::Settings;
 
 fn main() -> std::process::ExitCode {
-    let settings = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    runtime::telemetry::init(settings.log.format, &settings.log.level);
-    let rt = settings.runtime.build().expect("a runtime");
-    let result: anyhow::Result<()> = rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        runtime::shutdown::cancel_on_signal(shutdown.clone());
-        let pool = runtime::db::connect(&settings.database, "saga-worker-courier").await?;
-        let (_client, js) = runtime::nats::connect(&settings.nats.url, "courier-worker").await?;
-        workers::bus::serve_commands(
-            js,
-            settings.subjects(),
-            e2e::courier::SERVICE,
-            e2e::courier::Worker { pool },
-            settings.worker.concurrency,
-            settings.faults.clone(),
-            shutdown,
-        )
-        .await;
-        Ok(())
-    });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    runtime::process::main(
+        "courier worker",
+        Settings::load,
+        |s| (&s.log, &s.runtime),
+        |settings| async move {
+            let shutdown = CancellationToken::new();
+            runtime::shutdown::cancel_on_signal(shutdown.clone());
+            let pool = runtime::db::connect(&settings.database, "saga-worker-courier").await?;
+            let (_client, js) =
+                runtime::nats::connect(&settings.nats.url, "courier-worker").await?;
+            workers::bus::serve_commands(
+                js,
+                settings.subjects(),
+                e2e::courier::SERVICE,
+                e2e::courier::Worker { pool },
+                settings.worker.concurrency,
+                settings.faults.clone(),
+                shutdown,
+            )
+            .await;
+            Ok(())
+        },
+    )
 }
