@@ -227,6 +227,12 @@ pub trait Saga: Send + Sync + std::fmt::Debug {
     fn projection(&self) -> Vec<ProjectionRow> {
         Vec::new()
     }
+    /// A number that changes whenever [`Saga::projection`] may change other than through
+    /// [`Saga::status`] (while neither changes, the engine does not compute the rows again);
+    /// it need not survive a restore. `None`: unknown, the rows are computed at every change.
+    fn revision(&self) -> Option<u64> {
+        None
+    }
     fn status(&self) -> Status;
     /// The name of the current leaf state, for the API and the dashboard.
     fn state_name(&self) -> &'static str;

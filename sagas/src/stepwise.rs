@@ -516,8 +516,28 @@ pub struct Stepwise<D: Definition> {
     /// The SLA timers armed now, by name, to disarm when the saga leaves their step.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slas: Vec<String>,
+    /// Counts the changes of `data` since the saga was started or restored ([`api::Saga::revision`]).
+    #[serde(skip)]
+    revision: Revision,
     #[serde(skip)]
     marker: PhantomData<fn() -> D>,
+}
+
+/// How often a live saga's data changed: a counter of this process, not part of the saga (two
+/// sagas alike but for it are equal; a restored saga starts again from zero).
+#[derive(Clone, Copy, Debug, Default)]
+struct Revision(u64);
+
+impl PartialEq for Revision {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Revision {
+    fn bump(&mut self) {
+        self.0 += 1;
+    }
 }
 
 #[state_machine(
@@ -932,6 +952,7 @@ impl<D: Definition> Stepwise<D> {
         if let Some(awaits) = D::steps()[step].awaits {
             if let Some(i) = self.inbox.iter().position(|s| s.name == awaits.signal) {
                 let signal = self.inbox.remove(i);
+                self.revision.bump();
                 if let Err(f) = D::on_signal(&mut self.data, &D::steps()[step], &signal) {
                     return self.step_failed(ctx, step, &f.code, &f.reason);
                 }
@@ -1050,6 +1071,7 @@ impl<D: Definition> Stepwise<D> {
     /// signal).
     fn command_succeeded(&mut self, ctx: &mut Ctx, step: usize, output: &Body) -> Outcome<State> {
         let def = &D::steps()[step];
+        self.revision.bump();
         D::record(&mut self.data, def, output);
         self.steps[step].output = Some(output.clone());
         self.command_done(ctx, step)
@@ -1149,6 +1171,7 @@ impl<D: Definition> Stepwise<D> {
                     self.slas.retain(|n| *n != name);
                     ctx.cancel_timer(name);
                 }
+                self.revision.bump();
                 if let Err(f) = D::on_signal(&mut self.data, def, signal) {
                     return self.step_failed(ctx, step, &f.code, &f.reason);
                 }
@@ -1610,6 +1633,7 @@ impl<D: Definition> Instance<D> {
             signals: Vec::new(),
             inbox: Vec::new(),
             slas: Vec::new(),
+            revision: Revision::default(),
             marker: PhantomData,
         };
         let mut ctx = Ctx::new(env);
@@ -1723,6 +1747,10 @@ impl<D: Definition> api::Saga for Instance<D> {
     fn projection(&self) -> Vec<ProjectionRow> {
         let saga = self.machine.inner();
         D::project(&saga.data, saga.id, self.status(), saga.started_at)
+    }
+
+    fn revision(&self) -> Option<u64> {
+        Some(self.machine.inner().revision.0)
     }
 
     fn status(&self) -> Status {

@@ -32,9 +32,13 @@ struct Entry {
     saga_type: &'static str,
     version: i64,
     correlation_id: String,
-    /// The read-model rows last written for it (JSON text), so that a transition that does not
-    /// change them writes none. `None` after a load: the next change writes them again.
-    projected: Option<String>,
+    /// The read-model rows last written for it (table and JSON text), so that a transition
+    /// writes only the rows it changed (an order's status, not its lines). Empty after a load:
+    /// the next change writes them all again (and the upsert skips those that are the same).
+    projected: Vec<(&'static str, String)>,
+    /// The status and revision ([`Saga::revision`]) the rows were last computed at: while they
+    /// stay the same, the rows cannot have changed and are not computed again.
+    projected_mark: Option<(sagas::api::Status, u64)>,
 }
 
 /// A batch applied in memory, ready to commit.
@@ -443,7 +447,8 @@ impl Shard {
             saga_type: saga_type.name(),
             version: 1,
             correlation_id: new.correlation_id.clone(),
-            projected: None,
+            projected: Vec::new(),
+            projected_mark: None,
         };
         let mut w = Work::new(entry, false);
         w.idempotency = new.idempotency.clone();
@@ -494,7 +499,8 @@ impl Shard {
                             saga_type: t.name(),
                             version: row.version,
                             correlation_id: row.correlation_id,
-                            projected: None,
+                            projected: Vec::new(),
+                            projected_mark: None,
                         },
                     );
                 }
@@ -670,20 +676,40 @@ impl Batch {
                 }
                 continue;
             }
-            // The read model, when the transition changed it.
-            let rows = w.entry.saga.projection();
-            if !rows.is_empty() {
-                let text = serde_json::to_string(&rows).expect("projections serialize");
-                if w.entry.projected.as_deref() != Some(text.as_str()) {
-                    for row in rows {
+            // The rows of the read model the transition changed; none when neither the saga's
+            // status nor its data changed since they were last computed.
+            let mark = w.entry.saga.revision().map(|r| (w.entry.saga.status(), r));
+            let unchanged = mark.is_some() && mark == w.entry.projected_mark;
+            w.entry.projected_mark = mark;
+            let rows: Vec<(&'static str, String)> = if unchanged {
+                w.entry.projected.clone()
+            } else {
+                w.entry
+                    .saga
+                    .projection()
+                    .into_iter()
+                    .map(|r| {
+                        let text = serde_json::to_string(&r.row).expect("rows serialize");
+                        (r.table, text)
+                    })
+                    .collect()
+            };
+            if rows != w.entry.projected {
+                for (table, text) in &rows {
+                    if !w
+                        .entry
+                        .projected
+                        .iter()
+                        .any(|(t, x)| t == table && x == text)
+                    {
                         batch
                             .projections
-                            .entry(row.table)
+                            .entry(table)
                             .or_default()
-                            .push(serde_json::to_string(&row.row).expect("rows serialize"));
+                            .push(text.clone());
                     }
-                    w.entry.projected = Some(text);
                 }
+                w.entry.projected = rows;
             }
             let saga = &w.entry.saga;
             let status = saga.status();

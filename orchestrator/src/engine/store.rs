@@ -379,10 +379,31 @@ impl CommitStatement {
                 .filter(|c| !t.key.contains(c))
                 .map(|c| format!("{c} = excluded.{c}"))
                 .collect();
+            let changing: Vec<&str> = t
+                .columns
+                .iter()
+                .filter(|c| !t.key.contains(c))
+                .copied()
+                .collect();
+            // A row written again as it is (after a load, the engine no longer knows what it
+            // wrote) makes no new row version.
             let on_conflict = if updates.is_empty() {
                 "DO NOTHING".to_owned()
             } else {
-                format!("DO UPDATE SET {}", updates.join(", "))
+                format!(
+                    "DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
+                    updates.join(", "),
+                    changing
+                        .iter()
+                        .map(|c| format!("t.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    changing
+                        .iter()
+                        .map(|c| format!("excluded.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                )
             };
             // Typed rows from JSON objects: each value is cast to its column's type.
             parts.push((
