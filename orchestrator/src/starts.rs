@@ -1,20 +1,25 @@
-//! Sagas started by domain events: the consumer of the events stream that starts, for each
-//! event a registered saga type is triggered by ([`sagas::api::SagaType::triggers`]), the saga
-//! the type makes of it. A start is idempotent per type and key (the key the type derives from
-//! the event, e.g. the order id): a redelivered or duplicated event finds the saga it started
-//! and starts no second one. Events that start nothing are acknowledged and skipped; an event
-//! that cannot be read is dead-lettered; one whose start fails for now comes back later.
+//! The consumer of the events stream for the saga types: it starts, for each event a registered
+//! saga type is triggered by ([`sagas::api::SagaType::triggers`]), the saga the type makes of
+//! it, and it delivers, as a signal, each event a type listens to
+//! ([`sagas::api::SagaType::signal_triggers`]: a carrier's `ShipmentDispatched` for the
+//! fulfilment of its order) to the saga of that type for the event's subject.
+//!
+//! A start is idempotent per type and key (the key the type derives from the event, e.g. the
+//! order id): a redelivered or duplicated event finds the saga it started and starts no second
+//! one. A signal's id is derived from the event's, so a redelivered event is applied once.
+//! Events that concern no saga are acknowledged and skipped; an event that cannot be read is
+//! dead-lettered; one whose start or signal fails for now comes back later.
 
 use async_nats::jetstream;
 use runtime::consume::{self, DeadLetters};
-use sagas::api::Registry;
-use sagas::wire::{Event, consumers, headers};
+use sagas::api::{Input, Registry};
+use sagas::wire::{Event, SignalTarget, consumers, headers};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::engine::{self, Engine, Idempotency, NewSaga};
+use crate::engine::{self, Applied, Engine, Idempotency, NewSaga, Origin};
 use crate::metrics::Metrics;
 use crate::topology::{Topology, streams};
 
@@ -22,6 +27,7 @@ const ORIGIN: &str = "starts";
 
 pub struct StartConsumer {
     engine: Engine,
+    pool: sqlx::PgPool,
     registry: Arc<Registry>,
     js: jetstream::Context,
     topology: Topology,
@@ -33,6 +39,7 @@ pub struct StartConsumer {
 impl StartConsumer {
     pub fn new(
         engine: Engine,
+        pool: sqlx::PgPool,
         registry: Arc<Registry>,
         js: jetstream::Context,
         topology: Topology,
@@ -42,6 +49,7 @@ impl StartConsumer {
         let dead_letters = DeadLetters::new(js.clone(), topology.subjects().clone());
         Self {
             engine,
+            pool,
             registry,
             js,
             topology,
@@ -52,8 +60,13 @@ impl StartConsumer {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        if self.registry.types().all(|t| t.triggers().is_empty()) {
-            // Nothing is started by events: the consumer is not read (it keeps its place).
+        if self
+            .registry
+            .types()
+            .all(|t| t.triggers().is_empty() && t.signal_triggers().is_empty())
+        {
+            // No saga is started or signalled by events: the consumer is not read (it keeps
+            // its place).
             return;
         }
         let stream = self.topology.stream_name(streams::EVENTS);
@@ -117,10 +130,37 @@ impl StartConsumer {
                     }
                 }
             }
+            for t in self.registry.signalled_by(&event.source, &event.name) {
+                let Some((subject, signal)) = t.signal_on(&event) else { continue };
+                let target = SignalTarget::Subject { saga_type: t.name().to_owned(), subject };
+                let saga = match crate::signals::resolve(&self.pool, &target).await {
+                    Ok(Some(saga)) => saga,
+                    Ok(None) => {
+                        // Not every event of the kind is for a saga of the type.
+                        tracing::debug!(saga_type = t.name(), event = %event.name, "an event for no saga");
+                        continue;
+                    }
+                    Err(e) => {
+                        return consume::retry_later(&self.dead_letters, ORIGIN, &msg, max_deliver, &e.to_string()).await;
+                    }
+                };
+                let origin = Origin { correlation_id: Some(correlation_id.clone()), ..Default::default() };
+                let name = signal.name.clone();
+                match self.engine.apply(saga, Input::Signal(signal), origin).await {
+                    Ok(Applied::Applied { .. }) => tracing::info!(saga_id = %saga, signal = %name, event = %event.name, "an event signalled its saga"),
+                    Ok(Applied::Ignored(why)) => tracing::info!(saga_id = %saga, signal = %name, %why, "an event's signal was ignored"),
+                    Ok(Applied::NotFound) => tracing::warn!(saga_id = %saga, "the saga of an event's signal is gone"),
+                    Err(e @ engine::Error::Corrupt { .. }) => refused.push(format!("{}: {e}", t.name())),
+                    Err(e) => {
+                        tracing::warn!(saga_id = %saga, error = %e, "signal not applied; the event comes back");
+                        return consume::retry_later(&self.dead_letters, ORIGIN, &msg, max_deliver, &e.to_string()).await;
+                    }
+                }
+            }
             if !refused.is_empty() {
                 // Set aside with the reason, for an operator to see (and replay once fixed); the
                 // types that did start a saga are not started twice by a replay.
-                let reason = format!("the event starts no saga: {}", refused.join("; "));
+                let reason = format!("the event starts or signals no saga: {}", refused.join("; "));
                 if consume::dead_letter(&self.dead_letters, ORIGIN, &msg, &reason).await {
                     self.metrics.dead_letter(ORIGIN);
                 }

@@ -162,6 +162,7 @@ impl Application {
         let signals = tokio::spawn(signals.run(shutdown.clone()));
         let starts = crate::starts::StartConsumer::new(
             state.engine.clone(),
+            state.pool.clone(),
             state.registry.clone(),
             state.js.clone(),
             state.topology.clone(),

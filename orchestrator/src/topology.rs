@@ -70,7 +70,9 @@ impl Topology {
             reply_ack_wait,
             reply_max_deliver,
             services: registry.services(),
-            started_by_events: registry.types().any(|t| !t.triggers().is_empty()),
+            started_by_events: registry
+                .types()
+                .any(|t| !t.triggers().is_empty() || !t.signal_triggers().is_empty()),
         }
     }
 
@@ -164,8 +166,8 @@ impl Topology {
                 ),
             ));
         }
-        // Events that start sagas (only the orchestrator knows which: its registered types'
-        // triggers), read from the same stream as every subscriber.
+        // Events that start or signal sagas (only the orchestrator knows which: its registered
+        // types' triggers), read from the same stream as every subscriber.
         if self.started_by_events {
             all.push((
                 streams::EVENTS,

@@ -290,6 +290,15 @@ pub trait SagaType: Send + Sync + 'static {
     fn start_on(&self, _event: &Event) -> Option<EventStart> {
         None
     }
+    /// The domain events that reach sagas of this type as signals.
+    fn signal_triggers(&self) -> &'static [Trigger] {
+        &[]
+    }
+    /// The signal `event` (one of [`SagaType::signal_triggers`]) is, and the subject of the
+    /// saga of this type it is for.
+    fn signal_on(&self, _event: &Event) -> Option<(String, crate::wire::Signal)> {
+        None
+    }
     /// Start a new instance from its start request. The effects are those of entering the first
     /// step.
     fn start(
@@ -361,6 +370,17 @@ impl Registry {
         self.types()
             .filter(|t| {
                 t.triggers()
+                    .iter()
+                    .any(|tr| tr.source == source && tr.event == name)
+            })
+            .collect()
+    }
+
+    /// The registered types that get an event of `source` and type `name` as a signal.
+    pub fn signalled_by(&self, source: &str, name: &str) -> Vec<&'static dyn SagaType> {
+        self.types()
+            .filter(|t| {
+                t.signal_triggers()
                     .iter()
                     .any(|tr| tr.source == source && tr.event == name)
             })

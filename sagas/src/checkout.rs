@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{ProjectionRow, ProjectionTable, Status};
 use crate::policy::{Backoff, Policy, StepPolicy};
+use crate::events::{self, DomainEvent};
 use crate::shop::{
-    Address, Currency, Customer, CustomerRef, Line, Money, OrderId, ids, inventory, order, payment,
+    Address, Currency, Customer, CustomerRef, Line, Money, OrderId, ids, inventory, payment,
     shipping,
 };
 use crate::stepwise::{self, Definition, Emit, End, StepDef, StepKind};
@@ -171,6 +172,9 @@ pub struct Order {
     /// When the current stock reservation runs out (from the inventory's answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation_expires_at: Option<Timestamp>,
+    /// The charge was refunded (a refund was made, not only a tombstone left).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refunded: bool,
 }
 
 impl Order {
@@ -229,6 +233,7 @@ impl Definition for Checkout {
             shipping_address: start.shipping_address,
             reservation_hold_seconds: start.reservation_hold_seconds,
             reservation_expires_at: None,
+            refunded: false,
         })
     }
 
@@ -306,37 +311,47 @@ impl Definition for Checkout {
         Some(order.order_id.to_string())
     }
 
+    /// `OrderCreated`: the order exists, nothing is held or charged yet.
+    fn on_start(order: &Order, saga: SagaId) -> Vec<Emit> {
+        vec![emit(&events::order::OrderCreated {
+            order_id: order.order_id,
+            saga_id: saga,
+            customer: CustomerRef::from(&order.customer),
+            lines: order.lines(),
+            total: order.total.clone(),
+        })]
+    }
+
+    fn record_undo(order: &mut Order, step: &StepDef, output: &Body) {
+        if step.name == "charge_payment"
+            && let Ok(payment::Output::PaymentRefunded { refund_id: Some(_) }) = output.decode()
+        {
+            order.refunded = true;
+        }
+    }
+
     fn on_end(order: &Order, saga: SagaId, end: End<'_>) -> Vec<Emit> {
         let customer = CustomerRef::from(&order.customer);
-        let event = match end {
-            End::Completed => order::Event::OrderConfirmed {
+        let cancelled = |reason: &str, needs_operator: bool| events::order::OrderCancelled {
+            order_id: order.order_id,
+            saga_id: saga,
+            customer: customer.clone(),
+            reason: reason.to_owned(),
+            needs_operator,
+            refunded: Some(order.refunded),
+        };
+        vec![match end {
+            End::Completed => emit(&events::order::OrderConfirmed {
                 order_id: order.order_id,
                 saga_id: saga,
-                customer,
+                customer: customer.clone(),
                 lines: order.lines(),
                 total: order.total.clone(),
-            },
-            End::Compensated { reason } => order::Event::OrderCancelled {
-                order_id: order.order_id,
-                saga_id: saga,
-                customer,
-                reason: reason.to_owned(),
-                needs_operator: false,
-            },
-            End::Failed { reason } => order::Event::OrderCancelled {
-                order_id: order.order_id,
-                saga_id: saga,
-                customer,
-                reason: reason.to_owned(),
-                needs_operator: true,
-            },
-        };
-        let mut body = Body::of(&event);
-        body.0.remove("type");
-        vec![Emit {
-            source: order::SOURCE,
-            name: event.name(),
-            body,
+                charge_id: Some(ids::charge(saga, "charge_payment")),
+                shipment_id: Some(ids::shipment(saga, "create_shipment")),
+            }),
+            End::Compensated { reason } => emit(&cancelled(reason, false)),
+            End::Failed { reason } => emit(&cancelled(reason, true)),
         }]
     }
 
@@ -483,6 +498,14 @@ pub fn token_hint(token: &str) -> String {
     } else {
         let tail: String = chars[n.saturating_sub(2)..].iter().collect();
         format!("…{tail}")
+    }
+}
+
+fn emit<E: DomainEvent>(e: &E) -> Emit {
+    Emit {
+        source: E::SOURCE,
+        name: E::NAME,
+        body: events::body(e),
     }
 }
 

@@ -17,9 +17,14 @@
 //! - [`policy`]: retry policies (attempts, deadlines, backoff).
 //! - [`shop`]: the shop's vocabulary and its services' contracts.
 //! - [`checkout`]: the checkout saga.
+//! - [`fulfilment`]: the fulfilment saga, from a confirmed order to its delivery.
+//! - [`events`]: the shop's domain events as typed structs, and the JSON Schemas of their
+//!   messages.
 
 pub mod api;
 pub mod checkout;
+pub mod events;
+pub mod fulfilment;
 pub mod policy;
 pub mod shop;
 pub mod stepwise;

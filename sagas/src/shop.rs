@@ -31,9 +31,9 @@ fn invalid(msg: impl Into<String>) -> Invalid {
 }
 
 /// A stock keeping unit: 1 to 64 characters of `A-Z a-z 0-9 - _ .`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
-pub struct Sku(String);
+pub struct Sku(#[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,64}$"))] String);
 
 impl Sku {
     pub const MAX_LEN: usize = 64;
@@ -76,9 +76,12 @@ impl<'de> Deserialize<'de> for Sku {
 }
 
 /// How many units of one SKU a line holds: 1 to [`Quantity::MAX`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, schemars::JsonSchema,
+)]
 #[serde(transparent)]
-pub struct Quantity(u32);
+#[schemars(description = "How many units of one SKU a line holds: 1 to 1000.")]
+pub struct Quantity(#[schemars(range(min = 1, max = Quantity::MAX))] u32);
 
 impl Quantity {
     /// More than this in one line is a typo or an attack, not an order.
@@ -110,9 +113,9 @@ impl<'de> Deserialize<'de> for Quantity {
 }
 
 /// An ISO 4217 currency code, three upper-case letters.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
-pub struct Currency(String);
+pub struct Currency(#[schemars(regex(pattern = r"^[A-Z]{3}$"))] String);
 
 impl Currency {
     pub fn parse(s: &str) -> Result<Self, Invalid> {
@@ -138,8 +141,9 @@ impl<'de> Deserialize<'de> for Currency {
 }
 
 /// An amount in the currency's minor unit (cents). Never a float.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Money {
+    #[schemars(description = "The amount in the currency's minor unit (cents for EUR).")]
     pub minor: i64,
     pub currency: Currency,
 }
@@ -157,7 +161,7 @@ impl fmt::Display for Money {
 }
 
 /// One line of an order as the workers see it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Line {
     pub sku: Sku,
     pub quantity: Quantity,
@@ -187,8 +191,9 @@ pub struct Customer {
 /// reads the contact details from the read model it is allowed to read, so that no message,
 /// dead letter or log line carries personal data. (It reads an older message's `{id, email}`
 /// too, and drops the email.)
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CustomerRef {
+    #[schemars(description = "The customer's id.")]
     pub id: String,
 }
 
@@ -255,6 +260,20 @@ pub mod inventory {
         /// Consume the order's reservation: the sale. Refused (permanently) when the
         /// reservation ran out and its stock went to another order meanwhile.
         CommitStock { order_id: OrderId },
+        /// Pick and pack the order at the warehouse, from the stock its checkout consumed
+        /// (the reservation `reservation_id`, committed). Refused (permanently) when that stock
+        /// was not consumed: nothing was sold to pick.
+        PickOrder {
+            order_id: OrderId,
+            reservation_id: Uuid,
+        },
+        /// Put the units picked for the order back on the shelf (a `restock` movement), once.
+        /// An undo of a pick that never happened leaves a tombstone; of an order that has no
+        /// consumed reservation `reservation_id`, is refused.
+        Restock {
+            order_id: OrderId,
+            reservation_id: Uuid,
+        },
     }
 
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +286,11 @@ pub mod inventory {
         },
         StockReleased,
         StockCommitted,
+        OrderPicked,
+        /// `units`: how many units went back (0 for the tombstone of a pick never made).
+        Restocked {
+            units: i64,
+        },
     }
 }
 
@@ -297,6 +321,13 @@ pub mod payment {
             #[serde(default, skip_serializing_if = "Option::is_none")]
             charge_id: Option<Uuid>,
         },
+        /// Check that the charge `charge_id` of the order was taken and is not refunded: what a
+        /// saga that may refund it later starts with.
+        VerifyCharge {
+            order_id: OrderId,
+            amount: Money,
+            charge_id: Uuid,
+        },
     }
 
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,6 +339,9 @@ pub mod payment {
         },
         PaymentRefunded {
             refund_id: Option<Uuid>,
+        },
+        ChargeVerified {
+            charge_id: Uuid,
         },
     }
 }
@@ -332,6 +366,13 @@ pub mod shipping {
             #[serde(default, skip_serializing_if = "Option::is_none")]
             shipment_id: Option<Uuid>,
         },
+        /// Ask the carrier to collect the shipment `shipment_id` (booked by the checkout). The
+        /// carrier then reports, on its own schedule, that it dispatched the parcel and that it
+        /// delivered it (or lost it); the shipping service publishes each as a domain event.
+        RequestPickup {
+            order_id: OrderId,
+            shipment_id: Uuid,
+        },
     }
 
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -342,6 +383,10 @@ pub mod shipping {
             tracking_number: String,
         },
         ShipmentCancelled,
+        PickupRequested {
+            shipment_id: Uuid,
+            tracking_number: String,
+        },
     }
 }
 

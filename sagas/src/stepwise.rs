@@ -130,6 +130,19 @@ pub struct SignalFailure {
     pub reason: String,
 }
 
+/// How a saga that failed for good unwinds ([`Definition::on_failure`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Unwind {
+    /// Before the pivot: undo the finished steps and end `compensated`. After it: undo nothing
+    /// and end `failed`, for an operator to decide.
+    #[default]
+    Default,
+    /// Undo the finished steps [`Definition::undo`] allows (after the pivot too), then end
+    /// `failed`: the failure is a case for an operator even though what could be undone was
+    /// (a parcel the carrier lost: the customer is refunded, someone must still look).
+    Case,
+}
+
 /// A step-by-step saga type. Implemented by a marker type; the `Clone + Debug + PartialEq`
 /// bounds only let the machine's storage derive those traits.
 pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized {
@@ -150,6 +163,9 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
     fn command(data: &Self::Data, saga: SagaId, step: &StepDef, phase: Phase) -> Body;
     /// Keep what a finished step handed back, if the definition needs it later.
     fn record(_data: &mut Self::Data, _step: &StepDef, _output: &Body) {}
+    /// Keep what the compensation of a step handed back (that a refund was made), if the
+    /// definition needs it later.
+    fn record_undo(_data: &mut Self::Data, _step: &StepDef, _output: &Body) {}
     /// A signal the current step awaits has come: keep what it says, or say why it makes the
     /// step fail (a carrier reporting a lost parcel).
     fn on_signal(
@@ -158,6 +174,17 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
         _signal: &Signal,
     ) -> Result<(), SignalFailure> {
         Ok(())
+    }
+    /// The saga failed for good at `step` (not a cancel): keep what happened in `data` if the
+    /// definition needs it, and say how the saga unwinds. Called once, when it turns around.
+    fn on_failure(_data: &mut Self::Data, _step: &StepDef, _code: &str, _reason: &str) -> Unwind {
+        Unwind::Default
+    }
+    /// Whether `step`, finished (or abandoned in flight), is undone when the saga unwinds: a
+    /// definition can keep a step whose effect cannot or need not be undone any more (stock
+    /// that left the warehouse with its parcel is not restocked).
+    fn undo(_data: &Self::Data, _step: &StepDef) -> bool {
+        true
     }
     /// Before an attempt of step `next` is dispatched: `Some(earlier)` to do an earlier,
     /// finished step again first (for a checkout, to renew a stock reservation that could run
@@ -171,6 +198,15 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
     ) -> Option<usize> {
         None
     }
+    /// The domain events to publish when the saga starts.
+    fn on_start(_data: &Self::Data, _saga: SagaId) -> Vec<Emit> {
+        Vec::new()
+    }
+    /// The domain events to publish when forward step `step` succeeds (each time it does: a
+    /// step done again, e.g. a renewal, emits again, under another id).
+    fn on_step_done(_data: &Self::Data, _saga: SagaId, _step: &StepDef) -> Vec<Emit> {
+        Vec::new()
+    }
     /// The domain events to publish when the saga ends.
     fn on_end(data: &Self::Data, saga: SagaId, end: End<'_>) -> Vec<Emit>;
     /// The business entity the saga runs for (for a checkout, its order id): stored and
@@ -181,6 +217,15 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
     /// The saga `event` starts (one of [`Definition::TRIGGERS`]): its key (one saga per key)
     /// and its start request.
     fn start_on(_event: &Event) -> Option<EventStart> {
+        None
+    }
+    /// The domain events that reach sagas of this type as signals ([`Definition::signal_on`]
+    /// says which saga and which signal).
+    const SIGNALS: &'static [Trigger] = &[];
+    /// The signal `event` (one of [`Definition::SIGNALS`]) is, and the subject of the saga it is
+    /// for (the newest saga of this type for that subject gets it). Its id must be derived from
+    /// the event's, so that a redelivered event is applied once.
+    fn signal_on(_event: &Event) -> Option<(String, Signal)> {
         None
     }
     /// The saga's rows in the tables of [`Definition::PROJECTIONS`], as it stands now.
@@ -499,6 +544,10 @@ pub struct Stepwise<D: Definition> {
     pub failure: Option<Failure>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub past_pivot: bool,
+    /// The failure is a case for an operator ([`Unwind::Case`]): the saga ends `failed` once
+    /// what could be undone is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub case: bool,
     /// The forward step whose breaker let this saga through when it resumed (a half-open
     /// breaker's probe, or a breaker that closed). Its next dispatch goes out even if the
     /// breaker blocks again meanwhile: a resumed saga may have to renew an earlier step first
@@ -773,8 +822,10 @@ impl<D: Definition> Stepwise<D> {
                     (ReplyOutcome::Succeeded { output }, Phase::Forward) => {
                         self.command_succeeded(ctx, step, output)
                     }
-                    (ReplyOutcome::Succeeded { .. }, Phase::Compensation) => {
+                    (ReplyOutcome::Succeeded { output }, Phase::Compensation) => {
                         self.steps[step].status = StepStatus::Compensated;
+                        self.revision.bump();
+                        D::record_undo(&mut self.data, &D::steps()[step], output);
                         self.compensate_next(ctx)
                     }
                     (
@@ -1093,6 +1144,9 @@ impl<D: Definition> Stepwise<D> {
     fn step_succeeded(&mut self, ctx: &mut Ctx, step: usize) -> Outcome<State> {
         let def = &D::steps()[step];
         self.steps[step].status = StepStatus::Succeeded;
+        let emits = D::on_step_done(&self.data, self.id, def);
+        let key = format!("{}/{}", def.name, self.steps[step].attempts);
+        self.emit(ctx, &key, emits);
         if def.kind == StepKind::Pivot {
             self.past_pivot = true;
         }
@@ -1267,7 +1321,10 @@ impl<D: Definition> Stepwise<D> {
             code: code.to_owned(),
             reason: why.to_owned(),
         });
-        if self.past_pivot {
+        self.revision.bump();
+        let def = &D::steps()[step];
+        self.case = D::on_failure(&mut self.data, def, code, why) == Unwind::Case;
+        if self.past_pivot && !self.case {
             // After the pivot there is nothing to undo and no way back: an operator decides.
             let reason = format!("{name} could not complete: {why}");
             return self.end(ctx, End::Failed { reason: &reason });
@@ -1303,11 +1360,19 @@ impl<D: Definition> Stepwise<D> {
             }
         }
         for step in (0..D::steps().len()).rev() {
-            if self.steps[step].needs_compensation(&D::steps()[step]) {
+            let def = &D::steps()[step];
+            if self.steps[step].needs_compensation(def) && D::undo(&self.data, def) {
                 return Transition(self.send(ctx, step, Phase::Compensation, 1));
             }
         }
         let reason = self.unwind_reason();
+        if self.case {
+            let reason = match &self.failure {
+                Some(f) => format!("{} could not complete: {}", f.step, f.reason),
+                None => reason,
+            };
+            return self.end(ctx, End::Failed { reason: &reason });
+        }
         self.end(ctx, End::Compensated { reason: &reason })
     }
 
@@ -1319,23 +1384,32 @@ impl<D: Definition> Stepwise<D> {
         }
     }
 
-    fn end(&mut self, ctx: &mut Ctx, end: End<'_>) -> Outcome<State> {
-        ctx.cancel_timer(STEP_TIMER.to_owned());
-        self.cancel_slas(ctx);
-        for (i, emit) in D::on_end(&self.data, self.id, end.clone())
-            .into_iter()
-            .enumerate()
-        {
-            let name = format!("{}#{i}", emit.name);
+    /// Push the definition's events. Their ids are derived from the saga, `key` (where in the
+    /// saga they come from; the end's is empty, as it always was) and their place in the list.
+    fn emit(&self, ctx: &mut Ctx, key: &str, emits: Vec<Emit>) {
+        for (i, emit) in emits.into_iter().enumerate() {
+            let name = if key.is_empty() {
+                format!("{}#{i}", emit.name)
+            } else {
+                format!("{key}:{}#{i}", emit.name)
+            };
             ctx.effects.push(Effect::Emit(Event {
                 id: EventId::derive(self.id, &name),
                 name: emit.name.to_owned(),
                 v: SCHEMA_VERSION,
                 occurred_at: ctx.now,
                 source: emit.source.to_owned(),
+                correlation_id: None,
                 body: emit.body,
             }));
         }
+    }
+
+    fn end(&mut self, ctx: &mut Ctx, end: End<'_>) -> Outcome<State> {
+        ctx.cancel_timer(STEP_TIMER.to_owned());
+        self.cancel_slas(ctx);
+        let emits = D::on_end(&self.data, self.id, end.clone());
+        self.emit(ctx, "", emits);
         Transition(match end {
             End::Completed => State::completed(),
             End::Compensated { .. } => State::compensated(),
@@ -1629,6 +1703,7 @@ impl<D: Definition> Instance<D> {
             cancel_reason: None,
             failure: None,
             past_pivot: false,
+            case: false,
             let_through: None,
             signals: Vec::new(),
             inbox: Vec::new(),
@@ -1637,6 +1712,8 @@ impl<D: Definition> Instance<D> {
             marker: PhantomData,
         };
         let mut ctx = Ctx::new(env);
+        let emits = D::on_start(&saga.data, saga.id);
+        saga.emit(&mut ctx, "start", emits);
         let state = match saga.enter(&mut ctx, 0) {
             Transition(state) => state,
             _ => unreachable!("entering the first step moves the saga"),
@@ -1806,6 +1883,14 @@ impl<D: Definition> api::SagaType for Type<D> {
 
     fn start_on(&self, event: &Event) -> Option<EventStart> {
         D::start_on(event)
+    }
+
+    fn signal_triggers(&self) -> &'static [Trigger] {
+        D::SIGNALS
+    }
+
+    fn signal_on(&self, event: &Event) -> Option<(String, Signal)> {
+        D::signal_on(event)
     }
 
     fn start(

@@ -38,7 +38,10 @@ fn legacy_saga_type() -> String {
 macro_rules! id_type {
     ($(#[$meta:meta])* $name:ident) => {
         $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(
+            Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+            schemars::JsonSchema,
+        )]
         #[serde(transparent)]
         pub struct $name(Uuid);
 
@@ -109,6 +112,12 @@ impl EventId {
 }
 
 impl SignalId {
+    /// The id of the signal `name` made of the domain event `event`: an event delivered twice
+    /// is one signal.
+    pub fn from_event(event: EventId, name: &str) -> Self {
+        Self(Uuid::new_v5(&event.0, format!("signal/{name}").as_bytes()))
+    }
+
     /// The id of the signal `name` of `saga` sent with the client's idempotency key `key`: the
     /// same key is the same signal.
     pub fn derive(saga: SagaId, name: &str, key: &str) -> Self {
@@ -302,6 +311,10 @@ pub struct Event {
     /// The service the event belongs to (`order`, `payment`...); older events have none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub source: String,
+    /// The correlation id of the request that caused it (also its `Correlation-Id` header);
+    /// set by whoever publishes it, absent from older events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
     /// The event's fields.
     #[serde(flatten)]
     pub body: Body,

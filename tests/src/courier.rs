@@ -12,13 +12,16 @@
 //! - `deliver` (the pivot): awaits `delivered` under an SLA of two days; a `delivered` scan that
 //!   comes before the pick-up's is kept until the step starts.
 //!
-//! It starts on the `courier` service's `ParcelReady` event, one saga per parcel, and projects
-//! its parcels into `courier.parcels` ([`SCHEMA`]).
+//! It starts on the `courier` service's `ParcelReady` event, one saga per parcel, takes the
+//! courier's `ParcelScanned` events as signals (the scan names the signal), and projects its
+//! parcels into `courier.parcels` ([`SCHEMA`]).
 
 use sagas::api::{EventStart, ProjectionRow, ProjectionTable, Status, Trigger};
 use sagas::policy::{Backoff, Policy, StepPolicy};
 use sagas::stepwise::{self, Await, Definition, Emit, End, SignalFailure, StepDef, StepKind};
-use sagas::wire::{Body, Command, Event, Invalid, Phase, ReplyOutcome, SagaId, Signal, Timestamp};
+use sagas::wire::{
+    Body, Command, Event, Invalid, Phase, ReplyOutcome, SagaId, Signal, SignalId, Timestamp,
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -136,6 +139,10 @@ impl Definition for Courier {
         source: SERVICE,
         event: "ParcelReady",
     }];
+    const SIGNALS: &'static [Trigger] = &[Trigger {
+        source: SERVICE,
+        event: "ParcelScanned",
+    }];
     type Data = Parcel;
     type Start = Start;
 
@@ -194,6 +201,24 @@ impl Definition for Courier {
 
     fn subject(data: &Parcel) -> Option<String> {
         Some(data.parcel_id.to_string())
+    }
+
+    /// The courier's `ParcelScanned {parcel_id, scan, ...}` is the signal `scan` of the
+    /// parcel's saga, with the rest of the event as its payload.
+    fn signal_on(event: &Event) -> Option<(String, Signal)> {
+        let parcel_id: Uuid = event.body.str("parcel_id")?.parse().ok()?;
+        let scan = event.body.str("scan")?.to_owned();
+        let mut payload = event.body.0.clone();
+        payload.remove("parcel_id");
+        payload.remove("scan");
+        Some((
+            parcel_id.to_string(),
+            Signal {
+                id: SignalId::from_event(event.id, &scan),
+                name: scan,
+                payload: serde_json::Value::Object(payload),
+            },
+        ))
     }
 
     fn on_end(data: &Parcel, _saga: SagaId, end: End<'_>) -> Vec<Emit> {

@@ -59,6 +59,7 @@ async fn an_event_that_keeps_failing_is_dead_lettered_at_the_delivery_limit() {
         v: 1,
         occurred_at: chrono::Utc::now(),
         source: order::SOURCE.into(),
+        correlation_id: None,
         body,
     };
     js.publish(

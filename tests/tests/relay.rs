@@ -67,11 +67,11 @@ async fn a_row_committed_while_nats_was_down_is_published_by_the_next_start() {
     nats.kill();
     // The checkout commits (PostgreSQL is up) but its command cannot be published.
     let id = app.place(&order(&[("A", 1)], "tok_visa")).await;
-    // Its one row (the reserve command) stays in the outbox.
-    app.wait_for(OUTBOX, 1, Duration::from_secs(10)).await;
-    // The process dies with the row unpublished: only the table remembers it.
+    // Its two rows (the reserve command and `OrderCreated`) stay in the outbox.
+    app.wait_for(OUTBOX, 2, Duration::from_secs(10)).await;
+    // The process dies with the rows unpublished: only the table remembers them.
     app.kill("orchestrator");
-    assert_eq!(app.count(OUTBOX).await, 1, "the row outlives the process");
+    assert_eq!(app.count(OUTBOX).await, 2, "the rows outlive the process");
 
     nats.restart().await;
     app.start("orchestrator");

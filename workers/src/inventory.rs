@@ -62,6 +62,18 @@ enum Op {
     },
     /// The sale: the reserved stock leaves the books.
     Commit { saga: SagaId, order: OrderId },
+    /// The fulfilment picks the units its checkout consumed (the reservation `reservation`).
+    Pick {
+        saga: SagaId,
+        order: OrderId,
+        reservation: Uuid,
+    },
+    /// The fulfilment was undone before the parcel left: the consumed units go back.
+    Restock {
+        saga: SagaId,
+        order: OrderId,
+        reservation: Uuid,
+    },
     /// The hold of an active reservation ran out (checked again by the writer).
     Expire { order: OrderId },
 }
@@ -72,6 +84,8 @@ impl Op {
             Op::Reserve { order, .. }
             | Op::Release { order, .. }
             | Op::Commit { order, .. }
+            | Op::Pick { order, .. }
+            | Op::Restock { order, .. }
             | Op::Expire { order } => *order,
         }
     }
@@ -110,6 +124,15 @@ fn committed() -> ReplyOutcome {
     ReplyOutcome::succeeded(&inventory::Output::StockCommitted)
 }
 
+fn picked() -> ReplyOutcome {
+    ReplyOutcome::succeeded(&inventory::Output::OrderPicked)
+}
+
+fn restocked(lines: &[Line]) -> ReplyOutcome {
+    let units = lines.iter().map(|l| i64::from(l.quantity.get())).sum();
+    ReplyOutcome::succeeded(&inventory::Output::Restocked { units })
+}
+
 fn unknown_reservation(named: Uuid, order: OrderId) -> ReplyOutcome {
     refused(
         "unknown_reservation",
@@ -144,6 +167,22 @@ impl Handler for Inventory {
                 saga: cmd.saga_id,
                 order: order_id,
             },
+            inventory::Command::PickOrder {
+                order_id,
+                reservation_id,
+            } => Op::Pick {
+                saga: cmd.saga_id,
+                order: order_id,
+                reservation: reservation_id,
+            },
+            inventory::Command::Restock {
+                order_id,
+                reservation_id,
+            } => Op::Restock {
+                saga: cmd.saga_id,
+                order: order_id,
+                reservation: reservation_id,
+            },
         };
         self.submit(op).await
     }
@@ -170,6 +209,8 @@ fn status_of(s: &str) -> &'static str {
         "released" => "released",
         "consumed" => "consumed",
         "expired" => "expired",
+        "picked" => "picked",
+        "restocked" => "restocked",
         _ => "rejected",
     }
 }
@@ -334,16 +375,24 @@ async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// The reason a command is poison, if it is: a command whose saga is not an order
-/// (`by_saga`: the orders found, by saga id) or that names another order.
-fn poison(op: &Op, by_saga: &HashMap<Uuid, Order>) -> Option<String> {
-    let (action, saga, order) = match op {
-        Op::Reserve { saga, order, .. } => ("reserve_stock", saga, order),
-        Op::Release { saga, order, .. } => ("release_stock", saga, order),
-        Op::Commit { saga, order } => ("commit_stock", saga, order),
+/// The reason a command is poison, if it is: a checkout's command whose saga is not an order
+/// (`by_saga`: the orders found, by saga id), a fulfilment's whose saga is not an order's
+/// fulfilment (`fulfilling`: the orders of the fulfilments found, by saga id), or one that
+/// names another order.
+fn poison(
+    op: &Op,
+    by_saga: &HashMap<Uuid, Order>,
+    fulfilling: &HashMap<Uuid, Order>,
+) -> Option<String> {
+    let (action, saga, order, of) = match op {
+        Op::Reserve { saga, order, .. } => ("reserve_stock", saga, order, by_saga),
+        Op::Release { saga, order, .. } => ("release_stock", saga, order, by_saga),
+        Op::Commit { saga, order } => ("commit_stock", saga, order, by_saga),
+        Op::Pick { saga, order, .. } => ("pick_order", saga, order, fulfilling),
+        Op::Restock { saga, order, .. } => ("restock", saga, order, fulfilling),
         Op::Expire { .. } => return None,
     };
-    orders::check_order(action, *saga, *order, by_saga.get(&saga.as_uuid())).err()
+    orders::check_order(action, *saga, *order, of.get(&saga.as_uuid())).err()
 }
 
 /// Apply `ops` in order, in one transaction; the outcome of each, or the reason it is poison
@@ -393,11 +442,36 @@ async fn apply(
             Op::Reserve { saga, .. } | Op::Release { saga, .. } | Op::Commit { saga, .. } => {
                 Some(saga.as_uuid())
             }
-            Op::Expire { .. } => None,
+            Op::Pick { .. } | Op::Restock { .. } | Op::Expire { .. } => None,
         })
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    let fulfilments: Vec<Uuid> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::Pick { saga, .. } | Op::Restock { saga, .. } => Some(saga.as_uuid()),
+            _ => None,
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // The fulfilments' orders, when the batch has their commands (most batches have none).
+    let fulfilling: HashMap<Uuid, Order> = if fulfilments.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query!(
+            "SELECT f.saga_id, f.order_id, o.status FROM orders.fulfilments f
+               JOIN orders.orders o ON o.id = f.order_id
+              WHERE f.saga_id = ANY($1)",
+            &fulfilments,
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.saga_id, Order::new(r.saga_id, Some(r.order_id), r.status)))
+        .collect()
+    };
     let by_saga: HashMap<Uuid, Order> = if sagas.is_empty() {
         HashMap::new()
     } else {
@@ -416,7 +490,10 @@ async fn apply(
         .filter(|o| o.status == "confirmed")
         .filter_map(|o| o.id)
         .collect();
-    let poisoned: Vec<Option<String>> = ops.iter().map(|op| poison(op, &by_saga)).collect();
+    let poisoned: Vec<Option<String>> = ops
+        .iter()
+        .map(|op| poison(op, &by_saga, &fulfilling))
+        .collect();
     // Lock every variant any of them touches, in SKU order (not those of a poison command).
     let mut skus: BTreeSet<String> = BTreeSet::new();
     for (op, poisoned) in ops.iter().zip(&poisoned) {
@@ -608,6 +685,42 @@ async fn apply(
                 }
             },
             Op::Commit { order, .. } => commit(&mut held, &mut stock, &mut movements, *order),
+            Op::Pick {
+                order, reservation, ..
+            } => match held.get_mut(order) {
+                Some(h) if h.id == Some(*reservation) => match h.status {
+                    "consumed" => {
+                        h.status = "picked";
+                        h.reason = Some("picked and packed".into());
+                        h.changed = true;
+                        picked()
+                    }
+                    "picked" => picked(),
+                    "restocked" => refused("cancelled", "the order's units were restocked"),
+                    other => refused(
+                        "not_sold",
+                        format!("the order's reservation is {other}: no stock was sold to pick"),
+                    ),
+                },
+                _ => unknown_reservation(*reservation, *order),
+            },
+            Op::Restock {
+                order, reservation, ..
+            } => match held.get_mut(order) {
+                Some(h) if h.id == Some(*reservation) => match h.status {
+                    "consumed" | "picked" => {
+                        adjust(&mut stock, &h.lines, 1, 0, "restock", *order, &mut movements);
+                        h.status = "restocked";
+                        h.reason = Some("restocked: the fulfilment was undone".into());
+                        h.changed = true;
+                        restocked(&h.lines)
+                    }
+                    "restocked" => restocked(&h.lines),
+                    // Nothing was sold: nothing to put back.
+                    _ => ReplyOutcome::succeeded(&inventory::Output::Restocked { units: 0 }),
+                },
+                _ => unknown_reservation(*reservation, *order),
+            },
             Op::Expire { order } => {
                 if let Some(h) = held.get_mut(order)
                     && h.status == "active"

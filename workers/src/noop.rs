@@ -35,6 +35,12 @@ impl Handler for Noop {
                 inventory::Command::CommitStock { .. } => {
                     ReplyOutcome::succeeded(&inventory::Output::StockCommitted)
                 }
+                inventory::Command::PickOrder { .. } => {
+                    ReplyOutcome::succeeded(&inventory::Output::OrderPicked)
+                }
+                inventory::Command::Restock { .. } => {
+                    ReplyOutcome::succeeded(&inventory::Output::Restocked { units: 0 })
+                }
             },
             payment::SERVICE => match bus::payload(cmd, self.service)? {
                 payment::Command::ChargePayment { customer_id, .. }
@@ -51,6 +57,9 @@ impl Handler for Noop {
                 payment::Command::RefundPayment { .. } => {
                     ReplyOutcome::succeeded(&payment::Output::PaymentRefunded { refund_id: None })
                 }
+                payment::Command::VerifyCharge { charge_id, .. } => {
+                    ReplyOutcome::succeeded(&payment::Output::ChargeVerified { charge_id })
+                }
             },
             shipping::SERVICE => match bus::payload(cmd, self.service)? {
                 shipping::Command::CreateShipment { .. } => {
@@ -61,6 +70,12 @@ impl Handler for Noop {
                 }
                 shipping::Command::CancelShipment { .. } => {
                     ReplyOutcome::succeeded(&shipping::Output::ShipmentCancelled)
+                }
+                shipping::Command::RequestPickup { shipment_id, .. } => {
+                    ReplyOutcome::succeeded(&shipping::Output::PickupRequested {
+                        shipment_id,
+                        tracking_number: "NOOP".into(),
+                    })
                 }
             },
             other => {

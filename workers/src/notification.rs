@@ -6,7 +6,8 @@
 //! (`orders.orders`), in the statement that records the message.
 
 use chrono::{DateTime, Utc};
-use sagas::shop::order;
+use sagas::events::{self, DomainEvent, order};
+use sagas::shop::OrderId;
 use sagas::wire::Event;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -85,26 +86,10 @@ impl Notification {
 
     /// Send the message an event calls for, unless it was sent already.
     pub async fn on_event(&self, event: &Event) -> Result<(), Unavailable> {
-        // Events of a kind this build has no words for are skipped (a newer producer's).
-        let Ok(order_event) = event.decode::<order::Event>() else {
+        let Some((order, subject, body)) = words(event) else {
+            // Events of a kind this build has no words for are skipped (a newer producer's).
             tracing::debug!(event = %event.name, "no notification for this event");
             return Ok(());
-        };
-        let (order, subject, body) = match &order_event {
-            order::Event::OrderConfirmed {
-                order_id, total, ..
-            } => (
-                *order_id,
-                format!("Your order {order_id} is confirmed"),
-                format!("We charged {total} and your parcel is booked with the carrier."),
-            ),
-            order::Event::OrderCancelled {
-                order_id, reason, ..
-            } => (
-                *order_id,
-                format!("Your order {order_id} was cancelled"),
-                format!("Nothing was charged or the charge was refunded. Reason: {reason}"),
-            ),
         };
         let new = self
             .sent
@@ -121,5 +106,104 @@ impl Notification {
             tracing::info!(order_id = %order, subject = %subject, "notification sent");
         }
         Ok(())
+    }
+}
+
+/// What the customer is told of an order's event: the order, a subject and a body that say
+/// what happened to their money and their parcel, and nothing that did not. `None` for an
+/// event with no words.
+fn words(event: &Event) -> Option<(OrderId, String, String)> {
+    Some(match event.name.as_str() {
+        order::OrderConfirmed::NAME => {
+            let e: order::OrderConfirmed = events::decode(event).ok()?;
+            (
+                e.order_id,
+                format!("Your order {} is confirmed", e.order_id),
+                format!(
+                    "We charged {} and your parcel is booked with the carrier.",
+                    e.total
+                ),
+            )
+        }
+        order::OrderShipped::NAME => {
+            let e: order::OrderShipped = events::decode(event).ok()?;
+            (
+                e.order_id,
+                format!("Your order {} is on its way", e.order_id),
+                format!(
+                    "The carrier collected your parcel. Tracking number: {}.",
+                    e.tracking_number
+                ),
+            )
+        }
+        order::OrderDelivered::NAME => {
+            let e: order::OrderDelivered = events::decode(event).ok()?;
+            (
+                e.order_id,
+                format!("Your order {} was delivered", e.order_id),
+                "The carrier reports your parcel delivered. Enjoy!".to_owned(),
+            )
+        }
+        order::OrderCancelled::NAME => {
+            let e: order::OrderCancelled = events::decode(event).ok()?;
+            let money = match e.refunded {
+                Some(true) => "Your payment was refunded.",
+                Some(false) if !e.needs_operator => "Nothing was charged.",
+                Some(false) => "Any payment taken for it has not been refunded yet.",
+                // An older event does not say.
+                None => "Nothing was charged or the charge was refunded.",
+            };
+            if e.needs_operator {
+                (
+                    e.order_id,
+                    format!("There is a problem with your order {}", e.order_id),
+                    format!(
+                        "{money} Our team is looking into it and will contact you. Reason: {}",
+                        e.reason
+                    ),
+                )
+            } else {
+                (
+                    e.order_id,
+                    format!("Your order {} was cancelled", e.order_id),
+                    format!("{money} Reason: {}", e.reason),
+                )
+            }
+        }
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sagas::shop::CustomerRef;
+    use sagas::wire::{EventId, SagaId};
+    use uuid::Uuid;
+
+    fn cancelled(needs_operator: bool, refunded: Option<bool>) -> String {
+        let e = order::OrderCancelled {
+            order_id: OrderId::from_uuid(Uuid::from_u128(1)),
+            saga_id: SagaId::from_uuid(Uuid::from_u128(2)),
+            customer: CustomerRef { id: "c".into() },
+            reason: "card declined".into(),
+            needs_operator,
+            refunded,
+        };
+        let event = events::envelope(&e, EventId::from_uuid(Uuid::from_u128(3)), chrono::Utc::now());
+        let (_, subject, body) = words(&event).unwrap();
+        format!("{subject}: {body}")
+    }
+
+    #[test]
+    fn a_cancel_says_what_became_of_the_money_and_nothing_else() {
+        assert!(cancelled(false, Some(true)).contains("was refunded"));
+        assert!(cancelled(false, Some(false)).contains("Nothing was charged"));
+        let stuck = cancelled(true, Some(false));
+        assert!(stuck.contains("problem") && stuck.contains("not been refunded"), "{stuck}");
+        assert!(!stuck.contains("Nothing was charged"));
+        assert!(!stuck.contains("was refunded."));
+        let case = cancelled(true, Some(true));
+        assert!(case.contains("was refunded") && case.contains("Our team"), "{case}");
     }
 }

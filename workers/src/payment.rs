@@ -205,6 +205,40 @@ impl Handler for Payment {
                     )
                     .await?)
             }
+            payment::Command::VerifyCharge {
+                order_id,
+                amount,
+                charge_id,
+            } => {
+                let charge = self.fulfilment_charge(cmd, order_id, &amount, charge_id).await?;
+                Ok(match charge {
+                    Err(unknown) => unknown,
+                    Ok(c) if c.status == "succeeded" => {
+                        ReplyOutcome::succeeded(&payment::Output::ChargeVerified { charge_id })
+                    }
+                    Ok(c) if c.status == "refunded" => {
+                        refused("charge_refunded", format!("charge {charge_id} was refunded"))
+                    }
+                    Ok(c) => refused(
+                        "charge_not_taken",
+                        format!("charge {charge_id} is {}: no money was taken", c.status),
+                    ),
+                })
+            }
+            payment::Command::RefundPayment {
+                order_id,
+                amount,
+                charge_id: Some(named),
+            } if self.is_fulfilment(cmd).await? => {
+                // A fulfilment refunds its checkout's charge, under the checkout's key: one
+                // refund, whichever saga asks and however often.
+                match self.fulfilment_charge(cmd, order_id, &amount, named).await? {
+                    Err(unknown) => Ok(unknown),
+                    Ok(c) => Ok(self
+                        .refund(c.saga, &c.step, order_id.as_uuid(), &amount)
+                        .await?),
+                }
+            }
             payment::Command::RefundPayment {
                 order_id,
                 amount,
@@ -603,6 +637,65 @@ impl Payment {
         Ok(found)
     }
 
+    /// Whether the command's saga is a fulfilment (not a checkout's order).
+    async fn is_fulfilment(&self, cmd: &Command) -> Result<bool, Unavailable> {
+        let found = self.lookups.call((cmd.saga_id, cmd.step.clone())).await?;
+        if found.order.is_some() {
+            return Ok(false);
+        }
+        Ok(sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM orders.fulfilments WHERE saga_id = $1) AS "found!""#,
+            cmd.saga_id.as_uuid(),
+        )
+        .fetch_one(&self.calls.service().pool)
+        .await?)
+    }
+
+    /// The checkout's charge `charge` that a fulfilment's command names, once the command is
+    /// found to come from the fulfilment of the order it names, for the order's total
+    /// ([`bus::Error::Poison`] if not); `Err` (the refusal to answer) when the order has no
+    /// such charge.
+    async fn fulfilment_charge(
+        &self,
+        cmd: &Command,
+        order: OrderId,
+        amount: &Money,
+        charge: Uuid,
+    ) -> Result<Result<OwnedCharge, ReplyOutcome>, bus::Error> {
+        let row = sqlx::query!(
+            r#"SELECT f.order_id, o.status, o.total_minor, o.currency,
+                      c.saga_id AS "charge_saga?", c.step AS "charge_step?",
+                      c.status AS "charge_status?"
+                 FROM orders.fulfilments f
+                 JOIN orders.orders o ON o.id = f.order_id
+                 LEFT JOIN payments.charges c ON c.id = $2 AND c.order_id = f.order_id
+                WHERE f.saga_id = $1"#,
+            cmd.saga_id.as_uuid(),
+            charge,
+        )
+        .fetch_optional(&self.calls.service().pool)
+        .await
+        .map_err(Unavailable::from)?;
+        let found = row.as_ref().map(|r| {
+            Order::new(cmd.saga_id.as_uuid(), Some(r.order_id), r.status.clone())
+                .with_total(Some(r.total_minor), Some(r.currency.clone()))
+        });
+        orders::check(cmd.action(), cmd.saga_id, order, Some(amount), found.as_ref())
+            .map_err(bus::Error::Poison)?;
+        let row = row.expect("checked: the fulfilment was found");
+        Ok(match (row.charge_saga, row.charge_step, row.charge_status) {
+            (Some(saga), Some(step), Some(status)) => Ok(OwnedCharge {
+                saga: SagaId::from_uuid(saga),
+                step,
+                status,
+            }),
+            _ => Err(refused(
+                "unknown_charge",
+                format!("charge {charge} is not order {order}'s: nothing of it can be used"),
+            )),
+        })
+    }
+
     /// Charge `amount` for a saga's step, once: the effect alone, without the check that the
     /// command matches its order ([`Handler::handle`] checks first).
     pub async fn charge(
@@ -677,6 +770,13 @@ impl Payment {
             Compensation::Done => Ok(refunded(None)),
         }
     }
+}
+
+/// A charge as a fulfilment names it: whose it is (the checkout saga and step that made it).
+struct OwnedCharge {
+    saga: SagaId,
+    step: String,
+    status: String,
 }
 
 fn charged(row: &Charge) -> ReplyOutcome {

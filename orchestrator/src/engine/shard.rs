@@ -612,13 +612,20 @@ impl Work {
                     correlation_id: self.entry.correlation_id.clone(),
                     payload: serde_json::to_vec(cmd).expect("commands serialize"),
                 }),
-                Effect::Emit(event) => self.outbox.push(OutboxRow {
-                    saga_id: id,
-                    msg_id: event.id.to_string(),
-                    subject: subjects.event(event),
-                    correlation_id: self.entry.correlation_id.clone(),
-                    payload: serde_json::to_vec(event).expect("events serialize"),
-                }),
+                Effect::Emit(event) => {
+                    // The machine does not know the correlation id; the event carries it.
+                    let event = sagas::wire::Event {
+                        correlation_id: Some(self.entry.correlation_id.clone()),
+                        ..event.clone()
+                    };
+                    self.outbox.push(OutboxRow {
+                        saga_id: id,
+                        msg_id: event.id.to_string(),
+                        subject: subjects.event(&event),
+                        correlation_id: self.entry.correlation_id.clone(),
+                        payload: serde_json::to_vec(&event).expect("events serialize"),
+                    })
+                }
                 Effect::SetTimer { name, at, payload } => {
                     self.timers.insert(
                         name.clone(),

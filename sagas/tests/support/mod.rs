@@ -53,6 +53,8 @@ pub struct Harness {
     pub blocked: std::collections::BTreeSet<String>,
     /// The start request, for replays.
     pub request: serde_json::Value,
+    /// The saga's type.
+    pub ty: &'static dyn SagaType,
 }
 
 impl Harness {
@@ -61,10 +63,13 @@ impl Harness {
     }
 
     pub fn start_with(request: serde_json::Value) -> Self {
+        Self::start_of(&checkout::TYPE, request)
+    }
+
+    /// A saga of type `ty`, started with `request` (the start request as the engine gets it).
+    pub fn start_of(ty: &'static dyn SagaType, request: serde_json::Value) -> Self {
         let id = SagaId::from_uuid(Uuid::from_u128(0x0191_d0a0_0000_7000_8000_0000_0000_0042));
-        let (saga, effects) = checkout::TYPE
-            .start(id, &request, &Env::at(t0()))
-            .expect("starts");
+        let (saga, effects) = ty.start(id, &request, &Env::at(t0())).expect("starts");
         let mut h = Self {
             saga,
             now: t0(),
@@ -76,6 +81,7 @@ impl Harness {
             events: Vec::new(),
             blocked: Default::default(),
             request,
+            ty,
         };
         h.track(&effects);
         h
@@ -192,7 +198,8 @@ impl Harness {
 
     /// Replay the log through a fresh machine and compare snapshots.
     pub fn replayed_snapshot(&self) -> serde_json::Value {
-        let (mut saga, _) = checkout::TYPE
+        let (mut saga, _) = self
+            .ty
             .start(self.saga.id(), &self.request, &Env::at(t0()))
             .unwrap();
         for l in &self.log {
@@ -212,7 +219,7 @@ impl Harness {
             snapshot,
             "the text snapshot the engine writes is the snapshot"
         );
-        self.saga = checkout::TYPE.restore(&snapshot).expect("restores");
+        self.saga = self.ty.restore(&snapshot).expect("restores");
         assert_eq!(self.saga.snapshot(), snapshot, "restore is lossless");
     }
 }
@@ -237,6 +244,15 @@ pub fn success_for(cmd: &Command) -> ReplyOutcome {
             tracking_number: "TRK1".into(),
         }),
         "cancel_shipment" => ReplyOutcome::succeeded(&shipping::Output::ShipmentCancelled),
+        "verify_charge" => ReplyOutcome::succeeded(&payment::Output::ChargeVerified {
+            charge_id: Uuid::from_u128(9),
+        }),
+        "pick_order" => ReplyOutcome::succeeded(&inventory::Output::OrderPicked),
+        "restock" => ReplyOutcome::succeeded(&inventory::Output::Restocked { units: 3 }),
+        "request_pickup" => ReplyOutcome::succeeded(&shipping::Output::PickupRequested {
+            shipment_id: Uuid::from_u128(10),
+            tracking_number: "TRK1".into(),
+        }),
         other => panic!("no such action {other}"),
     }
 }
