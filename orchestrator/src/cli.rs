@@ -59,6 +59,19 @@ pub fn main(registry: Registry) -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli, settings: Settings, registry: Registry) -> anyhow::Result<()> {
+    let registry = registry
+        .without(&settings.sagas.disabled())
+        .map_err(|e| anyhow::anyhow!("invalid configuration: sagas.disabled: {e}"))?;
+    for (name, policies) in &settings.sagas.policies {
+        let t = registry.get(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "invalid configuration: sagas.policies: no saga type {name:?} runs here"
+            )
+        })?;
+        t.validate_policies(policies).map_err(|e| {
+            anyhow::anyhow!("invalid configuration: sagas.policies.{name}: {}", e.0)
+        })?;
+    }
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let app = Application::build(settings, registry).await?;

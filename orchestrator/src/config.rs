@@ -31,7 +31,34 @@ pub struct Settings {
     pub breakers: Breakers,
     pub maintenance: Maintenance,
     pub checkout: Checkout,
+    #[serde(default)]
+    pub sagas: Sagas,
     pub log: Log,
+}
+
+/// Which of the binary's saga types this process runs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sagas {
+    /// Saga types of the binary not to run, comma-separated (the benchmark runs the checkout
+    /// alone: `fulfilment`). A name the binary does not have is refused at start-up.
+    #[serde(default)]
+    pub disabled: String,
+    /// Per type, per step policy overrides of the sagas domain events start (e.g.
+    /// `[sagas.policies.fulfilment.dispatch] sla_ms = 3600000`). (The checkout's are
+    /// `checkout.policies`: its start request comes over HTTP.)
+    #[serde(default)]
+    pub policies: BTreeMap<String, BTreeMap<String, StepPolicyOverride>>,
+}
+
+impl Sagas {
+    pub fn disabled(&self) -> Vec<&str> {
+        self.disabled
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -28,6 +28,11 @@ const ORIGIN: &str = "starts";
 pub struct StartConsumer {
     engine: Engine,
     pool: sqlx::PgPool,
+    /// Per type, the configured overrides of its policies (`sagas.policies`).
+    policies: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, sagas::policy::StepPolicyOverride>,
+    >,
     registry: Arc<Registry>,
     js: jetstream::Context,
     topology: Topology,
@@ -37,9 +42,14 @@ pub struct StartConsumer {
 }
 
 impl StartConsumer {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         engine: Engine,
         pool: sqlx::PgPool,
+        policies: std::collections::BTreeMap<
+            String,
+            std::collections::BTreeMap<String, sagas::policy::StepPolicyOverride>,
+        >,
         registry: Arc<Registry>,
         js: jetstream::Context,
         topology: Topology,
@@ -50,6 +60,7 @@ impl StartConsumer {
         Self {
             engine,
             pool,
+            policies,
             registry,
             js,
             topology,
@@ -103,7 +114,21 @@ impl StartConsumer {
             // Why a type could not make a saga of the event, for the dead letter.
             let mut refused = Vec::new();
             for t in self.registry.triggered_by(&event.source, &event.name) {
-                let Some(start) = t.start_on(&event) else { continue };
+                let Some(mut start) = t.start_on(&event) else { continue };
+                // The configured overrides of the type's policies (validated at start-up), under
+                // those the event itself asks for.
+                if let Some(configured) = self.policies.get(t.name())
+                    && let Some(request) = start.request.as_object_mut()
+                {
+                    let mut policies = serde_json::to_value(configured).expect("policies serialize");
+                    if let (Some(all), Some(asked)) = (
+                        policies.as_object_mut(),
+                        request.get("policies").and_then(|p| p.as_object()),
+                    ) {
+                        all.extend(asked.clone());
+                    }
+                    request.insert("policies".into(), policies);
+                }
                 let request_hash = Sha256::digest(start.request.to_string()).to_vec();
                 let new = NewSaga {
                     saga_type: t.name().to_owned(),

@@ -163,6 +163,7 @@ impl Application {
         let starts = crate::starts::StartConsumer::new(
             state.engine.clone(),
             state.pool.clone(),
+            state.settings.sagas.policies.clone(),
             state.registry.clone(),
             state.js.clone(),
             state.topology.clone(),

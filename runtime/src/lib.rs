@@ -8,6 +8,7 @@
 //! - [`nats`]: connecting to NATS with retry.
 //! - [`consume`]: the JetStream pull-and-acknowledge loop (bounded concurrency, hand-back on
 //!   stop), the one redelivery policy, and dead letters.
+//! - [`outbox`]: the services' transactional outbox of domain events, and its relay.
 //! - [`telemetry`]: logging; [`shutdown`]: stopping on SIGTERM or Ctrl-C.
 //!
 //! Must never: decide what a saga does (that is `sagas`), or know a particular service.
@@ -17,6 +18,7 @@ pub mod consume;
 pub mod db;
 pub mod maintenance;
 pub mod nats;
+pub mod outbox;
 pub mod process;
 pub mod shutdown;
 pub mod telemetry;

@@ -299,6 +299,14 @@ pub trait SagaType: Send + Sync + 'static {
     fn signal_on(&self, _event: &Event) -> Option<(String, crate::wire::Signal)> {
         None
     }
+    /// Whether `policies` are valid overrides of this type's steps (known steps, valid values):
+    /// what configuration may add to its start requests.
+    fn validate_policies(
+        &self,
+        _policies: &BTreeMap<String, crate::policy::StepPolicyOverride>,
+    ) -> Result<(), crate::wire::Invalid> {
+        Ok(())
+    }
     /// Start a new instance from its start request. The effects are those of entering the first
     /// step.
     fn start(
@@ -332,6 +340,20 @@ impl Registry {
             t.name()
         );
         self
+    }
+
+    /// The registry without the types named in `names`; `Err` names one it does not have.
+    pub fn without(mut self, names: &[&str]) -> Result<Self, String> {
+        for name in names {
+            if self.types.remove(*name).is_none() {
+                let known: Vec<&str> = self.types.keys().copied().collect();
+                return Err(format!(
+                    "no saga type {name:?} to disable (this binary has: {})",
+                    known.join(", ")
+                ));
+            }
+        }
+        Ok(self)
     }
 
     pub fn get(&self, name: &str) -> Option<&'static dyn SagaType> {

@@ -19,8 +19,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::api::{ProjectionRow, ProjectionTable, Status};
-use crate::policy::{Backoff, Policy, StepPolicy};
 use crate::events::{self, DomainEvent};
+use crate::policy::{Backoff, Policy, StepPolicy};
 use crate::shop::{
     Address, Currency, Customer, CustomerRef, Line, Money, OrderId, ids, inventory, payment,
     shipping,

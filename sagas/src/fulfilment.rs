@@ -34,7 +34,9 @@ use crate::api::{EventStart, ProjectionRow, ProjectionTable, Status, Trigger};
 use crate::events::{self, DomainEvent};
 use crate::policy::{Backoff, Policy, StepPolicy};
 use crate::shop::{CustomerRef, Line, Money, OrderId, ids, inventory, payment, shipping};
-use crate::stepwise::{self, Await, Definition, Emit, End, SignalFailure, StepDef, StepKind, Unwind};
+use crate::stepwise::{
+    self, Await, Definition, Emit, End, SignalFailure, StepDef, StepKind, Unwind,
+};
 use crate::wire::{Body, Event, Invalid, Phase, SagaId, Signal, SignalId, Timestamp};
 
 /// The name stored in `sagas.type`.
@@ -479,7 +481,12 @@ impl Definition for Fulfilment {
         }
     }
 
-    fn project(d: &Delivery, saga: SagaId, status: Status, started_at: Timestamp) -> Vec<ProjectionRow> {
+    fn project(
+        d: &Delivery,
+        saga: SagaId,
+        status: Status,
+        started_at: Timestamp,
+    ) -> Vec<ProjectionRow> {
         let status = match status {
             Status::Completed => "delivered",
             Status::Compensated => "cancelled",

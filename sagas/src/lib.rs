@@ -32,5 +32,7 @@ pub mod wire;
 
 /// The shop's saga types: what the shop's orchestrator registers.
 pub fn shop_types() -> api::Registry {
-    api::Registry::new().with(&checkout::TYPE)
+    api::Registry::new()
+        .with(&checkout::TYPE)
+        .with(&fulfilment::TYPE)
 }

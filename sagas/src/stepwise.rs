@@ -1889,6 +1889,13 @@ impl<D: Definition> api::SagaType for Type<D> {
         D::SIGNALS
     }
 
+    fn validate_policies(
+        &self,
+        policies: &BTreeMap<String, StepPolicyOverride>,
+    ) -> Result<(), Invalid> {
+        validate_overrides::<D>(policies)
+    }
+
     fn signal_on(&self, event: &Event) -> Option<(String, Signal)> {
         D::signal_on(event)
     }

@@ -31,7 +31,12 @@ fn start() -> Harness {
     )
 }
 
-fn report(h: &mut Harness, n: u128, name: &str, report: CarrierReport) -> Option<Vec<sagas::api::Effect>> {
+fn report(
+    h: &mut Harness,
+    n: u128,
+    name: &str,
+    report: CarrierReport,
+) -> Option<Vec<sagas::api::Effect>> {
     h.feed(Input::Signal(Signal {
         id: SignalId::from_uuid(Uuid::from_u128(n)),
         name: name.into(),
@@ -78,7 +83,10 @@ fn handed_over() -> Harness {
         h.ok().expect("the step's reply is applied");
     }
     assert_eq!(h.state(), "awaiting");
-    assert!(h.timers.contains_key("sla:dispatch"), "the dispatch SLA is armed");
+    assert!(
+        h.timers.contains_key("sla:dispatch"),
+        "the dispatch SLA is armed"
+    );
     h
 }
 
@@ -109,7 +117,10 @@ fn a_parcel_delivered_completes_with_shipped_then_delivered() {
     dispatched(&mut h, 1).expect("the carrier's dispatch is applied");
     assert_eq!(h.events, ["OrderShipped"]);
     assert!(h.timers.contains_key("sla:deliver"));
-    assert!(!h.timers.contains_key("sla:dispatch"), "the dispatch SLA is disarmed");
+    assert!(
+        !h.timers.contains_key("sla:dispatch"),
+        "the dispatch SLA is disarmed"
+    );
     assert_eq!(projection(&h)["status"], "shipped");
     assert_eq!(projection(&h)["tracking_number"], "TRK-9");
     h.now += Duration::days(2);
@@ -134,7 +145,11 @@ fn a_cancel_before_dispatch_cancels_the_shipment_restocks_and_refunds_in_that_or
     assert_eq!(row["restocked"], true);
     assert_eq!(h.events, ["OrderCancelled"]);
     let cancelled = h.saga.snapshot();
-    assert!(cancelled.to_string().contains("customer changed their mind"));
+    assert!(
+        cancelled
+            .to_string()
+            .contains("customer changed their mind")
+    );
 }
 
 #[test]
@@ -150,7 +165,10 @@ fn a_cancel_after_dispatch_is_refused_and_changes_nothing() {
 fn a_carrier_that_does_not_collect_undoes_everything_and_opens_a_case() {
     let mut h = handed_over();
     let sla = h.timers["sla:dispatch"].1;
-    assert_eq!(sla, t0() + Duration::milliseconds(fulfilment::DISPATCH_SLA_MS as i64));
+    assert_eq!(
+        sla,
+        t0() + Duration::milliseconds(fulfilment::DISPATCH_SLA_MS as i64)
+    );
     h.fire_named("sla:dispatch").expect("the SLA expires");
     let undone = actions_after(&mut h);
     assert_eq!(undone, ["cancel_shipment", "restock", "refund_payment"]);
@@ -158,7 +176,10 @@ fn a_carrier_that_does_not_collect_undoes_everything_and_opens_a_case() {
     let row = projection(&h);
     assert_eq!(row["status"], "needs_attention");
     assert!(
-        row["case_reason"].as_str().unwrap().contains("did not collect"),
+        row["case_reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not collect"),
         "{row:?}"
     );
     assert_eq!(h.events, ["OrderCancelled"]);
@@ -170,13 +191,22 @@ fn a_lost_parcel_refunds_only_and_opens_a_case() {
     dispatched(&mut h, 1).unwrap();
     lost(&mut h, 2).expect("the loss is applied");
     let undone = actions_after(&mut h);
-    assert_eq!(undone, ["refund_payment"], "nothing left the warehouse to restock");
+    assert_eq!(
+        undone,
+        ["refund_payment"],
+        "nothing left the warehouse to restock"
+    );
     assert_eq!(h.status(), Status::Failed);
     let row = projection(&h);
     assert_eq!(row["status"], "needs_attention");
     assert_eq!(row["refunded"], true);
     assert_eq!(row["restocked"], false);
-    assert!(row["case_reason"].as_str().unwrap().contains("lost the parcel"));
+    assert!(
+        row["case_reason"]
+            .as_str()
+            .unwrap()
+            .contains("lost the parcel")
+    );
     assert_eq!(h.events, ["OrderShipped", "OrderCancelled"]);
     assert_eq!(h.replayed_snapshot(), h.saga.snapshot());
 }
@@ -185,7 +215,8 @@ fn a_lost_parcel_refunds_only_and_opens_a_case() {
 fn a_parcel_not_delivered_within_its_sla_refunds_and_opens_a_case() {
     let mut h = handed_over();
     dispatched(&mut h, 1).unwrap();
-    h.fire_named("sla:deliver").expect("the delivery SLA expires");
+    h.fire_named("sla:deliver")
+        .expect("the delivery SLA expires");
     assert_eq!(actions_after(&mut h), ["refund_payment"]);
     assert_eq!(h.status(), Status::Failed);
     assert!(
@@ -204,7 +235,10 @@ fn reports_that_come_early_are_kept_and_those_sent_twice_are_applied_once() {
     assert_eq!(h.command().action(), "request_pickup");
     // The carrier collects and delivers before the hand-over's reply is back.
     dispatched(&mut h, 1).expect("kept for the dispatch step");
-    assert!(dispatched(&mut h, 1).is_none(), "the same report twice changes nothing");
+    assert!(
+        dispatched(&mut h, 1).is_none(),
+        "the same report twice changes nothing"
+    );
     delivered(&mut h, 2).expect("kept for the deliver step");
     h.ok().unwrap();
     assert_eq!(h.status(), Status::Completed);
@@ -256,7 +290,9 @@ fn it_starts_on_order_confirmed_once_per_order_and_takes_the_carriers_events_as_
             "total": {"minor": 900, "currency": "EUR"},
         }),
     );
-    let start = fulfilment::TYPE.start_on(&confirmed).expect("a confirmed order starts one");
+    let start = fulfilment::TYPE
+        .start_on(&confirmed)
+        .expect("a confirmed order starts one");
     assert_eq!(start.key, order_id, "one fulfilment per order");
     let checkout = sagas::wire::SagaId::from_uuid(Uuid::from_u128(CHECKOUT));
     assert_eq!(

@@ -83,6 +83,9 @@ pub struct Options {
     pub extra_workers: Vec<&'static str>,
     /// SQL run on the test's database after the migrations (tables of the suite's own types).
     pub setup_sql: Option<&'static str>,
+    /// Whether confirmed orders are fulfilled (the fulfilment saga runs): off for the tests of
+    /// the checkout alone, which then see only its own effects.
+    pub fulfilment: bool,
 }
 
 impl Default for Options {
@@ -97,6 +100,7 @@ impl Default for Options {
             registry: sagas::shop_types,
             extra_workers: Vec::new(),
             setup_sql: None,
+            fulfilment: false,
         }
     }
 }
@@ -117,6 +121,15 @@ impl Options {
             registry: courier::registry,
             extra_workers: vec!["courier-worker"],
             setup_sql: Some(courier::SCHEMA),
+            ..Self::default()
+        }
+    }
+
+    /// The shop with its fulfilment: confirmed orders are picked, handed to the carrier and
+    /// delivered.
+    pub fn with_fulfilment() -> Self {
+        Self {
+            fulfilment: true,
             ..Self::default()
         }
     }
@@ -149,6 +162,8 @@ pub struct App {
     http_port: u16,
     http_port_b: u16,
     sim_port: u16,
+    /// The shipping worker's listener for the carrier's reports.
+    callback_port: u16,
     options: Options,
     processes: BTreeMap<String, Child>,
 }
@@ -198,6 +213,7 @@ impl App {
         let http_port = free_port();
         let http_port_b = free_port();
         let sim_port = free_port();
+        let callback_port = free_port();
         let nats_url = options.nats_url.clone().unwrap_or_else(nats_url);
         let mut app = App {
             base: format!("http://127.0.0.1:{http_port}"),
@@ -215,6 +231,7 @@ impl App {
             http_port,
             http_port_b,
             sim_port,
+            callback_port,
             options,
             processes: BTreeMap::new(),
         };
@@ -262,6 +279,9 @@ impl App {
                 let mut c = Command::new(binary(self.options.orchestrator_binary));
                 c.envs(self.common_env());
                 c.env("SAGA_HTTP__PORT", port.to_string());
+                if !self.options.fulfilment {
+                    c.env("SAGA_SAGAS__DISABLED", "fulfilment");
+                }
                 c.envs(self.options.orchestrator_env.clone());
                 c
             }
@@ -279,6 +299,11 @@ impl App {
                 c.env("SAGA_WORKER__CONCURRENCY", "32");
                 c.env("PROCESSOR_URL", &self.sim);
                 c.env("CARRIER_URL", &self.sim);
+                c.env("SAGA_CALLBACKS__PORT", self.callback_port.to_string());
+                c.env(
+                    "SAGA_CALLBACKS__PUBLIC_URL",
+                    format!("http://127.0.0.1:{}", self.callback_port),
+                );
                 c.envs(self.options.worker_env.clone());
                 c
             }

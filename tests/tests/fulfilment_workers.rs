@@ -129,14 +129,23 @@ async fn a_fulfilments_commands_pick_restock_verify_and_refund_once_and_only_its
         )
     };
     let out = stock.handle(&pick(fulfilment, reservation)).await.unwrap();
-    assert_eq!(output::<inventory::Output>(&out), inventory::Output::OrderPicked);
+    assert_eq!(
+        output::<inventory::Output>(&out),
+        inventory::Output::OrderPicked
+    );
     let out = stock.handle(&pick(fulfilment, stranger)).await.unwrap();
     assert_eq!(refused_with(&out), Some("unknown_reservation"), "{out:?}");
     // The checkout is not the order's fulfilment: its pick is poison, and does nothing.
-    let err = stock.handle(&pick(checkout, reservation)).await.unwrap_err();
+    let err = stock
+        .handle(&pick(checkout, reservation))
+        .await
+        .unwrap_err();
     assert!(matches!(err, bus::Error::Poison(_)), "{err:?}");
     for _ in 0..2 {
-        let out = stock.handle(&restock(fulfilment, reservation)).await.unwrap();
+        let out = stock
+            .handle(&restock(fulfilment, reservation))
+            .await
+            .unwrap();
         assert_eq!(
             output::<inventory::Output>(&out),
             inventory::Output::Restocked { units: 2 }
@@ -151,7 +160,11 @@ async fn a_fulfilments_commands_pick_restock_verify_and_refund_once_and_only_its
         1
     );
     let out = stock.handle(&pick(fulfilment, reservation)).await.unwrap();
-    assert_eq!(refused_with(&out), Some("cancelled"), "a late pick: {out:?}");
+    assert_eq!(
+        refused_with(&out),
+        Some("cancelled"),
+        "a late pick: {out:?}"
+    );
 
     // Payment: verify, then refund once, under the checkout's charge.
     let verify = |charge_id| {

@@ -329,7 +329,10 @@ async fn a_saga_type_of_the_suite_runs_on_the_platform_end_to_end() {
         if s["signals"].as_array().map_or(0, Vec::len) == 2 {
             break;
         }
-        assert!(Instant::now() < deadline, "the late scan was not recorded: {s:#}");
+        assert!(
+            Instant::now() < deadline,
+            "the late scan was not recorded: {s:#}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     // The delivery over HTTP, with an idempotency key, sent twice: applied once, the second
@@ -435,7 +438,9 @@ async fn a_saga_type_of_the_suite_runs_on_the_platform_end_to_end() {
     parcel_ready(&app, refused, json!({"pickup_sla_ms": 5})).await;
     let reason = dead_letter_reason(&app, "starts").await;
     assert!(
-        reason.contains("starts or signals no saga") && reason.contains("courier") && reason.contains("SLA"),
+        reason.contains("starts or signals no saga")
+            && reason.contains("courier")
+            && reason.contains("SLA"),
         "{reason}"
     );
     assert_eq!(

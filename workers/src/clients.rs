@@ -262,4 +262,23 @@ impl Carrier {
             .await
             .map(|_| ())
     }
+
+    /// Ask the carrier to collect a booked shipment; it then reports the parcel's dispatch and
+    /// delivery (or loss) to `callback_url`. Idempotent per shipment (a repeated request keeps
+    /// the first callback URL); returns the tracking number. A cancelled shipment is refused
+    /// (`shipment_cancelled`), an unknown one too (`no_such_shipment`).
+    pub async fn request_pickup(
+        &self,
+        carrier_ref: &str,
+        callback_url: &str,
+    ) -> Result<String, CallError> {
+        self.0
+            .post::<ShipmentCreated>(
+                carrier_ref,
+                &format!("/carrier/v1/shipments/{carrier_ref}/pickup"),
+                json!({"callback_url": callback_url}),
+            )
+            .await
+            .map(|s| s.tracking_number)
+    }
 }

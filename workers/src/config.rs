@@ -22,6 +22,7 @@ pub struct Settings {
     pub processor: Remote,
     pub carrier: Remote,
     pub inventory: Inventory,
+    pub callbacks: Callbacks,
     #[serde(default)]
     pub faults: Faults,
     pub log: Log,
@@ -67,6 +68,18 @@ pub struct Remote {
     pub breaker_open_max_ms: u64,
 }
 
+/// Where the shipping service takes the carrier's reports (`POST /carrier/reports`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Callbacks {
+    pub host: String,
+    pub port: u16,
+    /// The base URL the carrier reaches that listener at (given to it with each pick-up).
+    pub public_url: String,
+    /// How often the outbox of the service's events is scanned for what was not published.
+    pub relay_interval_ms: u64,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
@@ -109,6 +122,12 @@ impl Settings {
                 DAY_MS,
             ),
             range(
+                "callbacks.relay_interval_ms",
+                s.callbacks.relay_interval_ms,
+                1,
+                HOUR_MS,
+            ),
+            range(
                 "inventory.expiry_sweep_interval_ms",
                 s.inventory.expiry_sweep_interval_ms,
                 1,
@@ -140,6 +159,12 @@ impl Settings {
             ]);
         }
         shared::check_ranges(&ranges)?;
+        if reqwest::Url::parse(&s.callbacks.public_url).is_err() {
+            return Err(Error::Invalid(format!(
+                "callbacks.public_url is not a URL: {:?}",
+                s.callbacks.public_url
+            )));
+        }
         for (name, r) in remotes {
             if reqwest::Url::parse(&r.url).is_err() {
                 return Err(Error::Invalid(format!(
@@ -186,6 +211,16 @@ mod tests {
                 ("SAGA_WORKER__MODE", "fast", "fast"),
                 ("SAGA_WORKER__CONCURRENCY", "0", "concurrency"),
                 ("CARRIER_URL", "not a url", "carrier.url"),
+                (
+                    "SAGA_CALLBACKS__PUBLIC_URL",
+                    "nowhere",
+                    "callbacks.public_url",
+                ),
+                (
+                    "SAGA_CALLBACKS__RELAY_INTERVAL_MS",
+                    "0",
+                    "callbacks.relay_interval_ms",
+                ),
                 (
                     "SAGA_PROCESSOR__RECORD_PENDING_AFTER_MS",
                     "5000",

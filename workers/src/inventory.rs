@@ -709,7 +709,15 @@ async fn apply(
             } => match held.get_mut(order) {
                 Some(h) if h.id == Some(*reservation) => match h.status {
                     "consumed" | "picked" => {
-                        adjust(&mut stock, &h.lines, 1, 0, "restock", *order, &mut movements);
+                        adjust(
+                            &mut stock,
+                            &h.lines,
+                            1,
+                            0,
+                            "restock",
+                            *order,
+                            &mut movements,
+                        );
                         h.status = "restocked";
                         h.reason = Some("restocked: the fulfilment was undone".into());
                         h.changed = true;

@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod bus;
+pub mod carrier_reports;
 pub mod clients;
 pub mod config;
 pub mod inventory;

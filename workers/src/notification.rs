@@ -190,7 +190,11 @@ mod tests {
             needs_operator,
             refunded,
         };
-        let event = events::envelope(&e, EventId::from_uuid(Uuid::from_u128(3)), chrono::Utc::now());
+        let event = events::envelope(
+            &e,
+            EventId::from_uuid(Uuid::from_u128(3)),
+            chrono::Utc::now(),
+        );
         let (_, subject, body) = words(&event).unwrap();
         format!("{subject}: {body}")
     }
@@ -200,10 +204,16 @@ mod tests {
         assert!(cancelled(false, Some(true)).contains("was refunded"));
         assert!(cancelled(false, Some(false)).contains("Nothing was charged"));
         let stuck = cancelled(true, Some(false));
-        assert!(stuck.contains("problem") && stuck.contains("not been refunded"), "{stuck}");
+        assert!(
+            stuck.contains("problem") && stuck.contains("not been refunded"),
+            "{stuck}"
+        );
         assert!(!stuck.contains("Nothing was charged"));
         assert!(!stuck.contains("was refunded."));
         let case = cancelled(true, Some(true));
-        assert!(case.contains("was refunded") && case.contains("Our team"), "{case}");
+        assert!(
+            case.contains("was refunded") && case.contains("Our team"),
+            "{case}"
+        );
     }
 }

@@ -210,15 +210,18 @@ impl Handler for Payment {
                 amount,
                 charge_id,
             } => {
-                let charge = self.fulfilment_charge(cmd, order_id, &amount, charge_id).await?;
+                let charge = self
+                    .fulfilment_charge(cmd, order_id, &amount, charge_id)
+                    .await?;
                 Ok(match charge {
                     Err(unknown) => unknown,
                     Ok(c) if c.status == "succeeded" => {
                         ReplyOutcome::succeeded(&payment::Output::ChargeVerified { charge_id })
                     }
-                    Ok(c) if c.status == "refunded" => {
-                        refused("charge_refunded", format!("charge {charge_id} was refunded"))
-                    }
+                    Ok(c) if c.status == "refunded" => refused(
+                        "charge_refunded",
+                        format!("charge {charge_id} was refunded"),
+                    ),
                     Ok(c) => refused(
                         "charge_not_taken",
                         format!("charge {charge_id} is {}: no money was taken", c.status),
@@ -232,7 +235,10 @@ impl Handler for Payment {
             } if self.is_fulfilment(cmd).await? => {
                 // A fulfilment refunds its checkout's charge, under the checkout's key: one
                 // refund, whichever saga asks and however often.
-                match self.fulfilment_charge(cmd, order_id, &amount, named).await? {
+                match self
+                    .fulfilment_charge(cmd, order_id, &amount, named)
+                    .await?
+                {
                     Err(unknown) => Ok(unknown),
                     Ok(c) => Ok(self
                         .refund(c.saga, &c.step, order_id.as_uuid(), &amount)
@@ -680,20 +686,28 @@ impl Payment {
             Order::new(cmd.saga_id.as_uuid(), Some(r.order_id), r.status.clone())
                 .with_total(Some(r.total_minor), Some(r.currency.clone()))
         });
-        orders::check(cmd.action(), cmd.saga_id, order, Some(amount), found.as_ref())
-            .map_err(bus::Error::Poison)?;
+        orders::check(
+            cmd.action(),
+            cmd.saga_id,
+            order,
+            Some(amount),
+            found.as_ref(),
+        )
+        .map_err(bus::Error::Poison)?;
         let row = row.expect("checked: the fulfilment was found");
-        Ok(match (row.charge_saga, row.charge_step, row.charge_status) {
-            (Some(saga), Some(step), Some(status)) => Ok(OwnedCharge {
-                saga: SagaId::from_uuid(saga),
-                step,
-                status,
-            }),
-            _ => Err(refused(
-                "unknown_charge",
-                format!("charge {charge} is not order {order}'s: nothing of it can be used"),
-            )),
-        })
+        Ok(
+            match (row.charge_saga, row.charge_step, row.charge_status) {
+                (Some(saga), Some(step), Some(status)) => Ok(OwnedCharge {
+                    saga: SagaId::from_uuid(saga),
+                    step,
+                    status,
+                }),
+                _ => Err(refused(
+                    "unknown_charge",
+                    format!("charge {charge} is not order {order}'s: nothing of it can be used"),
+                )),
+            },
+        )
     }
 
     /// Charge `amount` for a saga's step, once: the effect alone, without the check that the

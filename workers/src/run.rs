@@ -6,6 +6,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus;
+use crate::carrier_reports::Reports;
 use crate::clients::{Carrier, Processor};
 use crate::config::{self, Mode, Settings};
 use crate::inventory::Inventory;
@@ -136,21 +137,43 @@ pub async fn run(
         }
         (Some(shipping::SERVICE), Mode::Real) => {
             let carrier = Carrier::new(&settings.carrier);
+            let pool = connect_db(&settings, kind, &shutdown).await?;
+            let cb = &settings.callbacks;
+            let relay = runtime::outbox::Relay::new(pool.clone(), js.clone());
+            let reports = Reports::new(pool.clone(), subjects.clone(), relay.waker());
+            let listener = tokio::net::TcpListener::bind((cb.host.as_str(), cb.port))
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot listen for carrier reports on {}:{}: {e}",
+                        cb.host,
+                        cb.port
+                    )
+                })?;
+            let url = format!("{}/carrier/reports", cb.public_url.trim_end_matches('/'));
+            tracing::info!(%url, "taking the carrier's reports");
             let shipments = Shipping::new(
-                connect_db(&settings, kind, &shutdown).await?,
+                pool,
                 carrier,
                 config::ms(settings.carrier.record_pending_after_ms),
-            );
-            bus::serve_commands(
-                js,
-                subjects,
-                shipping::SERVICE,
-                shipments,
-                n,
-                settings.faults.clone(),
-                shutdown,
             )
-            .await;
+            .with_callbacks(url);
+            let stopped = shutdown.clone();
+            let (_, _, served) = tokio::join!(
+                bus::serve_commands(
+                    js,
+                    subjects,
+                    shipping::SERVICE,
+                    shipments,
+                    n,
+                    settings.faults.clone(),
+                    shutdown.clone(),
+                ),
+                relay.run(config::ms(cb.relay_interval_ms), shutdown.clone()),
+                axum::serve(listener, reports.router())
+                    .with_graceful_shutdown(async move { stopped.cancelled().await }),
+            );
+            served?;
         }
         (Some(other), Mode::Real) => anyhow::bail!("no real worker for the {other} service"),
         (None, Mode::Real) => {

@@ -32,6 +32,9 @@ use crate::thirdparty::{self, Calls, Claim, Compensation, Recorded, Settle, Tran
 pub struct Shipping {
     lookups: Batcher<(SagaId, OrderId), Found>,
     calls: Calls<Shipments>,
+    /// Where the carrier reports what became of a parcel it was asked to collect
+    /// ([`crate::carrier_reports`]).
+    callback_url: Option<String>,
 }
 
 /// The shipments table and the carrier: what [`Calls`] needs of the shipping service.
@@ -115,6 +118,27 @@ impl Handler for Shipping {
             }
             shipping::Command::CancelShipment {
                 order_id,
+                shipment_id: Some(named),
+            } if self.fulfilment_of(cmd).await?.is_some() => {
+                // The fulfilment cancels the shipment its checkout booked (the order's one).
+                let checkout = self.fulfilled(cmd, order_id).await?;
+                let found = self.lookups.call((checkout, order_id)).await?;
+                let known = found
+                    .shipment
+                    .as_ref()
+                    .map_or(ids::shipment(checkout, BOOKING_STEP), |s| s.id);
+                if named != known {
+                    return Ok(refused(
+                        "unknown_shipment",
+                        format!(
+                            "shipment {named} is not order {order_id}'s: nothing of it can be cancelled"
+                        ),
+                    ));
+                }
+                Ok(self.cancel(checkout, order_id).await?)
+            }
+            shipping::Command::CancelShipment {
+                order_id,
                 shipment_id,
             } => {
                 let found = self.checked(cmd, order_id).await?;
@@ -133,12 +157,16 @@ impl Handler for Shipping {
                 }
                 Ok(self.cancel(cmd.saga_id, order_id).await?)
             }
-            // The fulfilment saga's hand-over to the carrier, whose callbacks this build does
-            // not take yet: the fulfilment is not registered (`sagas::shop_types`), so only a
-            // stray or forged command gets here, and it is set aside with the reason.
-            shipping::Command::RequestPickup { .. } => Err(bus::Error::Poison(
-                "request_pickup is not served by this build of the shipping service".into(),
-            )),
+            shipping::Command::RequestPickup {
+                order_id,
+                shipment_id,
+            } => {
+                let checkout = self.fulfilled(cmd, order_id).await?;
+                let found = self.lookups.call((checkout, order_id)).await?;
+                Ok(self
+                    .request_pickup(found.shipment, order_id, shipment_id)
+                    .await?)
+            }
         }
     }
 }
@@ -495,6 +523,103 @@ impl Shipping {
         Self {
             lookups,
             calls: Calls::new(Shipments { pool, carrier }, pending_after),
+            callback_url: None,
+        }
+    }
+
+    /// Hand the carrier `url` for its reports on the parcels it collects; without one, a
+    /// pick-up request is answered as a retryable failure (this process takes no reports).
+    pub fn with_callbacks(self, url: String) -> Self {
+        Self {
+            callback_url: Some(url),
+            ..self
+        }
+    }
+
+    /// The order a fulfilment's command acts for, if its saga is a fulfilment.
+    async fn fulfilment_of(&self, cmd: &Command) -> Result<Option<(Uuid, Uuid)>, Unavailable> {
+        Ok(sqlx::query!(
+            "SELECT f.order_id, o.saga_id AS checkout FROM orders.fulfilments f
+               JOIN orders.orders o ON o.id = f.order_id
+              WHERE f.saga_id = $1",
+            cmd.saga_id.as_uuid(),
+        )
+        .fetch_optional(&self.calls.service().pool)
+        .await?
+        .map(|r| (r.order_id, r.checkout)))
+    }
+
+    /// The checkout saga of the order a fulfilment's command names, once the command is found
+    /// to come from that order's fulfilment ([`bus::Error::Poison`] if not).
+    async fn fulfilled(&self, cmd: &Command, order: OrderId) -> Result<SagaId, bus::Error> {
+        match self.fulfilment_of(cmd).await? {
+            Some((of, checkout)) if of == order.as_uuid() => Ok(SagaId::from_uuid(checkout)),
+            Some((of, _)) => Err(bus::Error::Poison(format!(
+                "{} command names order {order}, but saga {} fulfils order {of}",
+                cmd.action(),
+                cmd.saga_id
+            ))),
+            None => Err(bus::Error::Poison(format!(
+                "{} command for saga {}, which fulfils no order",
+                cmd.action(),
+                cmd.saga_id
+            ))),
+        }
+    }
+
+    /// Ask the carrier to collect the order's shipment `named` (booked by its checkout), once
+    /// per shipment at the carrier; it reports back on [`Shipping::with_callbacks`]'s URL.
+    async fn request_pickup(
+        &self,
+        shipment: Option<Shipment>,
+        order: OrderId,
+        named: Uuid,
+    ) -> Result<ReplyOutcome, Unavailable> {
+        let Some(shipment) = shipment.filter(|s| s.id == named) else {
+            return Ok(refused(
+                "unknown_shipment",
+                format!("shipment {named} is not order {order}'s"),
+            ));
+        };
+        let (Some(carrier_ref), "created") = (&shipment.carrier_ref, shipment.status.as_str())
+        else {
+            return Ok(refused(
+                "shipment_not_booked",
+                format!(
+                    "shipment {named} is {}: there is nothing to collect",
+                    shipment.status
+                ),
+            ));
+        };
+        let Some(url) = &self.callback_url else {
+            return Ok(retryable(
+                "this shipping process takes no carrier reports (callbacks.public_url)",
+            ));
+        };
+        match self
+            .calls
+            .service()
+            .carrier
+            .request_pickup(carrier_ref, url)
+            .await
+        {
+            Ok(tracking_number) => {
+                sqlx::query!(
+                    "UPDATE shipping.shipments SET pickup_requested_at = coalesce(pickup_requested_at, now())
+                      WHERE id = $1",
+                    shipment.id,
+                )
+                .execute(&self.calls.service().pool)
+                .await?;
+                Ok(ReplyOutcome::succeeded(
+                    &shipping::Output::PickupRequested {
+                        shipment_id: shipment.id,
+                        tracking_number,
+                    },
+                ))
+            }
+            Err(CallError::Unavailable(why)) => Ok(retryable(why)),
+            Err(CallError::Refused { code, message }) => Ok(refused(&code, message)),
         }
     }
 

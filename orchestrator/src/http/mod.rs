@@ -5,6 +5,7 @@ pub mod breakers;
 pub mod checkout;
 pub mod health;
 pub mod input;
+pub mod orders;
 pub mod problem;
 pub mod sagas;
 pub mod signals;
@@ -55,6 +56,9 @@ pub fn router(state: AppState) -> Router {
     let max_body = state.settings.http.max_body_bytes;
     Router::new()
         .route("/checkout", post(checkout::create))
+        .route("/orders", get(orders::list))
+        .route("/orders/{id}", get(orders::get))
+        .route("/orders/{id}/cancel", post(orders::cancel))
         .route("/sagas", get(sagas::list))
         .route("/sagas/{id}", get(sagas::get))
         .route("/sagas/{id}/cancel", post(sagas::cancel))

@@ -562,6 +562,14 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     ),
     ("invalid-saga-id", "The saga id in the path is not a UUID."),
     (
+        "invalid-order-id",
+        "The order id in the path is not a UUID.",
+    ),
+    (
+        "order-not-cancellable",
+        "The order can no longer be cancelled: its parcel left the warehouse, or it ended. `detail` says why.",
+    ),
+    (
         "invalid-path",
         "A segment of the path is not valid percent-encoded UTF-8.",
     ),
