@@ -1,12 +1,19 @@
 //! The catalogue as the checkout sees it: the price of each SKU, read from the Product
 //! service's variants and cached briefly (prices change seldom; a checkout takes the price at
 //! the moment it starts and keeps it).
+//!
+//! [`load`] loads a catalogue file, and publishes each price it sets or changes as a
+//! `product.PriceChanged` event, written to the services' outbox ([`runtime::outbox`]) in the
+//! load's transaction.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, SecondsFormat, Utc};
+use sagas::events::{self, DomainEvent, product};
 use sagas::shop::{Currency, Money, Sku};
+use sagas::wire::{EventId, Subjects};
 use serde::Deserialize;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -108,10 +115,25 @@ pub enum LoadError {
     Database(#[from] sqlx::Error),
 }
 
+/// The correlation id of the events a catalogue load writes.
+pub const LOAD_CORRELATION_ID: &str = "catalog-load";
+
 /// Load (or reload) a catalogue: products and variants are upserted; each variant's stock is
 /// set so that `available` units can be sold, recorded as an `adjust` stock movement. All or
 /// nothing: a variant out of range loads nothing.
-pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, LoadError> {
+///
+/// Each variant whose price (amount or currency) the load changes, or that is new, gets a
+/// `product.PriceChanged` event on `subjects`, written to the outbox in the load's transaction
+/// (correlation id [`LOAD_CORRELATION_ID`]); an unchanged price writes none, so loading the same
+/// catalogue again writes nothing. The event's id is derived from the SKU, the new price and
+/// the variant's `updated_at` before the load: a load retried after a rollback writes the same
+/// event, and a price set back to an earlier one (10, 12, 10) is a new event, not a duplicate
+/// of the first that JetStream or the outbox would drop.
+pub async fn load(
+    pool: &PgPool,
+    file: &CatalogueFile,
+    subjects: &Subjects,
+) -> Result<usize, LoadError> {
     for v in file.products.iter().flat_map(|p| &p.variants) {
         if v.available > MAX_AVAILABLE {
             return Err(LoadError::Invalid(format!(
@@ -127,6 +149,7 @@ pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, LoadErro
             )));
         }
     }
+    let now = Utc::now();
     let mut tx = pool.begin().await?;
     let mut variants = 0;
     for p in &file.products {
@@ -144,8 +167,9 @@ pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, LoadErro
             // Lock the row first, so that the stock it had and the stock it gets are read
             // under the same lock (a reservation consumed in between would make the audited
             // adjustment differ from the change).
-            let before: Option<i32> = sqlx::query_scalar!(
-                "SELECT quantity FROM inventory.variants WHERE sku = $1 FOR UPDATE",
+            let before = sqlx::query!(
+                "SELECT quantity, price_minor, currency, updated_at FROM inventory.variants
+                  WHERE sku = $1 FOR UPDATE",
                 v.sku.as_str(),
             )
             .fetch_optional(&mut *tx)
@@ -167,7 +191,7 @@ pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, LoadErro
             )
             .fetch_one(&mut *tx)
             .await?;
-            let delta = after - before.unwrap_or(0);
+            let delta = after - before.as_ref().map_or(0, |b| b.quantity);
             if delta != 0 {
                 sqlx::query!(
                     "INSERT INTO inventory.stock_movements (sku, kind, quantity_delta, reserved_delta, note)
@@ -178,9 +202,58 @@ pub async fn load(pool: &PgPool, file: &CatalogueFile) -> Result<usize, LoadErro
                 .execute(&mut *tx)
                 .await?;
             }
+            let previous = before.as_ref().map(|b| {
+                let price = Currency::parse(&b.currency).ok().map(|currency| Money {
+                    minor: b.price_minor,
+                    currency,
+                });
+                (price, b.updated_at)
+            });
+            let (previous, since) = match previous {
+                Some((price, since)) => (price, Some(since)),
+                None => (None, None),
+            };
+            if previous.as_ref() != Some(&v.price) {
+                let event = price_changed(&v.sku, previous, v.price.clone(), since, now);
+                runtime::outbox::write(&mut tx, subjects, &event, LOAD_CORRELATION_ID).await?;
+            }
             variants += 1;
         }
     }
     tx.commit().await?;
     Ok(variants)
+}
+
+/// The `product.PriceChanged` event of `sku`'s price set to `price` (from `previous`, if it
+/// had a valid one), by a load at `now` of a variant last updated at `since` (`None`: new).
+fn price_changed(
+    sku: &Sku,
+    previous: Option<Money>,
+    price: Money,
+    since: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> sagas::wire::Event {
+    let since = since.map_or_else(
+        || "new".to_owned(),
+        |t| t.to_rfc3339_opts(SecondsFormat::Micros, true),
+    );
+    let cause = Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!(
+            "price/{}/{}/{}/{since}",
+            sku.as_str(),
+            price.minor,
+            price.currency.as_str()
+        )
+        .as_bytes(),
+    );
+    events::envelope(
+        &product::PriceChanged {
+            sku: sku.clone(),
+            previous,
+            price,
+        },
+        EventId::derive_from(cause, product::PriceChanged::NAME),
+        now,
+    )
 }

@@ -114,7 +114,7 @@ async fn run(cli: Cli, settings: Settings, registry: Registry) -> anyhow::Result
             let catalogue: crate::catalog::CatalogueFile = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a valid catalogue", file.display()))?;
             let pool = runtime::db::connect(&settings.database, "saga-orchestrator").await?;
-            let n = crate::catalog::load(&pool, &catalogue).await?;
+            let n = crate::catalog::load(&pool, &catalogue, &settings.subjects()).await?;
             println!("loaded {n} variants from {}", file.display());
             Ok(())
         }

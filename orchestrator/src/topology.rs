@@ -206,6 +206,15 @@ impl Topology {
                 50,
             ),
         ));
+        all.push((
+            streams::EVENTS,
+            self.consumer(
+                consumers::ORDER_EVENTS,
+                s.events(),
+                Duration::from_secs(30),
+                50,
+            ),
+        ));
         all
     }
 

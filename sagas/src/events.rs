@@ -276,8 +276,8 @@ pub mod product {
         pub const RESERVE: &str = "reserve";
         /// Held units put back: the order was undone.
         pub const RELEASE: &str = "release";
-        /// Held units sold: a reservation consumed (the inventory's `consume` movement).
-        pub const SALE: &str = "sale";
+        /// Held units sold: a reservation consumed (the sale).
+        pub const CONSUME: &str = "consume";
         /// Units added to the shelf: a delivery, or units of an order coming back.
         pub const RESTOCK: &str = "restock";
         /// A correction of the count by an operator.
@@ -285,7 +285,7 @@ pub mod product {
         /// Held units freed because their reservation ran out.
         pub const EXPIRE: &str = "expire";
         /// Every kind this build knows.
-        pub const ALL: &[&str] = &[RESERVE, RELEASE, SALE, RESTOCK, ADJUST, EXPIRE];
+        pub const ALL: &[&str] = &[RESERVE, RELEASE, CONSUME, RESTOCK, ADJUST, EXPIRE];
     }
 
     /// The stock of a SKU moved: the movement, and the levels after it.
@@ -300,7 +300,8 @@ pub mod product {
         /// Units that can still be reserved after the movement: `quantity - reserved`, never
         /// negative.
         pub available: i64,
-        /// What moved the stock: `reserve`, `release`, `sale`, `restock`, `adjust` or `expire`.
+        /// What moved the stock: `reserve`, `release`, `consume` (the sale), `restock`, `adjust` or
+        /// `expire` (the names of `inventory.stock_movements.kind`).
         /// A reader ignores a kind it does not know.
         pub movement: String,
         /// The order the movement is for, when it is for one (not an operator's restock or

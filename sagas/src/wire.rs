@@ -378,6 +378,9 @@ pub mod consumers {
     pub const STARTS: &str = "orchestrator-starts";
     /// The notification service's consumer of domain events.
     pub const NOTIFICATION_EVENTS: &str = "notification";
+    /// The Order service's consumer of domain events (orders' histories, checkouts carts
+    /// initiated).
+    pub const ORDER_EVENTS: &str = "order";
     /// Consumers that earlier versions declared and that nothing reads any more, with the
     /// role of their stream: the orchestrator deletes them at start-up, so that they do not
     /// hold messages for nobody. (`inventory-events` consumed reservations on `OrderConfirmed`,

@@ -60,7 +60,7 @@ fn with_database(url: &str, db: &str) -> String {
 }
 
 /// The worker pools and other processes a test can start, stop and kill.
-pub const WORKERS: [&str; 4] = ["inventory", "payment", "shipping", "notification"];
+pub const WORKERS: [&str; 5] = ["inventory", "payment", "shipping", "notification", "order"];
 
 /// How a test app is set up.
 #[derive(Clone)]
@@ -195,7 +195,7 @@ impl App {
             .run(&pool)
             .await
             .expect("migrations apply");
-        seed(&pool).await;
+        seed(&pool, &name).await;
         if let Some(sql) = options.setup_sql {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
                 .execute(&pool)
@@ -299,6 +299,8 @@ impl App {
                 c.env("SAGA_WORKER__CONCURRENCY", "32");
                 c.env("PROCESSOR_URL", &self.sim);
                 c.env("CARRIER_URL", &self.sim);
+                c.env("CART_URL", &self.sim);
+                c.env("SAGA_ORDER__API_URL", &self.base);
                 c.env("SAGA_CALLBACKS__PORT", self.callback_port.to_string());
                 c.env(
                     "SAGA_CALLBACKS__PUBLIC_URL",
@@ -587,7 +589,8 @@ impl Drop for App {
     }
 }
 
-async fn seed(pool: &PgPool) {
+/// Load the test catalogue; its `PriceChanged` events go to the app's subjects (`prefix`).
+async fn seed(pool: &PgPool, prefix: &str) {
     let products = json!({
         "products": [{
             "id": "0192a000-0000-7000-8000-0000000000aa",
@@ -599,7 +602,8 @@ async fn seed(pool: &PgPool) {
     });
     let file: orchestrator::catalog::CatalogueFile =
         serde_json::from_value(products).expect("catalogue");
-    orchestrator::catalog::load(pool, &file)
+    let subjects = sagas::wire::Subjects::new(prefix).expect("the app's prefix");
+    orchestrator::catalog::load(pool, &file, &subjects)
         .await
         .expect("catalogue loads");
 }

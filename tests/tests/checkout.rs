@@ -505,8 +505,12 @@ async fn the_correlation_id_follows_the_request_through_every_process() {
         .to_owned();
     let saga = app.wait_terminal(&id, WITHIN).await;
     assert_eq!(saga["correlation_id"], "trace-me-123");
-    app.wait_for("SELECT count(*) FROM notifications.sent", 1, WITHIN)
-        .await;
+    app.wait_for(
+        "SELECT count(*) FROM notifications.sent WHERE kind = 'OrderConfirmed'",
+        1,
+        WITHIN,
+    )
+    .await;
     for process in [
         "orchestrator",
         "inventory",
@@ -606,10 +610,14 @@ async fn a_catalogue_with_a_variant_out_of_range_loads_nothing() {
         }]
     }))
     .unwrap();
-    let e = orchestrator::catalog::load(&app.pool, &file)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = orchestrator::catalog::load(
+        &app.pool,
+        &file,
+        &sagas::wire::Subjects::new(&app.name).unwrap(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("NEW-2") && e.contains("at most"), "{e}");
     assert_eq!(
         app.count("SELECT count(*) FROM inventory.variants WHERE sku LIKE 'NEW-%'")
@@ -628,7 +636,13 @@ async fn a_catalogue_with_a_variant_out_of_range_loads_nothing() {
         }]
     }))
     .unwrap();
-    orchestrator::catalog::load(&app.pool, &same).await.unwrap();
+    orchestrator::catalog::load(
+        &app.pool,
+        &same,
+        &sagas::wire::Subjects::new(&app.name).unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         app.count("SELECT count(*) FROM inventory.stock_movements")
             .await,

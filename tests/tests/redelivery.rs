@@ -84,7 +84,7 @@ async fn an_event_that_keeps_failing_is_dead_lettered_at_the_delivery_limit() {
         async move {
             bus::serve_events(js, subjects, CONSUMER, 4, shutdown, move |_| {
                 calls.lock().unwrap().push(Instant::now());
-                async { Err(Unavailable("database: connection refused".into())) }
+                async { Err(Unavailable("database: connection refused".into()).into()) }
             })
             .await
         }

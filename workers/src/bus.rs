@@ -166,7 +166,9 @@ pub async fn serve_commands<H: Handler>(
 
 /// Serve domain events from the durable consumer `consumer`: decode, hand to `on_event`,
 /// acknowledge. Event types this build does not know are acknowledged and skipped (a newer
-/// producer may publish them); a message that is not an event at all is dead-lettered.
+/// producer may publish them); a message that is not an event at all, or one `on_event` calls
+/// poison, is dead-lettered. The event carries the correlation id of its message (its header)
+/// when its body has none.
 pub async fn serve_events<F, Fut>(
     js: jetstream::Context,
     subjects: Subjects,
@@ -176,7 +178,7 @@ pub async fn serve_events<F, Fut>(
     on_event: F,
 ) where
     F: Fn(Event) -> Fut,
-    Fut: Future<Output = Result<(), Unavailable>>,
+    Fut: Future<Output = Result<(), Error>>,
 {
     let stream = subjects.stream("EVENTS");
     let origin = format!("events-{consumer}");
@@ -193,8 +195,8 @@ pub async fn serve_events<F, Fut>(
                         return;
                 }
             };
-            let event: Event = match serde_json::from_value(value.clone()) {
-                Ok(e) => e,
+            let event: Event = match serde_json::from_value::<Event>(value.clone()) {
+                Ok(e) => Event { correlation_id: e.correlation_id.clone().or_else(|| Some(cid.to_string())), ..e },
                 Err(e) if value.get("type").is_some_and(|t| t.is_string()) && value.get("id").is_some() => {
                     tracing::debug!(error = %e, "skipping an event this build does not handle");
                     let _ = msg.ack().await;
@@ -211,7 +213,11 @@ pub async fn serve_events<F, Fut>(
                         tracing::warn!(error = %e, "could not acknowledge an event; it will be redelivered");
                     }
                 }
-                Err(e) => {
+                Err(Error::Poison(why)) => {
+                    tracing::warn!(%why, "event set aside");
+                    dead_letter(dl, origin_ref, &msg, &why).await;
+                }
+                Err(Error::Unavailable(e)) => {
                     tracing::warn!(error = %e, "event not handled; it will be redelivered");
                     retry_later(dl, origin_ref, &msg, max_deliver, &e.to_string()).await;
                 }

@@ -1,5 +1,5 @@
 //! Worker configuration: built-in defaults, then `SAGA_CONFIG`, then `SAGA_<SECTION>__<KEY>`,
-//! then `DATABASE_URL`, `NATS_URL`, `PROCESSOR_URL` and `CARRIER_URL`.
+//! then `DATABASE_URL`, `NATS_URL`, `PROCESSOR_URL`, `CARRIER_URL` and `CART_URL`.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +23,7 @@ pub struct Settings {
     pub carrier: Remote,
     pub inventory: Inventory,
     pub callbacks: Callbacks,
+    pub order: Order,
     #[serde(default)]
     pub faults: Faults,
     pub log: Log,
@@ -68,6 +69,18 @@ pub struct Remote {
     pub breaker_open_max_ms: u64,
 }
 
+/// The Order service's subscriber: where it starts the checkouts carts initiate, and where it
+/// reads their details.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Order {
+    /// The orchestrator's API (`POST /checkout`).
+    pub api_url: String,
+    /// The Cart service's API (the simulator in development). Also set by `CART_URL`.
+    pub cart_url: String,
+    pub timeout_ms: u64,
+}
+
 /// Where the shipping service takes the carrier's reports (`POST /carrier/reports`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,6 +113,7 @@ impl Settings {
                 ("NATS_URL", "nats.url"),
                 ("PROCESSOR_URL", "processor.url"),
                 ("CARRIER_URL", "carrier.url"),
+                ("CART_URL", "order.cart_url"),
             ],
         )?;
         s.nats.subjects()?;
@@ -121,6 +135,7 @@ impl Settings {
                 0,
                 DAY_MS,
             ),
+            range("order.timeout_ms", s.order.timeout_ms, 1, HOUR_MS),
             range(
                 "callbacks.relay_interval_ms",
                 s.callbacks.relay_interval_ms,
@@ -159,6 +174,14 @@ impl Settings {
             ]);
         }
         shared::check_ranges(&ranges)?;
+        for (key, url) in [
+            ("order.api_url", &s.order.api_url),
+            ("order.cart_url", &s.order.cart_url),
+        ] {
+            if reqwest::Url::parse(url).is_err() {
+                return Err(Error::Invalid(format!("{key} is not a URL: {url:?}")));
+            }
+        }
         if reqwest::Url::parse(&s.callbacks.public_url).is_err() {
             return Err(Error::Invalid(format!(
                 "callbacks.public_url is not a URL: {:?}",

@@ -16,6 +16,13 @@
 //! on: the units of completed orders never exceed the stock, each consumed from its own
 //! reservation (ARCHITECTURE.md, "Stock").
 //!
+//! Every stock movement is published as a `product.StockUpdated` event, once the writer has its
+//! subjects ([`Inventory::with_events`]): written to the services' outbox
+//! ([`runtime::outbox`]) in the batch's transaction, so an event is published if and only if
+//! its movement committed (any process's relay publishes it). The event carries the variant's
+//! levels right after its movement, in the batch's order; its id is derived from the movement's
+//! row id, so each movement is one event whatever happens.
+//!
 //! Every change goes through one writer task per process, which applies everything queued in
 //! one transaction: a popular SKU's row is locked and written once per batch instead of once
 //! per order (orders of a flash sale all want the same rows), and a batch costs a handful of
@@ -30,10 +37,12 @@
 //! (its sale is final).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Duration, Utc};
-use sagas::shop::{Line, OrderId, ids, inventory};
-use sagas::wire::{Command, ReplyOutcome, SagaId};
+use sagas::events::{self, DomainEvent, product};
+use sagas::shop::{Line, OrderId, Sku, ids, inventory};
+use sagas::wire::{Command, EventId, ReplyOutcome, SagaId, Subjects};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -100,6 +109,10 @@ struct Job {
 pub struct Inventory {
     pool: PgPool,
     jobs: mpsc::Sender<Job>,
+    /// The subjects the writer's `product.StockUpdated` events go to, once
+    /// [`Inventory::with_events`] set them: shared with the writer task (spawned by
+    /// [`Inventory::new`]), which reads it at every batch. Unset, no event is written.
+    events: Arc<OnceLock<Subjects>>,
 }
 
 /// The checkout's reservation step, for the service's own API (tests drive it directly).
@@ -218,10 +231,15 @@ fn status_of(s: &str) -> &'static str {
 /// One stock movement to write.
 struct Movement {
     sku: String,
+    /// The database's kind (`reserve`, `release`, `consume`, `restock`, `expire`), also the
+    /// event's `movement`.
     kind: &'static str,
     quantity_delta: i32,
     reserved_delta: i32,
     order: OrderId,
+    /// The variant's `(quantity, reserved)` right after this movement, in the batch's order
+    /// (from the levels the batch started with); `None` for a SKU the batch holds no row of.
+    after: Option<(i32, i32)>,
 }
 
 /// A variant's stock during a batch.
@@ -241,11 +259,31 @@ fn totals(lines: &[Line]) -> BTreeMap<String, i32> {
 }
 
 impl Inventory {
-    /// Start the writer; it stops when every handle is dropped.
+    /// Start the writer; it stops when every handle is dropped. It writes no event until
+    /// [`Inventory::with_events`] is called.
     pub fn new(pool: PgPool) -> Self {
         let (jobs, rx) = mpsc::channel(4096);
-        tokio::spawn(writer(pool.clone(), rx));
-        Self { pool, jobs }
+        let events = Arc::new(OnceLock::new());
+        tokio::spawn(writer(pool.clone(), rx, events.clone()));
+        Self { pool, jobs, events }
+    }
+
+    /// From now on, write a `product.StockUpdated` event for every stock movement, on
+    /// `subjects`, to the services' outbox (published by any relay on the same database).
+    /// Call it right after [`Inventory::new`], before the first command: batches applied
+    /// before it write no events. The subjects are set once for the writer and every handle of
+    /// it: a second call keeps the first subjects.
+    pub fn with_events(self, subjects: Subjects) -> Self {
+        if let Err(other) = self.events.set(subjects)
+            && self.events.get() != Some(&other)
+        {
+            tracing::warn!(
+                kept = ?self.events.get().map(Subjects::prefix),
+                ignored = other.prefix(),
+                "the inventory's event subjects are set once; other subjects ignored"
+            );
+        }
+        self
     }
 
     async fn submit(&self, op: Op) -> Result<ReplyOutcome, bus::Error> {
@@ -351,13 +389,14 @@ impl Inventory {
     }
 }
 
-/// The writer: apply everything queued in one transaction.
-async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
+/// The writer: apply everything queued in one transaction (with its events, once `publish_on`
+/// is set).
+async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, publish_on: Arc<OnceLock<Subjects>>) {
     let mut jobs = Vec::with_capacity(512);
     while rx.recv_many(&mut jobs, 512).await > 0 {
         let batch = std::mem::take(&mut jobs);
         let ops: Vec<Op> = batch.iter().map(|j| j.op.clone()).collect();
-        match apply(&pool, &ops).await {
+        match apply(&pool, &ops, publish_on.get()).await {
             Ok(outcomes) => {
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = job.reply.send(outcome.map_err(bus::Error::Poison));
@@ -396,10 +435,12 @@ fn poison(
 }
 
 /// Apply `ops` in order, in one transaction; the outcome of each, or the reason it is poison
-/// (then it did nothing).
+/// (then it did nothing). With `publish_on`, each movement's `product.StockUpdated` is written to
+/// the outbox in the same transaction.
 async fn apply(
     pool: &PgPool,
     ops: &[Op],
+    publish_on: Option<&Subjects>,
 ) -> Result<Vec<Result<ReplyOutcome, String>>, sqlx::Error> {
     let now = Utc::now();
     let mut tx = pool.begin().await?;
@@ -752,7 +793,7 @@ async fn apply(
         };
         outcomes.push(Ok(outcome));
     }
-    write(&mut tx, &held, &stock, &movements, now).await?;
+    write(&mut tx, &held, &stock, &movements, now, publish_on).await?;
     tx.commit().await?;
     Ok(outcomes)
 }
@@ -794,17 +835,19 @@ fn adjust(
     movements: &mut Vec<Movement>,
 ) {
     for (sku, q) in totals(lines) {
-        if let Some(s) = stock.get_mut(&sku) {
+        let after = stock.get_mut(&sku).map(|s| {
             s.quantity += quantity_sign * q;
             s.reserved += reserved_sign * q;
             s.changed = true;
-        }
+            (s.quantity, s.reserved)
+        });
         movements.push(Movement {
             sku,
             kind,
             quantity_delta: quantity_sign * q,
             reserved_delta: reserved_sign * q,
             order,
+            after,
         });
     }
 }
@@ -862,13 +905,15 @@ fn commit(
     committed()
 }
 
-/// Write what the batch changed: a statement per table.
+/// Write what the batch changed: a statement per table (and one for the events, with
+/// `publish_on`).
 async fn write(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     held: &HashMap<OrderId, Held>,
     stock: &HashMap<String, Stock>,
     movements: &[Movement],
     now: DateTime<Utc>,
+    publish_on: Option<&Subjects>,
 ) -> Result<(), sqlx::Error> {
     // New rows: another process may have inserted the same order since we looked (a command
     // delivered twice at once); then the batch is rolled back and retried.
@@ -955,10 +1000,16 @@ async fn write(
         let quantities: Vec<i32> = movements.iter().map(|m| m.quantity_delta).collect();
         let reserved: Vec<i32> = movements.iter().map(|m| m.reserved_delta).collect();
         let orders: Vec<Uuid> = movements.iter().map(|m| m.order.as_uuid()).collect();
-        sqlx::query!(
+        // The rows are inserted in the order of `movements` (the subquery's ORDER BY keeps the
+        // subquery from being flattened, so the identity is drawn row by row in that order),
+        // and the identity only grows: the ids sorted are the ids of `movements`, in order.
+        let mut ids: Vec<i64> = sqlx::query_scalar!(
             "INSERT INTO inventory.stock_movements (sku, kind, quantity_delta, reserved_delta, order_id, at)
              SELECT u.sku, u.kind, u.qd, u.rd, u.order_id, $6
-               FROM unnest($1::text[], $2::text[], $3::int4[], $4::int4[], $5::uuid[]) AS u(sku, kind, qd, rd, order_id)",
+               FROM unnest($1::text[], $2::text[], $3::int4[], $4::int4[], $5::uuid[])
+                    WITH ORDINALITY AS u(sku, kind, qd, rd, order_id, n)
+              ORDER BY u.n
+             RETURNING id",
             &skus,
             &kinds,
             &quantities,
@@ -966,8 +1017,96 @@ async fn write(
             &orders,
             now,
         )
-        .execute(&mut **tx)
+        .fetch_all(&mut **tx)
         .await?;
+        ids.sort_unstable();
+        if ids.len() != movements.len() {
+            return Err(sqlx::Error::Protocol(format!(
+                "{} stock movements written, {} ids returned",
+                movements.len(),
+                ids.len()
+            )));
+        }
+        if let Some(subjects) = publish_on {
+            write_events(tx, subjects, movements, &ids, now).await?;
+        }
     }
+    Ok(())
+}
+
+/// The `product.StockUpdated` event of each movement (`ids`: their row ids, in the same
+/// order), written to the services' outbox in one statement: a batch costs a handful of
+/// statements whatever its size, events included. The rows are those
+/// [`runtime::outbox::write`] writes, one by one (the same subject, payload and correlation id;
+/// an id written before changes nothing), and are inserted in the order of the movements, which
+/// the relay publishes them in.
+///
+/// An event's id is derived from its movement's row id: one event per movement. Its correlation
+/// id is `inventory-<order id>`, the order the movement is for: the commands the writer batches
+/// carry no correlation id of their callers. It happened at the batch's time (`now`, also the
+/// movement's `at`).
+async fn write_events(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    subjects: &Subjects,
+    movements: &[Movement],
+    ids: &[i64],
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let n = movements.len();
+    let (mut msg_ids, mut subject, mut correlation, mut payloads) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (m, id) in movements.iter().zip(ids) {
+        // A SKU the batch holds no row of (not in the catalogue any more): no levels to tell.
+        let (Some((quantity, reserved)), Ok(sku)) = (m.after, Sku::parse(&m.sku)) else {
+            tracing::warn!(sku = %m.sku, movement = id, "a stock movement of an unknown variant: no event");
+            continue;
+        };
+        let event = product::StockUpdated {
+            sku,
+            quantity: quantity.into(),
+            reserved: reserved.into(),
+            available: (quantity - reserved).into(),
+            movement: m.kind.to_owned(),
+            order_id: Some(m.order),
+        };
+        let cause = Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("stock-movement/{id}").as_bytes(),
+        );
+        let correlation_id = format!("inventory-{}", m.order);
+        let event = sagas::wire::Event {
+            correlation_id: Some(correlation_id.clone()),
+            ..events::envelope(
+                &event,
+                EventId::derive_from(cause, product::StockUpdated::NAME),
+                now,
+            )
+        };
+        msg_ids.push(event.id.to_string());
+        subject.push(subjects.event(&event));
+        payloads.push(serde_json::to_string(&event).expect("events serialize"));
+        correlation.push(correlation_id);
+    }
+    if msg_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query!(
+        "INSERT INTO events.outbox (msg_id, subject, correlation_id, payload)
+         SELECT u.msg_id, u.subject, u.correlation_id, u.payload::json
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                WITH ORDINALITY AS u(msg_id, subject, correlation_id, payload, n)
+          ORDER BY u.n
+         ON CONFLICT (msg_id) DO NOTHING",
+        &msg_ids,
+        &subject,
+        &correlation,
+        &payloads,
+    )
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }

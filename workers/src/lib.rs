@@ -20,6 +20,7 @@ pub mod config;
 pub mod inventory;
 pub mod noop;
 pub mod notification;
+pub mod order;
 pub mod orders;
 pub mod payment;
 pub mod run;

@@ -27,8 +27,9 @@
 //! `payments.refunds`), the charges' statuses and the replies.
 
 use chrono::Utc;
-use sagas::shop::{Money, OrderId, ids, payment};
-use sagas::wire::{Command, ReplyOutcome, SagaId};
+use sagas::events::{self, DomainEvent};
+use sagas::shop::{Currency, CustomerRef, Money, OrderId, ids, payment};
+use sagas::wire::{Command, EventId, ReplyOutcome, SagaId, Subjects};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -51,6 +52,10 @@ pub struct Payment {
 struct Charges {
     pool: PgPool,
     processor: Processor,
+    /// Where the service's domain events go (`PaymentProcessed`, `PaymentFailed`,
+    /// `PaymentRefunded`), written to the outbox in the transaction of the change; none
+    /// without ([`Payment::with_events`]).
+    events: Option<Subjects>,
 }
 
 fn retryable(reason: impl Into<String>) -> ReplyOutcome {
@@ -458,6 +463,7 @@ impl thirdparty::Service for Charges {
     ) -> Result<Vec<((SagaId, String), Charge)>, sqlx::Error> {
         let entries = Entries::of(settles.iter().map(|s| (&s.claim.entry, s.claim.status)));
         let outcomes = Outcomes::of(settles.iter().map(|s| &s.outcome));
+        let mut tx = self.pool.begin().await?;
         let rows = sqlx::query!(
             "INSERT INTO payments.charges AS c
                  (id, saga_id, step, order_id, idempotency_key, amount_minor, currency, status,
@@ -472,7 +478,8 @@ impl thirdparty::Service for Charges {
                     decline_code = coalesce(excluded.decline_code, c.decline_code),
                     reason = coalesce(excluded.reason, c.reason), updated_at = excluded.updated_at
               WHERE c.status = 'pending'
-             RETURNING c.saga_id, c.step, c.id, c.status, c.processor_ref, c.decline_code, c.reason",
+             RETURNING c.saga_id, c.step, c.id, c.status, c.processor_ref, c.decline_code, c.reason,
+                       c.order_id, c.amount_minor, c.currency",
             &entries.ids,
             &entries.sagas,
             &entries.steps,
@@ -486,8 +493,26 @@ impl thirdparty::Service for Charges {
             &outcomes.reasons as &[Option<&str>],
             Utc::now(),
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        // The rows that got their outcome now: their events, in the same transaction.
+        if let Some(subjects) = &self.events {
+            let settled: Vec<Settled> = rows
+                .iter()
+                .map(|r| Settled {
+                    charge: r.id,
+                    saga: r.saga_id,
+                    order: r.order_id,
+                    status: r.status.clone(),
+                    amount_minor: r.amount_minor,
+                    currency: r.currency.clone(),
+                    code: r.decline_code.clone(),
+                    reason: r.reason.clone(),
+                })
+                .collect();
+            write_events(&mut tx, subjects, &settled).await?;
+        }
+        tx.commit().await?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -605,13 +630,145 @@ impl Charges {
         )
         .execute(&mut *tx)
         .await?;
+        if let Some(subjects) = &self.events {
+            let c = sqlx::query!(
+                "SELECT order_id, amount_minor, currency FROM payments.charges WHERE id = $1",
+                charge,
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            let refunded = events::payment::PaymentRefunded {
+                charge_id: charge,
+                order_id: OrderId::from_uuid(c.order_id),
+                saga_id: saga,
+                amount: money(c.amount_minor, &c.currency),
+            };
+            let event = events::envelope(
+                &refunded,
+                EventId::derive_from(charge, events::payment::PaymentRefunded::NAME),
+                now,
+            );
+            let correlation_id = correlation_of(&mut tx, saga).await?;
+            runtime::outbox::write(&mut tx, subjects, &event, &correlation_id).await?;
+        }
         tx.commit().await?;
         Ok(id)
     }
 }
 
+/// A charge that got its outcome, for its event.
+struct Settled {
+    charge: Uuid,
+    saga: Uuid,
+    order: Uuid,
+    status: String,
+    amount_minor: i64,
+    currency: String,
+    code: Option<String>,
+    reason: Option<String>,
+}
+
+fn money(minor: i64, currency: &str) -> Money {
+    Money {
+        minor,
+        // The table only ever holds the currency of a parsed `Money`.
+        currency: Currency::parse(currency).expect("a stored currency is valid"),
+    }
+}
+
+/// The correlation id of a saga's requests, for the events its commands cause (the saga's own
+/// when it is known here, else one derived from it).
+async fn correlation_of(tx: &mut sqlx::PgConnection, saga: SagaId) -> Result<String, sqlx::Error> {
+    let known = sqlx::query_scalar!(
+        "SELECT correlation_id FROM orchestrator.sagas WHERE id = $1",
+        saga.as_uuid(),
+    )
+    .fetch_optional(tx)
+    .await?;
+    Ok(known.unwrap_or_else(|| format!("saga-{saga}")))
+}
+
+/// `PaymentProcessed` for each charge taken, `PaymentFailed` for each declined, into the
+/// outbox of `tx`: the customer and the correlation id read from the order and its saga.
+async fn write_events(
+    tx: &mut sqlx::PgConnection,
+    subjects: &Subjects,
+    settled: &[Settled],
+) -> Result<(), sqlx::Error> {
+    let settled: Vec<&Settled> = settled
+        .iter()
+        .filter(|s| matches!(s.status.as_str(), "succeeded" | "declined"))
+        .collect();
+    if settled.is_empty() {
+        return Ok(());
+    }
+    let orders: Vec<Uuid> = settled.iter().map(|s| s.order).collect();
+    let known: std::collections::HashMap<Uuid, (String, Option<String>)> = sqlx::query!(
+        r#"SELECT o.id AS "id!", o.customer_id AS "customer_id!", s.correlation_id AS "correlation_id?"
+             FROM orders.orders o LEFT JOIN orchestrator.sagas s ON s.id = o.saga_id
+            WHERE o.id = ANY($1)"#,
+        &orders,
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|r| (r.id, (r.customer_id, r.correlation_id)))
+    .collect();
+    let now = Utc::now();
+    for s in settled {
+        let (customer, correlation) = known.get(&s.order).cloned().unwrap_or_default();
+        let correlation = correlation.unwrap_or_else(|| format!("saga-{}", s.saga));
+        let (order_id, saga_id) = (OrderId::from_uuid(s.order), SagaId::from_uuid(s.saga));
+        let customer = CustomerRef { id: customer };
+        let amount = money(s.amount_minor, &s.currency);
+        let event = if s.status == "succeeded" {
+            let e = events::payment::PaymentProcessed {
+                charge_id: s.charge,
+                order_id,
+                saga_id,
+                customer,
+                amount,
+            };
+            events::envelope(
+                &e,
+                EventId::derive_from(s.charge, events::payment::PaymentProcessed::NAME),
+                now,
+            )
+        } else {
+            let e = events::payment::PaymentFailed {
+                order_id,
+                saga_id,
+                customer,
+                amount,
+                code: s.code.clone().unwrap_or_else(|| "card_declined".into()),
+                reason: s
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "the card was declined".into()),
+            };
+            events::envelope(
+                &e,
+                EventId::derive_from(s.charge, events::payment::PaymentFailed::NAME),
+                now,
+            )
+        };
+        runtime::outbox::write(&mut *tx, subjects, &event, &correlation).await?;
+    }
+    Ok(())
+}
+
 impl Payment {
     pub fn new(pool: PgPool, processor: Processor, pending_after: Duration) -> Self {
+        Self::publishing(pool, processor, pending_after, None)
+    }
+
+    /// The service, publishing its domain events (through the outbox) on `events`.
+    pub fn publishing(
+        pool: PgPool,
+        processor: Processor,
+        pending_after: Duration,
+        events: Option<Subjects>,
+    ) -> Self {
         let p = pool.clone();
         let lookups = Batcher::spawn(256, move |k| {
             let p = p.clone();
@@ -619,7 +776,14 @@ impl Payment {
         });
         Self {
             lookups,
-            calls: Calls::new(Charges { pool, processor }, pending_after),
+            calls: Calls::new(
+                Charges {
+                    pool,
+                    processor,
+                    events,
+                },
+                pending_after,
+            ),
         }
     }
 

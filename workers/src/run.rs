@@ -12,6 +12,7 @@ use crate::config::{self, Mode, Settings};
 use crate::inventory::Inventory;
 use crate::noop::Noop;
 use crate::notification::Notification;
+use crate::order::Orders;
 use crate::payment::Payment;
 use crate::shipping::Shipping;
 
@@ -21,6 +22,8 @@ pub enum Kind {
     Payment,
     Shipping,
     Notification,
+    /// The Order service's subscriber ([`crate::order`]).
+    Order,
 }
 
 impl Kind {
@@ -29,7 +32,7 @@ impl Kind {
             Kind::Inventory => Some(inventory::SERVICE),
             Kind::Payment => Some(payment::SERVICE),
             Kind::Shipping => Some(shipping::SERVICE),
-            Kind::Notification => None,
+            Kind::Notification | Kind::Order => None,
         }
     }
 
@@ -40,6 +43,7 @@ impl Kind {
             Kind::Payment => &["payments"],
             Kind::Shipping => &["shipping"],
             Kind::Notification => &["notifications"],
+            Kind::Order => &[],
         }
     }
 }
@@ -86,6 +90,31 @@ pub async fn run(
             )
             .await;
         }
+        (None, Mode::Noop) if kind == Kind::Order => {
+            bus::serve_events(
+                js,
+                subjects,
+                consumers::ORDER_EVENTS,
+                n,
+                shutdown,
+                |_| async { Ok(()) },
+            )
+            .await;
+        }
+        (None, Mode::Real) if kind == Kind::Order => {
+            let o = &settings.order;
+            let orders = Orders::new(
+                connect_db(&settings, kind, &shutdown).await?,
+                o.api_url.clone(),
+                o.cart_url.clone(),
+                config::ms(o.timeout_ms),
+            );
+            bus::serve_events(js, subjects, consumers::ORDER_EVENTS, n, shutdown, |e| {
+                let orders = orders.clone();
+                async move { orders.on_event(&e).await }
+            })
+            .await;
+        }
         (None, Mode::Noop) => {
             // Nothing to notify about in the noop variant: events are acknowledged and dropped.
             bus::serve_events(
@@ -99,9 +128,15 @@ pub async fn run(
             .await;
         }
         (Some(inventory::SERVICE), Mode::Real) => {
-            let stock = Inventory::new(connect_db(&settings, kind, &shutdown).await?);
+            let pool = connect_db(&settings, kind, &shutdown).await?;
+            let relay = runtime::outbox::Relay::new(pool.clone(), js.clone());
+            let stock = Inventory::new(pool).with_events(subjects.clone());
             let sweeper = stock.clone();
             tokio::join!(
+                relay.run(
+                    config::ms(settings.callbacks.relay_interval_ms),
+                    shutdown.clone()
+                ),
                 bus::serve_commands(
                     js,
                     subjects,
@@ -119,21 +154,26 @@ pub async fn run(
         }
         (Some(payment::SERVICE), Mode::Real) => {
             let processor = Processor::new(&settings.processor);
-            let payments = Payment::new(
-                connect_db(&settings, kind, &shutdown).await?,
+            let pool = connect_db(&settings, kind, &shutdown).await?;
+            let relay = runtime::outbox::Relay::new(pool.clone(), js.clone());
+            let payments = Payment::publishing(
+                pool,
                 processor,
                 config::ms(settings.processor.record_pending_after_ms),
+                Some(subjects.clone()),
             );
-            bus::serve_commands(
-                js,
-                subjects,
-                payment::SERVICE,
-                payments,
-                n,
-                settings.faults.clone(),
-                shutdown,
-            )
-            .await;
+            tokio::join!(
+                bus::serve_commands(
+                    js,
+                    subjects,
+                    payment::SERVICE,
+                    payments,
+                    n,
+                    settings.faults.clone(),
+                    shutdown.clone(),
+                ),
+                relay.run(config::ms(settings.callbacks.relay_interval_ms), shutdown),
+            );
         }
         (Some(shipping::SERVICE), Mode::Real) => {
             let carrier = Carrier::new(&settings.carrier);
@@ -186,7 +226,7 @@ pub async fn run(
                 shutdown,
                 |e| {
                     let notification = notification.clone();
-                    async move { notification.on_event(&e).await }
+                    async move { Ok(notification.on_event(&e).await?) }
                 },
             )
             .await;

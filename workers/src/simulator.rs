@@ -64,6 +64,12 @@
 //! `pickup_requested`, `callback_url`, `callbacks` (`event_id`, `kind`, `reason`, `at`,
 //! `delivered`: answered with a 2xx, `attempts`, `gave_up`) and `plan`, and the plans set by
 //! key before a booking under `shipment_plans`.
+//!
+//! It also stands in for the Cart service (outside this repository), as far as the Order
+//! service needs it: `PUT /cart/v1/checkouts/{ref}` keeps the details of a checkout a cart
+//! initiated (the body of a `POST /checkout`), `GET /cart/v1/checkouts/{ref}` reads them (404
+//! when unknown). The `CheckoutInitiated` event names them by `checkout_ref`, so that the
+//! event carries no personal data and no payment token.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -75,7 +81,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -249,6 +255,9 @@ struct Ledger {
     shipment_calls: HashMap<String, u32>,
     /// Plans set by idempotency key before the shipment was booked.
     shipment_plans: HashMap<String, Plan>,
+    /// The Cart service's initiated checkouts, by reference (kept out of `GET /ledger`: they
+    /// hold personal data and payment tokens).
+    checkouts: HashMap<String, Value>,
 }
 
 impl Ledger {
@@ -336,6 +345,10 @@ impl Simulator {
             .route("/carrier/v1/shipments/{id}/cancel", post(cancel_shipment))
             .route("/carrier/v1/shipments/{id}/pickup", post(pickup))
             .route("/carrier/v1/shipments/{id}/plan", put(set_shipment_plan))
+            .route(
+                "/cart/v1/checkouts/{reference}",
+                put(put_checkout).get(get_checkout),
+            )
             .route("/ledger", get(ledger))
             .route("/control", get(control))
             .route("/control/{party}", put(set_control))
@@ -988,6 +1001,37 @@ async fn set_control(
     tracing::info!(party, behaviour = ?b, "simulator behaviour changed");
     sender.send_replace(b.clone());
     Json(b).into_response()
+}
+
+/// The Cart service keeps the details of a checkout a cart initiated.
+async fn put_checkout(
+    State(sim): State<Simulator>,
+    Path(reference): Path<String>,
+    Json(details): Json<Value>,
+) -> Response {
+    if !details.is_object() {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"code": "invalid", "message": "a checkout is a JSON object"})),
+        )
+            .into_response();
+    }
+    let mut l = sim.ledger.lock().expect("ledger lock");
+    l.checkouts.insert(reference, details);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// The details of a checkout a cart initiated, for the Order service.
+async fn get_checkout(State(sim): State<Simulator>, Path(reference): Path<String>) -> Response {
+    let l = sim.ledger.lock().expect("ledger lock");
+    match l.checkouts.get(&reference) {
+        Some(details) => Json(details.clone()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"code": "no_such_checkout", "message": "no such checkout"})),
+        )
+            .into_response(),
+    }
 }
 
 #[cfg(test)]

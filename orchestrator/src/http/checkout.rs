@@ -148,15 +148,15 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     input::token_header(headers, "Idempotency-Key", 255)
 }
 
-pub async fn create(
-    State(state): State<AppState>,
-    Extension(CorrelationId(correlation_id)): Extension<CorrelationId>,
-    headers: HeaderMap,
-    JsonBody(request): JsonBody<CheckoutRequest>,
-) -> Result<Response, Problem> {
-    let key = idempotency_key(&headers)?;
-    let wait = super::wait::preference(&headers, state.settings.http.max_wait_seconds)?;
-    let valid = validate(&request, state.settings.checkout.max_lines)?;
+/// The checkout of a valid order, priced from the catalogue: its order id, its start request
+/// for the engine, and the payment token (a secret of the saga, never in the request). The
+/// problem names every invalid field. (`POST /checkout` and the Order service's
+/// `CheckoutInitiated` start checkouts through here.)
+pub async fn start_request(
+    state: &AppState,
+    request: &CheckoutRequest,
+) -> Result<(OrderId, serde_json::Value, String), Problem> {
+    let valid = validate(request, state.settings.checkout.max_lines)?;
     let skus: Vec<Sku> = valid.lines.iter().map(|l| l.sku.clone()).collect();
     let prices = state.catalog.prices(&skus).await?;
     let mut errors = Vec::new();
@@ -199,6 +199,18 @@ pub async fn create(
         start["policies"] =
             serde_json::to_value(&state.settings.checkout.policies).expect("policies serialize");
     }
+    Ok((order_id, start, valid.payment_token))
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(CorrelationId(correlation_id)): Extension<CorrelationId>,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<CheckoutRequest>,
+) -> Result<Response, Problem> {
+    let key = idempotency_key(&headers)?;
+    let wait = super::wait::preference(&headers, state.settings.http.max_wait_seconds)?;
+    let (order_id, start, payment_token) = start_request(&state, &request).await?;
     let idempotency = key.map(|key| Idempotency {
         // A key is the customer's own: another customer's same key is another request, and
         // a replay or a conflict never shows one customer another's saga.
@@ -216,7 +228,7 @@ pub async fn create(
                 request: start,
                 correlation_id: correlation_id.clone(),
                 idempotency,
-                secrets: vec![(checkout::PAYMENT_TOKEN.to_owned(), valid.payment_token)],
+                secrets: vec![(checkout::PAYMENT_TOKEN.to_owned(), payment_token)],
             },
             wait.is_some(),
         )

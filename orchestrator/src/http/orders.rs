@@ -1,6 +1,6 @@
 //! The order as the shop's customers and its front end see it: `GET /orders/{id}` (its status,
-//! lines, total and delivery, from the checkout's and the fulfilment's read models, no personal
-//! data), `GET /orders?customer=` (a customer's orders, newest first), and
+//! lines, total and delivery, from the checkout's and the fulfilment's read models, and its
+//! history of events from the Order service's subscriber; no personal data), `GET /orders?customer=` (a customer's orders, newest first), and
 //! `POST /orders/{id}/cancel` (a customer's cancel: the checkout while it runs, then the
 //! fulfilment until the parcel leaves; after that, 409 with the reason).
 //!
@@ -72,7 +72,19 @@ pub async fn get(
     else {
         return Err(Problem::not_found(format!("no order {id}")));
     };
+    // What the Order service's subscriber recorded of it so far (eventually consistent).
+    let history: Vec<_> = sqlx::query!(
+        "SELECT type, source, occurred_at FROM orders.history WHERE order_id = $1
+          ORDER BY occurred_at, received_at",
+        id,
+    )
+    .fetch_all(&state.pool)
+    .await?
+    .into_iter()
+    .map(|h| json!({"event": h.r#type, "source": h.source, "at": h.occurred_at}))
+    .collect();
     Ok(axum::Json(json!({
+        "history": history,
         "order_id": o.id,
         "customer_id": o.customer_id,
         "status": status(&o.status, o.fulfilment.as_deref()),
