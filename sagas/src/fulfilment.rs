@@ -35,7 +35,7 @@ use crate::events::{self, DomainEvent};
 use crate::policy::{Backoff, Policy, StepPolicy};
 use crate::shop::{CustomerRef, Line, Money, OrderId, ids, inventory, payment, shipping};
 use crate::stepwise::{
-    self, Await, Definition, Emit, End, SignalFailure, StepDef, StepKind, Unwind,
+    self, Await, Definition, Emit, End, SignalFailure, StepDef, StepKind, Undo, Unwind,
 };
 use crate::wire::{Body, Event, Invalid, Phase, SagaId, Signal, SignalId, Timestamp};
 
@@ -373,12 +373,15 @@ impl Definition for Fulfilment {
         Unwind::Case
     }
 
-    /// Once the parcel left the warehouse, its units are not restocked and its shipment not
-    /// cancelled; the refund is always made.
-    fn undo(d: &Delivery, step: &StepDef) -> bool {
+    /// The compensations undo what the checkout did (its charge, the stock it consumed, the
+    /// shipment it booked), which the fulfilment took over: they run whether or not their step
+    /// ran (a cancel that comes before the pick still restocks). Once the parcel left the
+    /// warehouse, its units are not restocked and its shipment not cancelled; the refund is
+    /// always made.
+    fn undo(d: &Delivery, step: &StepDef) -> Undo {
         match step.name {
-            "pick_and_pack" | "hand_over" => d.dispatched_at.is_none(),
-            _ => true,
+            "pick_and_pack" | "hand_over" if d.dispatched_at.is_some() => Undo::Keep,
+            _ => Undo::Always,
         }
     }
 

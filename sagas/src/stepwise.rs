@@ -143,6 +143,19 @@ pub enum Unwind {
     Case,
 }
 
+/// Whether a step is undone when its saga unwinds ([`Definition::undo`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Undo {
+    /// Not undone.
+    Keep,
+    /// Undone if it was ever dispatched (its effect may have happened).
+    IfDone,
+    /// Undone even if it never ran: its compensation undoes something the saga owns whatever
+    /// the step did (the compensations are idempotent and answer success when there was
+    /// nothing to undo).
+    Always,
+}
+
 /// A step-by-step saga type. Implemented by a marker type; the `Clone + Debug + PartialEq`
 /// bounds only let the machine's storage derive those traits.
 pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized {
@@ -180,11 +193,13 @@ pub trait Definition: Clone + Debug + PartialEq + Send + Sync + 'static + Sized 
     fn on_failure(_data: &mut Self::Data, _step: &StepDef, _code: &str, _reason: &str) -> Unwind {
         Unwind::Default
     }
-    /// Whether `step`, finished (or abandoned in flight), is undone when the saga unwinds: a
-    /// definition can keep a step whose effect cannot or need not be undone any more (stock
-    /// that left the warehouse with its parcel is not restocked).
-    fn undo(_data: &Self::Data, _step: &StepDef) -> bool {
-        true
+    /// Whether `step` is undone when the saga unwinds ([`Undo`]): by default when it was
+    /// dispatched; a definition can keep a step whose effect cannot or need not be undone any
+    /// more (stock that left the warehouse with its parcel is not restocked), or undo one that
+    /// never ran, when its compensation undoes what the saga took over rather than what the
+    /// step did (a fulfilment cancelled before its first step still refunds the checkout).
+    fn undo(_data: &Self::Data, _step: &StepDef) -> Undo {
+        Undo::IfDone
     }
     /// Before an attempt of step `next` is dispatched: `Some(earlier)` to do an earlier,
     /// finished step again first (for a checkout, to renew a stock reservation that could run
@@ -1361,7 +1376,19 @@ impl<D: Definition> Stepwise<D> {
         }
         for step in (0..D::steps().len()).rev() {
             let def = &D::steps()[step];
-            if self.steps[step].needs_compensation(def) && D::undo(&self.data, def) {
+            let record = &self.steps[step];
+            let undo = match D::undo(&self.data, def) {
+                Undo::Keep => false,
+                Undo::IfDone => record.needs_compensation(def),
+                Undo::Always => {
+                    def.compensation.is_some()
+                        && !matches!(
+                            record.status,
+                            StepStatus::Compensated | StepStatus::CompensationFailed
+                        )
+                }
+            };
+            if undo {
                 return Transition(self.send(ctx, step, Phase::Compensation, 1));
             }
         }

@@ -153,6 +153,21 @@ fn a_cancel_before_dispatch_cancels_the_shipment_restocks_and_refunds_in_that_or
 }
 
 #[test]
+fn a_cancel_before_any_step_is_done_still_undoes_what_the_checkout_did() {
+    let mut h = start();
+    assert_eq!(h.command().action(), "verify_charge");
+    h.cancel().expect("taken");
+    // The checkout's shipment, stock and charge: undone whatever the fulfilment did yet.
+    assert_eq!(
+        actions_after(&mut h),
+        ["cancel_shipment", "restock", "refund_payment"]
+    );
+    assert_eq!(h.status(), Status::Compensated);
+    assert_eq!(projection(&h)["refunded"], true);
+    assert_eq!(projection(&h)["restocked"], true);
+}
+
+#[test]
 fn a_cancel_after_dispatch_is_refused_and_changes_nothing() {
     let mut h = handed_over();
     dispatched(&mut h, 1).unwrap();
@@ -257,11 +272,22 @@ fn a_report_after_the_end_is_ignored() {
 }
 
 #[test]
-fn a_charge_that_cannot_be_verified_ends_with_nothing_to_undo_but_a_case() {
+fn a_charge_that_cannot_be_verified_is_not_shipped_and_opens_a_case() {
     let mut h = start();
     h.fail(false, "charge_refunded").unwrap();
+    // Nothing leaves for an order that is not paid: the shipment is cancelled and the stock
+    // put back (the refund finds nothing more to refund).
+    assert_eq!(
+        actions_after(&mut h),
+        ["cancel_shipment", "restock", "refund_payment"]
+    );
     assert_eq!(h.status(), Status::Failed);
-    assert!(h.in_flight.as_ref().unwrap().action() == "verify_charge");
+    assert!(
+        projection(&h)["case_reason"]
+            .as_str()
+            .unwrap()
+            .contains("could not be fulfilled")
+    );
     assert_eq!(h.events, ["OrderCancelled"]);
 }
 

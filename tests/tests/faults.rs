@@ -152,6 +152,149 @@ async fn a_thousand_checkouts_survive_killed_processes_and_a_nats_restart() {
     );
 }
 
+/// [`resilient`], with the fulfilment running under deadlines and SLAs of seconds.
+fn resilient_fulfilment(nats: Option<String>) -> Options {
+    let mut o = Options {
+        fulfilment: true,
+        ..resilient(nats)
+    };
+    for step in ["VERIFY_PAYMENT", "PICK_AND_PACK", "HAND_OVER"] {
+        for phase in ["FORWARD", "COMPENSATION"] {
+            for (key, value) in [("DEADLINE_MS", "2000"), ("BACKOFF_MAX_MS", "1000")] {
+                o = o.orchestrator(
+                    &format!("SAGA_SAGAS__POLICIES__FULFILMENT__{step}__{phase}__{key}"),
+                    value,
+                );
+            }
+        }
+        o = o.orchestrator(
+            &format!("SAGA_SAGAS__POLICIES__FULFILMENT__{step}__FORWARD__MAX_ATTEMPTS"),
+            "6",
+        );
+    }
+    o.orchestrator("SAGA_SAGAS__POLICIES__FULFILMENT__DISPATCH__SLA_MS", "3000")
+        .orchestrator("SAGA_SAGAS__POLICIES__FULFILMENT__DELIVER__SLA_MS", "5000")
+}
+
+/// Tell the carrier to lose the parcels of some orders still being checked out, and never to
+/// collect those of others (their fulfilments end as cases); how many were marked.
+async fn mark_some(app: &App, n: i64) -> usize {
+    let orders: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT id FROM orders.orders WHERE status = 'pending' ORDER BY created_at DESC LIMIT $1",
+    )
+    .bind(n)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    for (i, order) in orders.iter().enumerate() {
+        let plan = if i % 2 == 0 {
+            json!({"outcome": "lost"})
+        } else {
+            json!({"dispatch_after_ms": null})
+        };
+        let r = app
+            .http
+            .put(format!(
+                "{}/carrier/v1/shipments/by-key/shipment:{order}/plan",
+                app.sim
+            ))
+            .json(&plan)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    orders.len()
+}
+
+/// Cancel, as their customers would, up to `n` orders being prepared; how many were taken.
+async fn cancel_some(app: &App, n: i64) -> usize {
+    let orders: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT order_id FROM orders.fulfilments WHERE status = 'preparing' LIMIT $1",
+    )
+    .bind(n)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let mut taken = 0;
+    for order in orders {
+        let r = app
+            .http
+            .post(format!("{}/orders/{order}/cancel", app.base))
+            .send()
+            .await;
+        // 202, or 409 when the parcel left meanwhile; a killed orchestrator does not answer.
+        if r.is_ok_and(|r| r.status() == 202) {
+            taken += 1;
+        }
+    }
+    taken
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkouts_and_fulfilments_survive_killed_processes_and_a_nats_restart() {
+    let mut nats = Nats::start().await;
+    let mut app = App::spawn_with(resilient_fulfilment(Some(nats.url()))).await;
+    let n = 300;
+    let mut rng = schedule();
+    // A round per kind of worker and one for NATS; in each, the carrier is told to lose some
+    // parcels and never to collect others, its reports come once or twice, and customers
+    // cancel.
+    let rounds = WORKERS.len() + 1;
+    let at = moments(&mut rng, rounds, n);
+    let mut workers = WORKERS.to_vec();
+    workers.shuffle(&mut rng);
+    let nats_round = rng.random_range(0..rounds);
+    let plans = [json!({"duplicate": true}), json!({})];
+    let load = tokio::spawn(place_many(app.base.clone(), n, 16, workload, SETTLE));
+    let (mut cancelled, mut marked) = (0, 0);
+    for (round, &created) in at.iter().enumerate() {
+        until_created(&app, created).await;
+        let plan = &plans[round % plans.len()];
+        app.control("carrier", json!({ "plan": plan })).await;
+        marked += mark_some(&app, 4).await;
+        cancelled += cancel_some(&app, 3).await;
+        if round == nats_round {
+            nats.restart().await;
+            eprintln!("round {round}, at {created} sagas: carrier plan {plan}; restarted NATS");
+            continue;
+        }
+        let worker = workers.pop().expect("a worker per round");
+        app.kill("orchestrator");
+        app.kill(worker);
+        app.start("orchestrator");
+        app.start(worker);
+        eprintln!(
+            "round {round}, at {created} sagas: carrier plan {plan}; killed the orchestrator and {worker}"
+        );
+    }
+    assert!(workers.is_empty(), "every kind of worker was killed");
+    // The carrier delivers again, and the rest of the load settles.
+    app.control("carrier", json!({})).await;
+    let placed = load.await.expect("load");
+    assert_eq!(placed.len(), n);
+    app.assert_invariants(n, SETTLE).await;
+    let mut ended = Vec::new();
+    for status in ["delivered", "cancelled", "needs_attention"] {
+        ended.push(
+            app.count(&format!(
+                "SELECT count(*) FROM orders.fulfilments WHERE status = '{status}'"
+            ))
+            .await,
+        );
+    }
+    let (delivered, undone, cases) = (ended[0], ended[1], ended[2]);
+    eprintln!(
+        "fulfilments: {delivered} delivered, {undone} cancelled ({cancelled} cancels taken), {cases} cases ({marked} orders marked)"
+    );
+    assert!(delivered > 0, "parcels were delivered");
+    assert!(cases > 0, "lost or uncollected parcels opened cases");
+    assert_eq!(
+        undone, cancelled as i64,
+        "each cancel taken undid its order, and only those"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_checkouts_survive_terminated_database_sessions() {
     let app = App::spawn_with(resilient(None)).await;

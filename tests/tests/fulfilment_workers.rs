@@ -133,6 +133,34 @@ async fn a_fulfilments_commands_pick_restock_verify_and_refund_once_and_only_its
         output::<inventory::Output>(&out),
         inventory::Output::OrderPicked
     );
+    // A late reserve of the checkout's (a renewal redelivered after the sale) takes nothing.
+    let late = stock
+        .reserve(
+            checkout,
+            order_id,
+            &[sagas::shop::Line {
+                sku: sagas::shop::Sku::parse("A").unwrap(),
+                quantity: sagas::shop::Quantity::new(2).unwrap(),
+            }],
+            60,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(late, ReplyOutcome::Succeeded { .. }), "{late:?}");
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM inventory.reservations WHERE order_id = '{order_id}' AND status = 'picked'"
+        ))
+        .await,
+        1,
+        "still picked"
+    );
+    assert_eq!(
+        app.count("SELECT reserved::bigint FROM inventory.variants WHERE sku = 'A'")
+            .await,
+        0,
+        "nothing held again"
+    );
     let out = stock.handle(&pick(fulfilment, stranger)).await.unwrap();
     assert_eq!(refused_with(&out), Some("unknown_reservation"), "{out:?}");
     // The checkout is not the order's fulfilment: its pick is poison, and does nothing.

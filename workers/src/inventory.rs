@@ -592,7 +592,14 @@ async fn apply(
                         }
                         reserved(h.id, h.expires_at)
                     }
-                    Some(h) if h.status == "consumed" => reserved(h.id, h.expires_at),
+                    // Sold (and perhaps picked since): a late or repeated reserve answers as
+                    // it did, and takes nothing.
+                    Some(h) if matches!(h.status, "consumed" | "picked") => {
+                        reserved(h.id, h.expires_at)
+                    }
+                    Some(h) if h.status == "restocked" => {
+                        refused("cancelled", "the order's units were restocked")
+                    }
                     Some(h) if h.status == "rejected" => refused(
                         "out_of_stock",
                         h.reason.clone().unwrap_or_else(|| "out of stock".into()),
@@ -690,8 +697,12 @@ async fn apply(
                     h.changed = true;
                     released()
                 }
-                // The order is confirmed: its sale is final (only a stray release gets here).
-                Some(h) if h.status == "consumed" && confirmed.contains(&order.as_uuid()) => {
+                // The order is confirmed: its sale is final (only a stray release gets here);
+                // its fulfilment restocks it if it is undone.
+                Some(h)
+                    if matches!(h.status, "consumed" | "picked" | "restocked")
+                        && confirmed.contains(&order.as_uuid()) =>
+                {
                     refused(
                         "already_consumed",
                         "the order was confirmed and its stock consumed",
@@ -891,8 +902,10 @@ fn commit(
             adjust(stock, &h.lines, -1, 0, "consume", order, movements);
             h.reason = Some("sold after its hold ran out; the stock was still there".into());
         }
-        "consumed" => return committed(),
-        "released" => return refused("cancelled", "the reservation was released"),
+        "consumed" | "picked" => return committed(),
+        "released" | "restocked" => {
+            return refused("cancelled", "the reservation was released");
+        }
         _ => {
             return refused(
                 "out_of_stock",
