@@ -42,17 +42,7 @@ const FORWARD_BACKOFF: Backoff = Backoff {
 };
 
 /// Compensations retry far longer, with a capped delay: giving up leaves money or stock held.
-const COMPENSATION: Policy = Policy {
-    max_attempts: 30,
-    deadline_ms: 10_000,
-    redispatches: 1,
-    backoff: Backoff {
-        initial_ms: 500,
-        max_ms: 60_000,
-        factor: 2.0,
-        jitter: true,
-    },
-};
+const COMPENSATION: Policy = crate::policy::PATIENT_COMPENSATION;
 
 const fn forward(deadline_ms: u64) -> Policy {
     Policy {

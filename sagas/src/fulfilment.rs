@@ -64,19 +64,8 @@ const FORWARD: Policy = Policy {
     },
 };
 
-/// Giving up a compensation leaves a customer without their refund or stock off the shelf:
-/// they are tried far longer.
-const COMPENSATION: Policy = Policy {
-    max_attempts: 30,
-    deadline_ms: 10_000,
-    redispatches: 1,
-    backoff: Backoff {
-        initial_ms: 500,
-        max_ms: 60_000,
-        factor: 2.0,
-        jitter: true,
-    },
-};
+/// Compensations retry far longer, with a capped delay: giving up leaves money or stock held.
+const COMPENSATION: Policy = crate::policy::PATIENT_COMPENSATION;
 
 const POLICY: StepPolicy = StepPolicy {
     forward: FORWARD,

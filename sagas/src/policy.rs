@@ -193,6 +193,20 @@ pub struct StepPolicyOverride {
     pub sla_ms: Option<u64>,
 }
 
+/// The compensation policy of the shop's sagas: tried far longer than a forward step, with a
+/// capped delay, because giving up leaves money taken or stock off the shelf.
+pub const PATIENT_COMPENSATION: Policy = Policy {
+    max_attempts: 30,
+    deadline_ms: 10_000,
+    redispatches: 1,
+    backoff: Backoff {
+        initial_ms: 500,
+        max_ms: 60_000,
+        factor: 2.0,
+        jitter: true,
+    },
+};
+
 /// A stable 64-bit seed from arbitrary parts (FNV-1a), for the jitter of one attempt.
 pub(crate) fn seed(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

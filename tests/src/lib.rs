@@ -25,6 +25,34 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// Fails the test unless `event` matches the committed JSON Schema (`schemas/events/`) of its
+/// source, type and version.
+pub fn check_schema(event: &Value) {
+    let (source, name, v) = (
+        event["source"].as_str().unwrap_or_default(),
+        event["type"].as_str().unwrap_or_default(),
+        event["v"].as_u64().unwrap_or(1),
+    );
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../schemas/events")
+        .join(source)
+        .join(format!("{name}.v{v}.json"));
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("no schema for {source}.{name} v{v}: {e}")),
+    )
+    .expect("a schema is JSON");
+    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+    let errors: Vec<String> = validator
+        .iter_errors(event)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{source}.{name} does not match its schema: {errors:?}\n{event:#}"
+    );
+}
+
 pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
@@ -496,6 +524,33 @@ impl App {
             .fetch_one(&self.pool)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Every event published on this app's events stream so far, each checked against its
+    /// committed JSON Schema ([`check_schema`]).
+    pub async fn published_events(&self) -> Vec<Value> {
+        let client = async_nats::connect(&self.nats_url).await.expect("NATS");
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js
+            .get_stream(format!("{}_EVENTS", self.name.to_uppercase()))
+            .await
+            .expect("the events stream");
+        let last = stream
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .last_sequence;
+        let mut events = Vec::new();
+        for seq in 1..=last {
+            let Ok(m) = stream.get_raw_message(seq).await else {
+                continue;
+            };
+            let event: Value = serde_json::from_slice(&m.payload).expect("an event is JSON");
+            check_schema(&event);
+            events.push(event);
+        }
+        events
     }
 
     /// The simulator's ledger: what the processor and the carrier actually did.

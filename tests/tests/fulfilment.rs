@@ -74,55 +74,10 @@ async fn wait_order_status(app: &App, order_id: &str, status: &str) -> Value {
     }
 }
 
-/// Every event published on this app's events stream, each checked against its committed JSON
-/// Schema.
-async fn published(app: &App) -> Vec<Value> {
-    let client = async_nats::connect(&app.nats_url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js
-        .get_stream(format!("{}_EVENTS", app.name.to_uppercase()))
-        .await
-        .unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
-    let mut events = Vec::new();
-    for seq in 1..=last {
-        let Ok(m) = stream.get_raw_message(seq).await else {
-            continue;
-        };
-        let event: Value = serde_json::from_slice(&m.payload).unwrap();
-        let (source, name, v) = (
-            event["source"].as_str().unwrap_or_default(),
-            event["type"].as_str().unwrap_or_default(),
-            event["v"].as_u64().unwrap_or(1),
-        );
-        // The suite's own test type's events have no schema of the shop's.
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../schemas/events")
-            .join(source)
-            .join(format!("{name}.v{v}.json"));
-        let schema: Value = serde_json::from_str(
-            &std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("no schema for {source}.{name} v{v}: {e}")),
-        )
-        .unwrap();
-        let validator = jsonschema::validator_for(&schema).unwrap();
-        let errors: Vec<String> = validator
-            .iter_errors(&event)
-            .map(|e| e.to_string())
-            .collect();
-        assert!(
-            errors.is_empty(),
-            "{source}.{name} does not match its schema: {errors:?}\n{event:#}"
-        );
-        events.push(event);
-    }
-    events
-}
-
 /// How many events of each type were published for the order.
 async fn events_of(app: &App, order_id: &str) -> BTreeMap<String, usize> {
     let mut n = BTreeMap::new();
-    for e in published(app).await {
+    for e in app.published_events().await {
         // The Product service's stock movements are checked in stock_events.rs.
         if e["order_id"] == order_id && e["source"] != "product" {
             *n.entry(e["type"].as_str().unwrap().to_owned()).or_default() += 1;
@@ -252,7 +207,51 @@ async fn a_confirmed_order_is_picked_shipped_and_delivered_with_each_event_once(
         assert!(Instant::now() < deadline, "history: {history:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The same OrderConfirmed again, as another publisher's copy (another message id, so
+    // JetStream does not drop it): once the starts consumer has handled it, still one
+    // fulfilment for the order.
+    let mut copy = app
+        .published_events()
+        .await
+        .into_iter()
+        .find(|e| e["type"] == "OrderConfirmed" && e["order_id"] == order_id.as_str())
+        .expect("the OrderConfirmed");
+    copy["id"] = json!(uuid::Uuid::now_v7());
+    publish(&app, "order", "OrderConfirmed", copy).await;
+    wait_consumed(&app, "orchestrator-starts").await;
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM orchestrator.sagas WHERE saga_type = 'fulfilment' AND subject = '{order_id}'"
+        ))
+        .await,
+        1,
+        "one fulfilment per order"
+    );
     app.assert_logs_replay().await;
+}
+
+/// Until the durable consumer `name` of the app's events stream has handled every message.
+async fn wait_consumed(app: &App, name: &str) {
+    let client = async_nats::connect(&app.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(format!("{}_EVENTS", app.name.to_uppercase()))
+        .await
+        .unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(name).await.unwrap();
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let info = consumer.info().await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never caught up: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 /// Publish an event of a service outside the repository (the Cart's), as it would.
@@ -340,7 +339,7 @@ async fn a_checkout_a_cart_initiated_twice_starts_once_and_carries_no_personal_d
     )
     .await;
     // No event published, whoever published it, holds the token or the address.
-    for e in published(&app).await {
+    for e in app.published_events().await {
         let text = e.to_string();
         assert!(
             !text.contains("tok_cart_secret")

@@ -17,56 +17,6 @@ use workers::inventory::Inventory;
 
 const WITHIN: Duration = Duration::from_secs(40);
 
-/// Fails the test unless `event` matches the committed JSON Schema of its source, type and
-/// version.
-fn check_schema(event: &Value) {
-    let (source, name, v) = (
-        event["source"].as_str().unwrap_or_default(),
-        event["type"].as_str().unwrap_or_default(),
-        event["v"].as_u64().unwrap_or(1),
-    );
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../schemas/events")
-        .join(source)
-        .join(format!("{name}.v{v}.json"));
-    let schema: Value = serde_json::from_str(
-        &std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("no schema for {source}.{name} v{v}: {e}")),
-    )
-    .unwrap();
-    let validator = jsonschema::validator_for(&schema).unwrap();
-    let errors: Vec<String> = validator
-        .iter_errors(event)
-        .map(|e| e.to_string())
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "{source}.{name} does not match its schema: {errors:?}\n{event:#}"
-    );
-}
-
-/// Every event published on this app's events stream, each checked against its committed JSON
-/// Schema (as tests/fulfilment.rs reads them).
-async fn published(app: &App) -> Vec<Value> {
-    let client = async_nats::connect(&app.nats_url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js
-        .get_stream(format!("{}_EVENTS", app.name.to_uppercase()))
-        .await
-        .unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
-    let mut events = Vec::new();
-    for seq in 1..=last {
-        let Ok(m) = stream.get_raw_message(seq).await else {
-            continue;
-        };
-        let event: Value = serde_json::from_slice(&m.payload).unwrap();
-        check_schema(&event);
-        events.push(event);
-    }
-    events
-}
-
 /// A row of `events.outbox`.
 #[derive(Debug, sqlx::FromRow)]
 struct Outboxed {
@@ -88,7 +38,7 @@ async fn outboxed(app: &App, name: &str) -> Vec<Outboxed> {
     .await
     .unwrap();
     for r in &rows {
-        check_schema(&r.payload);
+        e2e::check_schema(&r.payload);
         assert_eq!(r.msg_id, r.payload["id"], "{r:?}");
         assert_eq!(r.correlation_id, r.payload["correlation_id"], "{r:?}");
     }
@@ -125,7 +75,8 @@ async fn a_checkout_publishes_its_reserve_and_its_sale_with_the_levels_after_eac
     // is empty, a relay published them all.
     app.wait_for("SELECT count(*) FROM events.outbox", 0, WITHIN)
         .await;
-    let stock: Vec<Value> = published(&app)
+    let stock: Vec<Value> = app
+        .published_events()
         .await
         .into_iter()
         .filter(|e| e["type"] == "StockUpdated" && e["order_id"] == order_id.as_str())
