@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod courier;
+pub mod handlers;
 
 use sagas::api::Registry;
 use sagas::wire::SagaId;

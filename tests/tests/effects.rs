@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use e2e::handlers::remote;
 use e2e::{App, Options};
 use sagas::shop::{Address, Currency, Money, OrderId};
 use sagas::wire::{ReplyOutcome, SagaId};
@@ -18,17 +19,6 @@ use workers::shipping::Shipping;
 
 const WITHIN: Duration = Duration::from_secs(20);
 const STEP: &str = "charge_payment";
-
-fn remote(url: &str) -> workers::config::Remote {
-    workers::config::Remote {
-        url: url.to_owned(),
-        timeout_ms: 10_000,
-        record_pending_after_ms: 20,
-        breaker_failures: 5,
-        breaker_open_ms: 1000,
-        breaker_open_max_ms: 30_000,
-    }
-}
 
 async fn app() -> App {
     App::spawn_with(Options::without_workers()).await

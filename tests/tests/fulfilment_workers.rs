@@ -9,53 +9,16 @@
 
 use std::time::Duration;
 
+use e2e::handlers::{command, refused_with, remote};
 use e2e::{App, order};
 use sagas::shop::{Money, OrderId, ids, inventory, payment};
-use sagas::wire::{Body, Command, CommandId, Phase, ReplyOutcome, SCHEMA_VERSION, SagaId};
+use sagas::wire::{Body, Phase, ReplyOutcome, SagaId};
 use serde_json::Value;
 use uuid::Uuid;
 use workers::bus::{self, Handler};
 use workers::clients::Processor;
 
 const WITHIN: Duration = Duration::from_secs(30);
-
-fn remote(url: &str) -> workers::config::Remote {
-    workers::config::Remote {
-        url: url.to_owned(),
-        timeout_ms: 10_000,
-        record_pending_after_ms: 20,
-        breaker_failures: 5,
-        breaker_open_ms: 1000,
-        breaker_open_max_ms: 30_000,
-    }
-}
-
-fn command(saga: SagaId, step: &str, phase: Phase, service: &str, body: Body) -> Command {
-    Command {
-        v: SCHEMA_VERSION,
-        saga_type: "fulfilment".into(),
-        id: CommandId::derive(saga, step, phase, 1),
-        saga_id: saga,
-        step: step.into(),
-        phase,
-        attempt: 1,
-        dispatch: 0,
-        deadline: chrono::Utc::now() + chrono::Duration::seconds(30),
-        service: service.into(),
-        body,
-    }
-}
-
-fn refused_with(outcome: &ReplyOutcome) -> Option<&str> {
-    match outcome {
-        ReplyOutcome::Failed {
-            retryable: false,
-            code,
-            ..
-        } => Some(code),
-        _ => None,
-    }
-}
 
 fn output<T: serde::de::DeserializeOwned>(outcome: &ReplyOutcome) -> T {
     match outcome {
@@ -106,6 +69,7 @@ async fn a_fulfilments_commands_pick_restock_verify_and_refund_once_and_only_its
     // Inventory: pick, then restock once.
     let pick = |saga, reservation_id| {
         command(
+            "fulfilment",
             saga,
             "pick_and_pack",
             Phase::Forward,
@@ -118,6 +82,7 @@ async fn a_fulfilments_commands_pick_restock_verify_and_refund_once_and_only_its
     };
     let restock = |saga, reservation_id| {
         command(
+            "fulfilment",
             saga,
             "pick_and_pack",
             Phase::Compensation,
@@ -197,6 +162,7 @@ async fn a_fulfilments_commands_pick_restock_verify_and_refund_once_and_only_its
     // Payment: verify, then refund once, under the checkout's charge.
     let verify = |charge_id| {
         command(
+            "fulfilment",
             fulfilment,
             "verify_payment",
             Phase::Forward,
@@ -210,6 +176,7 @@ async fn a_fulfilments_commands_pick_restock_verify_and_refund_once_and_only_its
     };
     let refund = |charge_id| {
         command(
+            "fulfilment",
             fulfilment,
             "verify_payment",
             Phase::Compensation,

@@ -5,51 +5,18 @@
 
 use std::time::Duration;
 
+use e2e::handlers::{command, refused_with, remote};
 use e2e::{App, Options, order};
 use sagas::shop::{Money, OrderId, ids, inventory, payment, shipping};
-use sagas::wire::{Body, Command, CommandId, Phase, ReplyOutcome, SCHEMA_VERSION, SagaId};
+use sagas::wire::{Body, Command, Phase, ReplyOutcome, SagaId};
 use serde_json::Value;
 use uuid::Uuid;
 use workers::bus::Handler;
 use workers::clients::{Carrier, Processor};
 
-fn remote(url: &str) -> workers::config::Remote {
-    workers::config::Remote {
-        url: url.to_owned(),
-        timeout_ms: 10_000,
-        record_pending_after_ms: 20,
-        breaker_failures: 5,
-        breaker_open_ms: 1000,
-        breaker_open_max_ms: 30_000,
-    }
-}
-
 /// A compensation command of `step`, as the checkout sends it.
 fn undo(saga: SagaId, step: &str, service: &str, body: Body) -> Command {
-    Command {
-        v: SCHEMA_VERSION,
-        saga_type: "checkout".into(),
-        id: CommandId::derive(saga, step, Phase::Compensation, 1),
-        saga_id: saga,
-        step: step.into(),
-        phase: Phase::Compensation,
-        attempt: 1,
-        dispatch: 0,
-        deadline: chrono::Utc::now() + chrono::Duration::seconds(30),
-        service: service.into(),
-        body,
-    }
-}
-
-fn refused_with(outcome: &ReplyOutcome) -> Option<&str> {
-    match outcome {
-        ReplyOutcome::Failed {
-            retryable: false,
-            code,
-            ..
-        } => Some(code),
-        _ => None,
-    }
+    command("checkout", saga, step, Phase::Compensation, service, body)
 }
 
 #[tokio::test]
