@@ -19,6 +19,7 @@ pub mod db;
 pub mod maintenance;
 pub mod nats;
 pub mod outbox;
+pub mod problem;
 pub mod process;
 pub mod shutdown;
 pub mod telemetry;

@@ -193,6 +193,8 @@ pub struct App {
     sim_port: u16,
     /// The shipping worker's listener for the carrier's reports.
     callback_port: u16,
+    /// The Product service's API (the inventory worker's).
+    pub product_port: u16,
     options: Options,
     processes: BTreeMap<String, Child>,
 }
@@ -243,6 +245,7 @@ impl App {
         let http_port_b = free_port();
         let sim_port = free_port();
         let callback_port = free_port();
+        let product_port = free_port();
         let nats_url = options.nats_url.clone().unwrap_or_else(nats_url);
         let mut app = App {
             base: format!("http://127.0.0.1:{http_port}"),
@@ -261,6 +264,7 @@ impl App {
             http_port_b,
             sim_port,
             callback_port,
+            product_port,
             options,
             processes: BTreeMap::new(),
         };
@@ -331,6 +335,7 @@ impl App {
                 c.env("CART_URL", &self.sim);
                 c.env("SAGA_ORDER__API_URL", &self.base);
                 c.env("SAGA_CALLBACKS__PORT", self.callback_port.to_string());
+                c.env("SAGA_INVENTORY__API_PORT", self.product_port.to_string());
                 c.env(
                     "SAGA_CALLBACKS__PUBLIC_URL",
                     format!("http://127.0.0.1:{}", self.callback_port),
@@ -438,6 +443,25 @@ impl App {
             assert!(
                 Instant::now() < deadline,
                 "orchestrator not ready within {within:?}; logs in {}",
+                self.logs.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The base URL of the Product service's API (the inventory worker's), once it answers.
+    pub async fn product_api(&self, within: Duration) -> String {
+        let base = format!("http://127.0.0.1:{}", self.product_port);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = self.http.get(format!("{base}/healthz")).send().await
+                && r.status().is_success()
+            {
+                return base;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Product service's API did not answer within {within:?}; logs in {}",
                 self.logs.display()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

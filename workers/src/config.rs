@@ -97,6 +97,9 @@ pub struct Callbacks {
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
     pub expiry_sweep_interval_ms: u64,
+    /// Where the Product service's REST API listens ([`crate::product::api`]).
+    pub api_host: String,
+    pub api_port: u16,
 }
 
 impl Settings {

@@ -204,7 +204,8 @@ impl Handler for Inventory {
 /// A reservation row as the writer holds it during a batch.
 #[derive(Debug, Clone)]
 struct Held {
-    saga: SagaId,
+    /// The saga it was taken for (none for one taken through the Product service's own API).
+    saga: Option<SagaId>,
     /// Its id (reservations made before ids were derived have none).
     id: Option<Uuid>,
     status: &'static str,
@@ -463,7 +464,7 @@ async fn apply(
         held.insert(
             OrderId::from_uuid(r.order_id),
             Held {
-                saga: SagaId::from_uuid(r.saga_id),
+                saga: r.saga_id.map(SagaId::from_uuid),
                 id: r.id,
                 status: status_of(&r.status),
                 lines: serde_json::from_value(r.lines).unwrap_or_default(),
@@ -611,7 +612,7 @@ async fn apply(
                     existing => {
                         let short = take(&mut stock, lines, &mut movements, *order);
                         let h = existing.map(|h| h.clone()).unwrap_or(Held {
-                            saga: *saga,
+                            saga: Some(*saga),
                             id: Some(*id),
                             status: "active",
                             lines: lines.clone(),
@@ -670,7 +671,7 @@ async fn apply(
                     held.insert(
                         *order,
                         Held {
-                            saga: *saga,
+                            saga: Some(*saga),
                             id: Some(*own),
                             status: "released",
                             lines: Vec::new(),
@@ -933,7 +934,10 @@ async fn write(
     let fresh: Vec<(&OrderId, &Held)> = held.iter().filter(|(_, h)| h.new).collect();
     if !fresh.is_empty() {
         let orders: Vec<Uuid> = fresh.iter().map(|(o, _)| o.as_uuid()).collect();
-        let sagas: Vec<Uuid> = fresh.iter().map(|(_, h)| h.saga.as_uuid()).collect();
+        let sagas: Vec<Option<Uuid>> = fresh
+            .iter()
+            .map(|(_, h)| h.saga.map(|s| s.as_uuid()))
+            .collect();
         let statuses: Vec<String> = fresh.iter().map(|(_, h)| h.status.to_owned()).collect();
         let lines: Vec<String> = fresh
             .iter()
@@ -949,7 +953,7 @@ async fn write(
                  AS u(order_id, saga_id, status, lines, expires_at, reason, id)
              ON CONFLICT (order_id) DO NOTHING",
             &orders,
-            &sagas,
+            &sagas as &[Option<Uuid>],
             &statuses,
             &lines,
             &expires,

@@ -23,6 +23,7 @@ pub mod notification;
 pub mod order;
 pub mod orders;
 pub mod payment;
+pub mod product;
 pub mod run;
 pub mod shipping;
 pub mod simulator;

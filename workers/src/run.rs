@@ -14,6 +14,7 @@ use crate::noop::Noop;
 use crate::notification::Notification;
 use crate::order::Orders;
 use crate::payment::Payment;
+use crate::product::api::Api as ProductApi;
 use crate::shipping::Shipping;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -130,9 +131,22 @@ pub async fn run(
         (Some(inventory::SERVICE), Mode::Real) => {
             let pool = connect_db(&settings, kind, &shutdown).await?;
             let relay = runtime::outbox::Relay::new(pool.clone(), js.clone());
+            let inv = &settings.inventory;
+            let listener = tokio::net::TcpListener::bind((inv.api_host.as_str(), inv.api_port))
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot listen for the Product service's API on {}:{}: {e}",
+                        inv.api_host,
+                        inv.api_port
+                    )
+                })?;
+            tracing::info!(addr = %listener.local_addr()?, "serving the Product service's API");
+            let api = ProductApi::new(pool.clone(), subjects.clone(), relay.waker());
             let stock = Inventory::new(pool).with_events(subjects.clone());
             let sweeper = stock.clone();
-            tokio::join!(
+            let stopped = shutdown.clone();
+            let (_, _, _, served) = tokio::join!(
                 relay.run(
                     config::ms(settings.callbacks.relay_interval_ms),
                     shutdown.clone()
@@ -146,11 +160,11 @@ pub async fn run(
                     settings.faults.clone(),
                     shutdown.clone()
                 ),
-                sweeper.expire_loop(
-                    config::ms(settings.inventory.expiry_sweep_interval_ms),
-                    shutdown
-                ),
+                sweeper.expire_loop(config::ms(inv.expiry_sweep_interval_ms), shutdown),
+                axum::serve(listener, api.router())
+                    .with_graceful_shutdown(async move { stopped.cancelled().await }),
             );
+            served?;
         }
         (Some(payment::SERVICE), Mode::Real) => {
             let processor = Processor::new(&settings.processor);

@@ -118,11 +118,5 @@ async fn correlate(mut req: Request, next: Next) -> Response {
 }
 
 async fn problem_doc(Path(slug): Path<String>) -> Response {
-    match problem::CATALOGUE.iter().find(|(s, _)| *s == slug) {
-        Some((slug, text)) => axum::Json(
-            serde_json::json!({ "type": format!("/problems/{slug}"), "description": text }),
-        )
-        .into_response(),
-        None => Problem::not_found(format!("no problem type {slug:?}")).into_response(),
-    }
+    runtime::problem::describe_type(problem::CATALOGUE, &slug)
 }
