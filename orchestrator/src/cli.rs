@@ -1,9 +1,6 @@
 //! The orchestrator's command line: `serve` (the default), `migrate`, `config`,
-//! `catalog load`, `delete-streams`. The binary is a thin `main` around [`main`].
+//! `delete-streams`. (A catalogue is loaded by the Product service: `worker product --load`.) The binary is a thin `main` around [`main`].
 
-use std::path::PathBuf;
-
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use runtime::shutdown::cancel_on_signal;
 use sagas::api::Registry;
@@ -29,20 +26,9 @@ enum Command {
     Migrate,
     /// Print the effective configuration (secrets redacted) and exit.
     Config,
-    /// Manage the product catalogue.
-    Catalog {
-        #[command(subcommand)]
-        command: CatalogCommand,
-    },
     /// Delete this deployment's JetStream streams (and their messages). For test and
     /// benchmark resets; the next start declares them again.
     DeleteStreams,
-}
-
-#[derive(Subcommand)]
-enum CatalogCommand {
-    /// Load (or reload) products and their stock from a JSON file.
-    Load { file: PathBuf },
 }
 
 /// Run the orchestrator command line with the saga types of `registry`: the shop's binary
@@ -104,18 +90,6 @@ async fn run(cli: Cli, settings: Settings, registry: Registry) -> anyhow::Result
                     Err(e) => println!("{}: {e}", stream.name),
                 }
             }
-            Ok(())
-        }
-        Command::Catalog {
-            command: CatalogCommand::Load { file },
-        } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            let catalogue: crate::catalog::CatalogueFile = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a valid catalogue", file.display()))?;
-            let pool = runtime::db::connect(&settings.database, "saga-orchestrator").await?;
-            let n = crate::catalog::load(&pool, &catalogue, &settings.subjects()).await?;
-            println!("loaded {n} variants from {}", file.display());
             Ok(())
         }
     }

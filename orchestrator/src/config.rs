@@ -31,6 +31,7 @@ pub struct Settings {
     pub breakers: Breakers,
     pub maintenance: Maintenance,
     pub checkout: Checkout,
+    pub catalog: CatalogSettings,
     #[serde(default)]
     pub sagas: Sagas,
     pub log: Log,
@@ -131,13 +132,29 @@ pub struct Breakers {
     pub unpark_interval_ms: u64,
 }
 
+/// Where checkouts are validated and priced: the Product service's API (`GET /skus`), behind
+/// a timeout and a circuit breaker, its answers cached for `ttl_ms`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogSettings {
+    /// The Product service's base URL. Also set by `PRODUCT_URL`.
+    pub url: String,
+    /// How long a SKU's price is used before it is asked again: the longest a price change
+    /// goes unseen by new checkouts.
+    pub ttl_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive failed lookups that open the breaker; while open, checkouts whose SKUs are
+    /// not cached are refused at once (503) instead of waiting on a service that is down.
+    pub breaker_failures: u32,
+    pub breaker_open_ms: u64,
+    pub breaker_open_max_ms: u64,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Checkout {
     pub max_lines: usize,
     pub reservation_hold_seconds: u32,
-    /// How long a catalogue price stays cached.
-    pub catalog_ttl_ms: u64,
     /// Per-step policy overrides, e.g. `[checkout.policies.charge_payment.forward] max_attempts = 5`.
     #[serde(default)]
     pub policies: BTreeMap<String, StepPolicyOverride>,
@@ -154,7 +171,11 @@ impl Settings {
         let settings: Settings = shared::load(
             DEFAULTS,
             &env,
-            &[("DATABASE_URL", "database.url"), ("NATS_URL", "nats.url")],
+            &[
+                ("DATABASE_URL", "database.url"),
+                ("NATS_URL", "nats.url"),
+                ("PRODUCT_URL", "catalog.url"),
+            ],
         )?;
         settings.validate()?;
         Ok(settings)
@@ -228,11 +249,25 @@ impl Settings {
                 1,
                 7 * 86_400,
             ),
+            range("catalog.ttl_ms", self.catalog.ttl_ms, 0, HOUR_MS),
+            range("catalog.timeout_ms", self.catalog.timeout_ms, 1, HOUR_MS),
             range(
-                "checkout.catalog_ttl_ms",
-                self.checkout.catalog_ttl_ms,
-                0,
-                HOUR_MS,
+                "catalog.breaker_failures",
+                self.catalog.breaker_failures,
+                1,
+                10_000,
+            ),
+            range(
+                "catalog.breaker_open_ms",
+                self.catalog.breaker_open_ms,
+                1,
+                DAY_MS,
+            ),
+            range(
+                "catalog.breaker_open_max_ms",
+                self.catalog.breaker_open_max_ms,
+                i128::from(self.catalog.breaker_open_ms),
+                DAY_MS,
             ),
         ])?;
         // JetStream wants more deliveries than the consumer's four backoff steps.

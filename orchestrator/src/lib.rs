@@ -7,8 +7,8 @@
 //! `SKIP LOCKED`, and the reply consumer is shared.
 //!
 //! Must never: publish or acknowledge anything before the commit that produced it; decide what
-//! a saga does (that is the `sagas` crate); write the services' tables while serving (the workers
-//! do; the one exception is the operator's `catalog load` command, which seeds the inventory).
+//! a saga does (that is the `sagas` crate); write the services' tables (the workers do; the
+//! catalogue is read through the Product service's API).
 
 // Problem (an HTTP error) is large by nature and built once per failed request.
 #![allow(clippy::result_large_err)]

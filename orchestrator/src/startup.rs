@@ -95,10 +95,7 @@ impl Application {
                 )
             })?;
         let port = listener.local_addr()?.port();
-        let catalog = Arc::new(Catalog::new(
-            pool.clone(),
-            config::ms(settings.checkout.catalog_ttl_ms),
-        ));
+        let catalog = Arc::new(Catalog::new(&settings.catalog));
         Ok(Application {
             listener,
             port,

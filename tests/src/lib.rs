@@ -193,7 +193,7 @@ pub struct App {
     sim_port: u16,
     /// The shipping worker's listener for the carrier's reports.
     callback_port: u16,
-    /// The Product service's API (the inventory worker's).
+    /// The Product service's API (worker `product`).
     pub product_port: u16,
     options: Options,
     processes: BTreeMap<String, Child>,
@@ -269,6 +269,8 @@ impl App {
             processes: BTreeMap::new(),
         };
         app.start("simulator");
+        // The Product service prices checkouts: it runs in every test, workers or not.
+        app.start_product().await;
         app.start("orchestrator");
         app.wait_ready(Duration::from_secs(30)).await;
         for w in app.options.workers.clone() {
@@ -312,6 +314,10 @@ impl App {
                 let mut c = Command::new(binary(self.options.orchestrator_binary));
                 c.envs(self.common_env());
                 c.env("SAGA_HTTP__PORT", port.to_string());
+                c.env(
+                    "PRODUCT_URL",
+                    format!("http://127.0.0.1:{}", self.product_port),
+                );
                 if !self.options.fulfilment {
                     c.env("SAGA_SAGAS__DISABLED", "fulfilment");
                 }
@@ -322,7 +328,10 @@ impl App {
                 let mut c = if self.options.extra_workers.contains(&worker) {
                     Command::new(binary(worker))
                 } else {
-                    assert!(WORKERS.contains(&worker), "unknown process {worker}");
+                    assert!(
+                        WORKERS.contains(&worker) || worker == "product",
+                        "unknown process {worker}"
+                    );
                     let mut c = Command::new(binary("worker"));
                     c.arg(worker);
                     c
@@ -335,7 +344,7 @@ impl App {
                 c.env("CART_URL", &self.sim);
                 c.env("SAGA_ORDER__API_URL", &self.base);
                 c.env("SAGA_CALLBACKS__PORT", self.callback_port.to_string());
-                c.env("SAGA_INVENTORY__API_PORT", self.product_port.to_string());
+                c.env("SAGA_PRODUCT__API_PORT", self.product_port.to_string());
                 c.env(
                     "SAGA_CALLBACKS__PUBLIC_URL",
                     format!("http://127.0.0.1:{}", self.callback_port),
@@ -392,12 +401,22 @@ impl App {
     /// Run the orchestrator binary once with this app's environment, as an operator would
     /// (e.g. `catalog load <file>`), and return what it printed and how it exited.
     pub async fn orchestrator_command(&self, args: &[&str]) -> std::process::Output {
-        tokio::process::Command::new(binary("orchestrator"))
+        self.command_of("orchestrator", args).await
+    }
+
+    /// Run the worker binary with `args` (e.g. `product --load FILE`) to its end.
+    pub async fn worker_command(&self, args: &[&str]) -> std::process::Output {
+        self.command_of("worker", args).await
+    }
+
+    /// Run one of the binaries with `args` and the app's environment, to its end.
+    async fn command_of(&self, binary_name: &str, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(binary(binary_name))
             .args(args)
             .envs(self.common_env())
             .output()
             .await
-            .unwrap_or_else(|e| panic!("cannot run orchestrator {args:?}: {e}"))
+            .unwrap_or_else(|e| panic!("cannot run {binary_name} {args:?}: {e}"))
     }
 
     /// SIGSTOP a process: it stalls (holds its connections, answers nothing) until
@@ -449,14 +468,12 @@ impl App {
         }
     }
 
-    /// The base URL of the Product service's API (the inventory worker's), once it answers.
+    /// The base URL of the Product service's API (worker `product`), once it answers.
     pub async fn product_api(&self, within: Duration) -> String {
         let base = format!("http://127.0.0.1:{}", self.product_port);
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(r) = self.http.get(format!("{base}/healthz")).send().await
-                && r.status().is_success()
-            {
+            if self.product_answers(&base).await {
                 return base;
             }
             assert!(
@@ -466,6 +483,50 @@ impl App {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether the Product service (not some other process on its port) answers at `base`.
+    async fn product_answers(&self, base: &str) -> bool {
+        match self.http.get(format!("{base}/skus?sku=A")).send().await {
+            Ok(r) if r.status().is_success() => r
+                .json::<Value>()
+                .await
+                .is_ok_and(|v| v.get("variants").is_some()),
+            _ => false,
+        }
+    }
+
+    /// Start the Product service on a port of its own: a port found free can be taken by
+    /// another test's process (or an outgoing connection) before the service binds it; then
+    /// it exits, and it is started again on another. Before the orchestrator starts, which is
+    /// given its address.
+    async fn start_product(&mut self) {
+        for _ in 0..10 {
+            self.start("product");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if self
+                    .product_answers(&format!("http://127.0.0.1:{}", self.product_port))
+                    .await
+                {
+                    return;
+                }
+                if !self.is_running("product") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the Product service did not answer within 30 s; logs in {}",
+                    self.logs.display()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.product_port = free_port();
+        }
+        panic!(
+            "the Product service could not bind a port; logs in {}",
+            self.logs.display()
+        );
     }
 
     /// `POST /checkout`, with an optional idempotency key.
@@ -685,10 +746,10 @@ async fn seed(pool: &PgPool, prefix: &str) {
             })).collect::<Vec<_>>()
         }]
     });
-    let file: orchestrator::catalog::CatalogueFile =
+    let file: workers::product::seed::CatalogueFile =
         serde_json::from_value(products).expect("catalogue");
     let subjects = sagas::wire::Subjects::new(prefix).expect("the app's prefix");
-    orchestrator::catalog::load(pool, &file, &subjects)
+    workers::product::seed::load(pool, &file, &subjects)
         .await
         .expect("catalogue loads");
 }

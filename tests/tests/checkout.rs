@@ -157,11 +157,12 @@ async fn a_checkout_completes_with_every_effect_in_place() {
     );
     app.assert_logs_replay().await;
 
-    // The README's example works as written: its catalogue loaded with the orchestrator
-    // binary, then its curl request (body and Idempotency-Key) sent as it stands.
+    // The README's example works as written: its catalogue loaded by the Product service
+    // (`worker product --load`), then its curl request (body and Idempotency-Key) sent as it
+    // stands.
     let catalogue = repository_file("deploy/demo-catalog.json");
     let out = app
-        .orchestrator_command(&["catalog", "load", catalogue.to_str().unwrap()])
+        .worker_command(&["product", "--load", catalogue.to_str().unwrap()])
         .await;
     assert!(
         out.status.success(),
@@ -602,7 +603,7 @@ async fn the_saga_list_pages_through_every_saga_exactly_once() {
 async fn a_catalogue_with_a_variant_out_of_range_loads_nothing() {
     let app = App::spawn_with(Options::without_workers()).await;
     let variant = |sku: &str, available: u64| json!({"sku": sku, "name": sku, "price": {"minor": 100, "currency": "EUR"}, "available": available});
-    let file: orchestrator::catalog::CatalogueFile = serde_json::from_value(json!({
+    let file: workers::product::seed::CatalogueFile = serde_json::from_value(json!({
         "products": [{
             "id": "0192a000-0000-7000-8000-0000000000bb",
             "name": "New product",
@@ -610,7 +611,7 @@ async fn a_catalogue_with_a_variant_out_of_range_loads_nothing() {
         }]
     }))
     .unwrap();
-    let e = orchestrator::catalog::load(
+    let e = workers::product::seed::load(
         &app.pool,
         &file,
         &sagas::wire::Subjects::new(&app.name).unwrap(),
@@ -628,7 +629,7 @@ async fn a_catalogue_with_a_variant_out_of_range_loads_nothing() {
     let before = app
         .count("SELECT count(*) FROM inventory.stock_movements")
         .await;
-    let same: orchestrator::catalog::CatalogueFile = serde_json::from_value(json!({
+    let same: workers::product::seed::CatalogueFile = serde_json::from_value(json!({
         "products": [{
             "id": "0192a000-0000-7000-8000-0000000000aa",
             "name": "Test product",
@@ -636,7 +637,7 @@ async fn a_catalogue_with_a_variant_out_of_range_loads_nothing() {
         }]
     }))
     .unwrap();
-    orchestrator::catalog::load(
+    workers::product::seed::load(
         &app.pool,
         &same,
         &sagas::wire::Subjects::new(&app.name).unwrap(),

@@ -134,7 +134,12 @@ async fn the_repository_keeps_the_aggregate_its_stock_its_events_and_its_cascade
     assert_eq!(
         count(
             &app,
-            "SELECT count(*) FROM inventory.domain_events e JOIN events.outbox o ON o.msg_id = e.id::text"
+            &format!(
+                "SELECT count(*) FROM inventory.domain_events e
+                   JOIN events.outbox o ON o.msg_id = e.id::text
+                  WHERE e.aggregate_id = '{}'",
+                product.id
+            )
         )
         .await,
         3
@@ -337,6 +342,7 @@ async fn problem(r: reqwest::Response, status: u16) -> Value {
 
 #[tokio::test]
 async fn the_api_changes_only_what_its_if_match_read_and_publishes_each_change_once() {
+    // The inventory worker runs the relay that publishes the API's events.
     let app = App::spawn_with(Options {
         workers: vec!["inventory"],
         ..Options::without_workers()
@@ -462,8 +468,11 @@ async fn the_api_changes_only_what_its_if_match_read_and_publishes_each_change_o
         "{history:?}"
     );
     app.wait_for(
-        "SELECT count(*) FROM inventory.domain_events e
-          WHERE NOT EXISTS (SELECT 1 FROM events.outbox o WHERE o.msg_id = e.id::text)",
+        &format!(
+            "SELECT count(*) FROM inventory.domain_events e
+              WHERE e.aggregate_id = '{id}'
+                AND NOT EXISTS (SELECT 1 FROM events.outbox o WHERE o.msg_id = e.id::text)"
+        ),
         4,
         WITHIN,
     )
@@ -502,11 +511,7 @@ async fn the_api_changes_only_what_its_if_match_read_and_publishes_each_change_o
 
 #[tokio::test]
 async fn concurrent_writers_through_the_api_lose_no_update() {
-    let app = App::spawn_with(Options {
-        workers: vec!["inventory"],
-        ..Options::without_workers()
-    })
-    .await;
+    let app = App::spawn_with(Options::without_workers()).await;
     let base = app.product_api(WITHIN).await;
     let body: Value = app
         .http
@@ -560,4 +565,161 @@ async fn concurrent_writers_through_the_api_lose_no_update() {
         "every increment counted ({refused} stale writes refused and retried)"
     );
     assert_eq!(etag, format!("\"{}\"", WRITERS * EACH + 1));
+}
+
+/// Create a product of one variant through the API; its id, its variant's id.
+async fn create(app: &App, base: &str, sku: &str, minor: i64, quantity: u32) -> (String, String) {
+    let r = app
+        .http
+        .post(format!("{base}/products"))
+        .json(&json!({
+            "name": sku,
+            "variants": [{"sku": sku, "name": sku, "price": {"minor": minor, "currency": "EUR"}, "quantity": quantity}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let body: Value = r.json().await.unwrap();
+    (
+        body["id"].as_str().unwrap().to_owned(),
+        body["variants"][0]["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The total of the order a checkout placed.
+async fn total(app: &App, saga: &str) -> i64 {
+    let saga = Uuid::parse_str(saga).unwrap();
+    app.wait_for(
+        &format!("SELECT count(*) FROM orders.orders WHERE saga_id = '{saga}'"),
+        1,
+        WITHIN,
+    )
+    .await;
+    sqlx::query_scalar("SELECT total_minor FROM orders.orders WHERE saga_id = $1")
+        .bind(saga)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn checkouts_are_validated_and_priced_by_the_product_service() {
+    // No cache: each checkout asks the Product service (the bound on a price change is
+    // catalog.ttl_ms; here 0).
+    let mut app =
+        App::spawn_with(Options::without_workers().orchestrator("SAGA_CATALOG__TTL_MS", "0")).await;
+    let base = app.product_api(WITHIN).await;
+    let (id, variant) = create(&app, &base, "PRICED", 1000, 10).await;
+    let first = app.place(&e2e::order(&[("PRICED", 2)], "tok_visa")).await;
+    assert_eq!(total(&app, &first).await, 2000);
+    let changed = app
+        .http
+        .put(format!("{base}/products/{id}/variants/{variant}/price"))
+        .header("if-match", "\"1\"")
+        .json(&json!({"price": {"minor": 1250, "currency": "EUR"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), 200);
+    let second = app.place(&e2e::order(&[("PRICED", 2)], "tok_visa")).await;
+    assert_eq!(total(&app, &second).await, 2500, "the new price, at once");
+
+    // A variant that is not for sale is refused, naming the line.
+    let off = app
+        .http
+        .patch(format!("{base}/products/{id}/variants/{variant}"))
+        .header("if-match", "\"2\"")
+        .json(&json!({"status": "inactive"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(off.status(), 200);
+    let r = app
+        .checkout(&e2e::order(&[("A", 1), ("PRICED", 1)], "tok_visa"), None)
+        .await;
+    let p = problem(r, 422).await;
+    assert_eq!(p["errors"][0]["pointer"], "/items/1/sku", "{p}");
+
+    // The Product service down: the checkout is refused (503, Retry-After), nothing written.
+    let sagas = count(&app, "SELECT count(*) FROM orchestrator.sagas").await;
+    app.kill("product");
+    let r = app
+        .checkout(&e2e::order(&[("A", 1)], "tok_visa"), None)
+        .await;
+    assert!(r.headers().contains_key("retry-after"));
+    let p = problem(r, 503).await;
+    assert!(
+        p["detail"].as_str().unwrap().contains("Product service"),
+        "{p}"
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM orchestrator.sagas").await,
+        sagas
+    );
+    // Back: checkouts are accepted again (once its breaker lets a lookup through).
+    app.start("product");
+    app.product_api(WITHIN).await;
+    let deadline = std::time::Instant::now() + WITHIN;
+    loop {
+        let r = app
+            .checkout(&e2e::order(&[("A", 1)], "tok_visa"), None)
+            .await;
+        if r.status() == 202 {
+            break;
+        }
+        assert_eq!(r.status(), 503);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "checkouts not accepted again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn many_checkouts_for_a_few_units_never_oversell_and_the_books_add_up() {
+    let app = App::spawn().await;
+    let base = app.product_api(WITHIN).await;
+    create(&app, &base, "SHIRT-FEW", 1500, 3).await;
+    let placed = e2e::place_many(
+        app.base.clone(),
+        30,
+        10,
+        |_| e2e::order(&[("SHIRT-FEW", 1)], "tok_visa"),
+        WITHIN,
+    )
+    .await;
+    assert_eq!(placed.len(), 30);
+    let mut completed = 0;
+    for p in &placed {
+        let saga = app.wait_terminal(&p.saga_id, Duration::from_secs(60)).await;
+        match saga["status"].as_str().unwrap() {
+            "completed" => completed += 1,
+            "compensated" => {}
+            other => panic!("saga {} ended {other}", p.saga_id),
+        }
+    }
+    assert_eq!(completed, 3, "as many orders as units, no more");
+    let (quantity, reserved): (i32, i32) =
+        sqlx::query_as("SELECT quantity, reserved FROM inventory.variants WHERE sku = 'SHIRT-FEW'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((quantity, reserved), (0, 0));
+    assert_books(&app).await;
+    let consumed = count(
+        &app,
+        "SELECT count(*) FROM inventory.reservations
+          WHERE status = 'consumed' AND lines @> '[{\"sku\": \"SHIRT-FEW\"}]'",
+    )
+    .await;
+    assert_eq!(consumed, completed);
+    let sold: i64 = count(
+        &app,
+        "SELECT -coalesce(sum(quantity_delta), 0) FROM inventory.stock_movements
+          WHERE sku = 'SHIRT-FEW' AND kind = 'consume'",
+    )
+    .await;
+    assert_eq!(sold, completed);
 }

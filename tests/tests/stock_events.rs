@@ -176,9 +176,11 @@ async fn each_movement_is_one_event_with_the_running_levels_of_its_batch() {
     .await
     .unwrap();
     assert_eq!(movements.len(), 6, "{movements:?}");
+    // (The seeded stock's events, for no order, are not the batches'.)
     let events: BTreeMap<String, Outboxed> = outboxed(&app, "StockUpdated")
         .await
         .into_iter()
+        .filter(|r| r.payload.get("order_id").is_some())
         .map(|r| (r.msg_id.clone(), r))
         .collect();
     assert_eq!(events.len(), movements.len(), "{events:#?}");
@@ -237,12 +239,17 @@ async fn each_movement_is_one_event_with_the_running_levels_of_its_batch() {
     // A command answered from its record moves nothing and writes no event.
     let again = inventory.commit(one.0, one.1).await.unwrap();
     assert!(succeeded(&again));
-    assert_eq!(outboxed(&app, "StockUpdated").await.len(), 6);
+    let for_orders = outboxed(&app, "StockUpdated")
+        .await
+        .into_iter()
+        .filter(|r| r.payload.get("order_id").is_some())
+        .count();
+    assert_eq!(for_orders, 6);
 }
 
 /// The test catalogue's product with the variant `sku` at `price` (and as many available as
 /// it has).
-fn catalogue_with(sku: &str, minor: i64, currency: &str) -> orchestrator::catalog::CatalogueFile {
+fn catalogue_with(sku: &str, minor: i64, currency: &str) -> workers::product::seed::CatalogueFile {
     let (_, _, available) = CATALOGUE.iter().find(|(s, ..)| *s == sku).unwrap();
     serde_json::from_value(json!({
         "products": [{
@@ -275,8 +282,8 @@ async fn a_catalogue_load_writes_one_price_changed_per_price_it_changes() {
             format!("{}.events.product.PriceChanged", app.name)
         );
     }
-    let load = async |file: &orchestrator::catalog::CatalogueFile| {
-        orchestrator::catalog::load(&app.pool, file, &subjects)
+    let load = async |file: &workers::product::seed::CatalogueFile| {
+        workers::product::seed::load(&app.pool, file, &subjects)
             .await
             .unwrap();
         outboxed(&app, "PriceChanged").await

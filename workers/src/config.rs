@@ -22,6 +22,7 @@ pub struct Settings {
     pub processor: Remote,
     pub carrier: Remote,
     pub inventory: Inventory,
+    pub product: Product,
     pub callbacks: Callbacks,
     pub order: Order,
     #[serde(default)]
@@ -97,7 +98,12 @@ pub struct Callbacks {
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
     pub expiry_sweep_interval_ms: u64,
-    /// Where the Product service's REST API listens ([`crate::product::api`]).
+}
+
+/// Where the Product service's REST API listens ([`crate::product::api`], worker `product`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Product {
     pub api_host: String,
     pub api_port: u16,
 }

@@ -25,6 +25,9 @@ pub enum Kind {
     Notification,
     /// The Order service's subscriber ([`crate::order`]).
     Order,
+    /// The Product service's REST API ([`crate::product::api`]): products, variants,
+    /// categories, stock and prices. Not a step pool: the `reserve_stock` step is `inventory`'s.
+    Product,
 }
 
 impl Kind {
@@ -33,7 +36,7 @@ impl Kind {
             Kind::Inventory => Some(inventory::SERVICE),
             Kind::Payment => Some(payment::SERVICE),
             Kind::Shipping => Some(shipping::SERVICE),
-            Kind::Notification | Kind::Order => None,
+            Kind::Notification | Kind::Order | Kind::Product => None,
         }
     }
 
@@ -41,6 +44,8 @@ impl Kind {
     fn schemas(self) -> &'static [&'static str] {
         match self {
             Kind::Inventory => &["inventory"],
+            // The inventory worker looks after the schema's tables.
+            Kind::Product => &[],
             Kind::Payment => &["payments"],
             Kind::Shipping => &["shipping"],
             Kind::Notification => &["notifications"],
@@ -67,6 +72,19 @@ async fn connect_db(
     Ok(pool)
 }
 
+/// Load a catalogue file into the Product service (`worker product --load FILE`).
+pub async fn load_catalogue(settings: &Settings, file: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let catalogue: crate::product::seed::CatalogueFile = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid catalogue", file.display()))?;
+    let pool = runtime::db::connect(&settings.database, "saga-worker-product").await?;
+    let n = crate::product::seed::load(&pool, &catalogue, &settings.subjects()).await?;
+    println!("loaded {n} variants from {}", file.display());
+    Ok(())
+}
+
 /// Run a worker of `kind` until `shutdown`.
 pub async fn run(
     kind: Kind,
@@ -78,6 +96,29 @@ pub async fn run(
     let subjects = settings.subjects();
     let n = settings.worker.concurrency;
     tracing::info!(worker = %name, mode = ?settings.worker.mode, concurrency = n, "worker starting");
+    if kind == Kind::Product {
+        // The Product service's API, in either mode (the benchmark's checkouts are priced
+        // through it too). Its commits' events are published by the services' relays (the
+        // inventory, payment and shipping workers run one; any publishes any row).
+        let pool = connect_db(&settings, kind, &shutdown).await?;
+        let p = &settings.product;
+        let listener = tokio::net::TcpListener::bind((p.api_host.as_str(), p.api_port))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen for the Product service's API on {}:{}: {e}",
+                    p.api_host,
+                    p.api_port
+                )
+            })?;
+        tracing::info!(addr = %listener.local_addr()?, "serving the Product service's API");
+        let api = ProductApi::new(pool, subjects);
+        axum::serve(listener, api.router())
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await?;
+        tracing::info!(worker = %name, "worker stopped");
+        return Ok(());
+    }
     match (kind.service(), settings.worker.mode) {
         (Some(service), Mode::Noop) => {
             bus::serve_commands(
@@ -131,22 +172,9 @@ pub async fn run(
         (Some(inventory::SERVICE), Mode::Real) => {
             let pool = connect_db(&settings, kind, &shutdown).await?;
             let relay = runtime::outbox::Relay::new(pool.clone(), js.clone());
-            let inv = &settings.inventory;
-            let listener = tokio::net::TcpListener::bind((inv.api_host.as_str(), inv.api_port))
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot listen for the Product service's API on {}:{}: {e}",
-                        inv.api_host,
-                        inv.api_port
-                    )
-                })?;
-            tracing::info!(addr = %listener.local_addr()?, "serving the Product service's API");
-            let api = ProductApi::new(pool.clone(), subjects.clone(), relay.waker());
             let stock = Inventory::new(pool).with_events(subjects.clone());
             let sweeper = stock.clone();
-            let stopped = shutdown.clone();
-            let (_, _, _, served) = tokio::join!(
+            tokio::join!(
                 relay.run(
                     config::ms(settings.callbacks.relay_interval_ms),
                     shutdown.clone()
@@ -160,11 +188,11 @@ pub async fn run(
                     settings.faults.clone(),
                     shutdown.clone()
                 ),
-                sweeper.expire_loop(config::ms(inv.expiry_sweep_interval_ms), shutdown),
-                axum::serve(listener, api.router())
-                    .with_graceful_shutdown(async move { stopped.cancelled().await }),
+                sweeper.expire_loop(
+                    config::ms(settings.inventory.expiry_sweep_interval_ms),
+                    shutdown
+                ),
             );
-            served?;
         }
         (Some(payment::SERVICE), Mode::Real) => {
             let processor = Processor::new(&settings.processor);

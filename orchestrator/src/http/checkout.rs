@@ -158,15 +158,23 @@ pub async fn start_request(
 ) -> Result<(OrderId, serde_json::Value, String), Problem> {
     let valid = validate(request, state.settings.checkout.max_lines)?;
     let skus: Vec<Sku> = valid.lines.iter().map(|l| l.sku.clone()).collect();
-    let prices = state.catalog.prices(&skus).await?;
+    let listings = state
+        .catalog
+        .listings(&skus)
+        .await
+        .map_err(|e| Problem::unavailable(e.to_string()))?;
     let mut errors = Vec::new();
     let mut priced = Vec::with_capacity(valid.lines.len());
     for (i, line) in valid.lines.into_iter().enumerate() {
-        match prices.get(&line.sku) {
-            Some(price) => priced.push(PricedLine {
+        match listings.get(&line.sku) {
+            Some(l) if l.for_sale => priced.push(PricedLine {
                 line,
-                unit_price: price.clone(),
+                unit_price: l.price.clone(),
             }),
+            Some(_) => errors.push(FieldError::new(
+                format!("/items/{i}/sku"),
+                format!("{} is not for sale", line.sku),
+            )),
             None => errors.push(FieldError::new(
                 format!("/items/{i}/sku"),
                 format!("unknown SKU {}", line.sku),

@@ -17,6 +17,10 @@ struct Cli {
     /// Which worker pool this process serves.
     #[arg(value_enum)]
     kind: Kind,
+    /// With `product`: load this catalogue file (categories, products, variants with their
+    /// prices and stock) through the Product service's repositories, then exit.
+    #[arg(long, value_name = "FILE")]
+    load: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -27,6 +31,13 @@ fn main() -> std::process::ExitCode {
         |s| (&s.log, &s.runtime),
         |settings| async move {
             let shutdown = CancellationToken::new();
+            if let Some(file) = cli.load {
+                anyhow::ensure!(
+                    cli.kind == Kind::Product,
+                    "--load is an option of the product service: worker product --load FILE"
+                );
+                return run::load_catalogue(&settings, &file).await;
+            }
             runtime::shutdown::cancel_on_signal(shutdown.clone());
             run::run(cli.kind, settings, shutdown).await
         },

@@ -15,8 +15,6 @@
 //! Must never: change a product or category without a matching `If-Match`; answer 2xx before
 //! the change, its stock movements and its events committed.
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -28,7 +26,6 @@ use sagas::wire::Subjects;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::model::{
@@ -41,8 +38,6 @@ use super::repo::{self, Categories, Products, UnitOfWork};
 pub struct Api {
     pool: PgPool,
     subjects: Subjects,
-    /// Wakes the outbox relay after a commit that wrote events.
-    relay: Arc<Notify>,
 }
 
 /// The correlation id header, as the orchestrator's API reads and answers it.
@@ -84,12 +79,8 @@ pub const CATALOGUE: &[(&str, &str)] = &[
 ];
 
 impl Api {
-    pub fn new(pool: PgPool, subjects: Subjects, relay: Arc<Notify>) -> Self {
-        Self {
-            pool,
-            subjects,
-            relay,
-        }
+    pub fn new(pool: PgPool, subjects: Subjects) -> Self {
+        Self { pool, subjects }
     }
 
     pub fn router(self) -> Router {
@@ -116,6 +107,7 @@ impl Api {
             )
             .route("/variants/{variant}/availability", get(availability))
             .route("/skus/{sku}/availability", get(availability_by_sku))
+            .route("/skus", get(lookup_skus))
             .route("/categories", get(list_categories).post(create_category))
             .route(
                 "/categories/{id}",
@@ -142,10 +134,9 @@ impl Api {
         Ok(UnitOfWork::begin(&self.pool, &self.subjects, &correlation).await?)
     }
 
+    /// Commit; the events it wrote are published by the next relay tick.
     async fn commit(&self, uow: UnitOfWork) -> Result<(), Problem> {
-        if uow.commit().await? > 0 {
-            self.relay.notify_one();
-        }
+        uow.commit().await?;
         Ok(())
     }
 }
@@ -739,6 +730,62 @@ async fn availability_by_sku(
     .await?
     .ok_or_else(|| Problem::not_found(format!("no variant with SKU {sku}")))?;
     availability(State(api), PathParam(id.to_string())).await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SkuQuery {
+    /// Comma-separated SKUs (a SKU has no comma).
+    sku: Option<String>,
+}
+
+/// The most SKUs one lookup names.
+pub const MAX_LOOKUP: usize = 100;
+
+/// The checkout's lookup (`GET /skus?sku=A,B`): each known SKU's variant, price, stock and
+/// whether it is for sale (the variant and its product active). Unknown SKUs are left out.
+async fn lookup_skus(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, Problem> {
+    let q: SkuQuery = parse_query(raw.as_deref())?;
+    let Some(list) = q.sku.filter(|l| !l.is_empty()) else {
+        return Err(Problem::bad_query(
+            "sku",
+            "name one SKU or more, comma-separated",
+        ));
+    };
+    let mut skus = Vec::new();
+    for s in list.split(',') {
+        let sku = Sku::parse(s).map_err(|e| Problem::bad_query("sku", e.to_string()))?;
+        skus.push(sku.as_str().to_owned());
+    }
+    if skus.len() > MAX_LOOKUP {
+        return Err(Problem::bad_query(
+            "sku",
+            format!("at most {MAX_LOOKUP} SKUs per lookup"),
+        ));
+    }
+    let rows = sqlx::query!(
+        r#"SELECT v.sku, v.id, v.product_id, v.price_minor, v.currency, v.quantity, v.reserved,
+                  v.status = 'active' AND p.status = 'active' AS "for_sale!"
+             FROM inventory.variants v JOIN inventory.products p ON p.id = v.product_id
+            WHERE v.sku = ANY($1)"#,
+        &skus
+    )
+    .fetch_all(&api.pool)
+    .await?;
+    let variants: Vec<Value> = rows
+        .into_iter()
+        .map(|r| {
+            json!({
+                "sku": r.sku,
+                "variant_id": r.id,
+                "product_id": r.product_id,
+                "price": {"minor": r.price_minor, "currency": r.currency},
+                "for_sale": r.for_sale,
+                "available": r.quantity - r.reserved,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "variants": variants })).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]

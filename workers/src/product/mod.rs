@@ -1,7 +1,8 @@
 //! The Product service of the brief: the Product and Category aggregates ([`model`], pure),
-//! their repositories and unit of work ([`repo`]) and the service's REST API ([`api`]). The
-//! inventory worker serves the API beside the saga's `reserve_stock` step.
+//! their repositories and unit of work ([`repo`]), the service's REST API ([`api`], worker
+//! `product`) and the seeding of a catalogue through the repositories ([`seed`]).
 
 pub mod api;
 pub mod model;
 pub mod repo;
+pub mod seed;
