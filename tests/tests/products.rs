@@ -524,6 +524,19 @@ async fn concurrent_writers_through_the_api_lose_no_update() {
         .await
         .unwrap();
     let id = body["id"].as_str().unwrap().to_owned();
+    // Two updates of what both read at version 1, at once: one is made, the other refused.
+    let url = format!("{base}/products/{id}");
+    let (by_a, by_b) = (
+        json!({"description": "by a"}),
+        json!({"description": "by b"}),
+    );
+    let (a, b) = tokio::join!(
+        patch(&app, &url, Some("\"1\""), &by_a),
+        patch(&app, &url, Some("\"1\""), &by_b),
+    );
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 412]);
     const WRITERS: usize = 8;
     const EACH: usize = 10;
     let mut tasks = Vec::new();
@@ -564,7 +577,7 @@ async fn concurrent_writers_through_the_api_lose_no_update() {
         (WRITERS * EACH).to_string(),
         "every increment counted ({refused} stale writes refused and retried)"
     );
-    assert_eq!(etag, format!("\"{}\"", WRITERS * EACH + 1));
+    assert_eq!(etag, format!("\"{}\"", WRITERS * EACH + 2));
 }
 
 /// Create a product of one variant through the API; its id, its variant's id.
@@ -722,4 +735,41 @@ async fn many_checkouts_for_a_few_units_never_oversell_and_the_books_add_up() {
     )
     .await;
     assert_eq!(sold, completed);
+}
+
+#[tokio::test]
+async fn stock_of_a_variant_taken_off_sale_is_not_reserved_for_a_checkout_already_placed() {
+    // No workers yet: the checkout's reserve waits while the variant is taken off sale.
+    let mut app = App::spawn_with(Options::without_workers()).await;
+    let base = app.product_api(WITHIN).await;
+    let (id, variant) = create(&app, &base, "SOON-GONE", 900, 5).await;
+    let saga = app
+        .place(&e2e::order(&[("SOON-GONE", 1)], "tok_visa"))
+        .await;
+    let off = app
+        .http
+        .patch(format!("{base}/products/{id}/variants/{variant}"))
+        .header("if-match", "\"1\"")
+        .json(&json!({"status": "inactive"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(off.status(), 200);
+    app.start("inventory");
+    let ended = app.wait_terminal(&saga, Duration::from_secs(60)).await;
+    assert_eq!(ended["status"], "compensated", "{ended:#}");
+    let (quantity, reserved): (i32, i32) =
+        sqlx::query_as("SELECT quantity, reserved FROM inventory.variants WHERE sku = 'SOON-GONE'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((quantity, reserved), (5, 0), "nothing held for it");
+    let reason: String = sqlx::query_scalar(
+        "SELECT reason FROM inventory.reservations WHERE status = 'rejected'
+          AND lines @> '[{\"sku\": \"SOON-GONE\"}]'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(reason.contains("not for sale"), "{reason}");
 }

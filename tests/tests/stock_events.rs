@@ -184,6 +184,19 @@ async fn each_movement_is_one_event_with_the_running_levels_of_its_batch() {
         .map(|r| (r.msg_id.clone(), r))
         .collect();
     assert_eq!(events.len(), movements.len(), "{events:#?}");
+    // Each also in the product's history, under the same id.
+    let history: Vec<String> = sqlx::query_scalar(
+        "SELECT id::text FROM inventory.domain_events
+          WHERE event_type = 'StockUpdated' AND payload ? 'order_id'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let mut outboxed_ids: Vec<&String> = events.keys().collect();
+    let mut history_ids: Vec<&String> = history.iter().collect();
+    outboxed_ids.sort();
+    history_ids.sort();
+    assert_eq!(history_ids, outboxed_ids);
     // Replayed from the levels the variants had, in the order the movements were written,
     // each event tells the levels right after its movement.
     let mut running: BTreeMap<String, (i64, i64)> =

@@ -248,6 +248,8 @@ struct Movement {
 struct Stock {
     quantity: i32,
     reserved: i32,
+    /// The variant and its product are active: only then is stock reserved for an order.
+    for_sale: bool,
     changed: bool,
 }
 
@@ -551,8 +553,10 @@ async fn apply(
     let skus: Vec<String> = skus.into_iter().collect();
     let mut stock: HashMap<String, Stock> = HashMap::new();
     for r in sqlx::query!(
-        "SELECT sku, quantity, reserved FROM inventory.variants
-          WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+        r#"SELECT v.sku, v.quantity, v.reserved,
+                  v.status = 'active' AND p.status = 'active' AS "for_sale!"
+             FROM inventory.variants v JOIN inventory.products p ON p.id = v.product_id
+            WHERE v.sku = ANY($1) ORDER BY v.sku FOR UPDATE OF v"#,
         &skus,
     )
     .fetch_all(&mut *tx)
@@ -563,6 +567,7 @@ async fn apply(
             Stock {
                 quantity: r.quantity,
                 reserved: r.reserved,
+                for_sale: r.for_sale,
                 changed: false,
             },
         );
@@ -822,6 +827,7 @@ fn take(
     for (sku, qty) in &wanted {
         match stock.get(sku) {
             None => short.push(format!("{sku} is not in the catalogue")),
+            Some(s) if !s.for_sale => short.push(format!("{sku} is not for sale")),
             Some(s) if s.quantity - s.reserved < *qty => short.push(format!(
                 "{sku}: {} available, {qty} asked",
                 s.quantity - s.reserved
@@ -830,7 +836,7 @@ fn take(
         }
     }
     if !short.is_empty() {
-        return Some(format!("not enough stock: {}", short.join("; ")));
+        return Some(format!("cannot reserve: {}", short.join("; ")));
     }
     adjust(stock, lines, 0, 1, "reserve", order, movements);
     None
@@ -1052,7 +1058,8 @@ async fn write(
 }
 
 /// The `product.StockUpdated` event of each movement (`ids`: their row ids, in the same
-/// order), written to the services' outbox in one statement: a batch costs a handful of
+/// order), written to the services' outbox and to the product's history
+/// (`inventory.domain_events`), a statement each: a batch costs a handful of
 /// statements whatever its size, events included. The rows are those
 /// [`runtime::outbox::write`] writes, one by one (the same subject, payload and correlation id;
 /// an id written before changes nothing), and are inserted in the order of the movements, which
@@ -1076,6 +1083,7 @@ async fn write_events(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
+    let (mut skus, mut bodies) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for (m, id) in movements.iter().zip(ids) {
         // A SKU the batch holds no row of (not in the catalogue any more): no levels to tell.
         let (Some((quantity, reserved)), Ok(sku)) = (m.after, Sku::parse(&m.sku)) else {
@@ -1104,6 +1112,8 @@ async fn write_events(
             )
         };
         msg_ids.push(event.id.to_string());
+        skus.push(m.sku.clone());
+        bodies.push(serde_json::to_string(&event.body).expect("events serialize"));
         subject.push(subjects.event(&event));
         payloads.push(serde_json::to_string(&event).expect("events serialize"));
         correlation.push(correlation_id);
@@ -1122,6 +1132,26 @@ async fn write_events(
         &subject,
         &correlation,
         &payloads,
+    )
+    .execute(&mut **tx)
+    .await?;
+    // And in the product's history, as every change of the aggregate records its events (at
+    // the product's version: reservations do not move it).
+    sqlx::query!(
+        "INSERT INTO inventory.domain_events
+                (id, aggregate, aggregate_id, version, event_type, payload, correlation_id, at)
+         SELECT u.msg_id::uuid, 'product', v.product_id, p.version, 'StockUpdated',
+                u.body::jsonb, u.correlation_id, $5
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                AS u(msg_id, sku, correlation_id, body)
+           JOIN inventory.variants v ON v.sku = u.sku
+           JOIN inventory.products p ON p.id = v.product_id
+         ON CONFLICT (id) DO NOTHING",
+        &msg_ids,
+        &skus,
+        &correlation,
+        &bodies,
+        now,
     )
     .execute(&mut **tx)
     .await?;
