@@ -6,13 +6,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use runtime::breaker::Breaker;
 use sagas::shop::{Money, Sku};
 use serde::Deserialize;
-
-type Breaker = failsafe::StateMachine<
-    failsafe::failure_policy::ConsecutiveFailures<sagas::policy::Delays>,
-    (),
->;
 
 /// Why a lookup could not answer: the checkout is refused (503), nothing written.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +44,6 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn new(settings: &crate::config::CatalogSettings) -> Self {
-        let backoff = sagas::policy::Backoff {
-            initial_ms: settings.breaker_open_ms,
-            max_ms: settings.breaker_open_max_ms,
-            factor: 2.0,
-            jitter: true,
-        }
-        .delays(u64::from(std::process::id()));
         Self {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_millis(settings.timeout_ms))
@@ -62,12 +51,11 @@ impl Catalog {
                 .expect("an HTTP client builds"),
             base: settings.url.trim_end_matches('/').to_owned(),
             ttl: Duration::from_millis(settings.ttl_ms),
-            breaker: failsafe::Config::new()
-                .failure_policy(failsafe::failure_policy::consecutive_failures(
-                    settings.breaker_failures,
-                    backoff,
-                ))
-                .build(),
+            breaker: runtime::breaker::consecutive_failures(
+                settings.breaker_failures,
+                settings.breaker_open_ms,
+                settings.breaker_open_max_ms,
+            ),
             cache: Mutex::new(HashMap::new()),
         }
     }

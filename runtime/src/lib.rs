@@ -13,6 +13,7 @@
 //!
 //! Must never: decide what a saga does (that is `sagas`), or know a particular service.
 
+pub mod breaker;
 pub mod config;
 pub mod consume;
 pub mod db;

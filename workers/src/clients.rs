@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use runtime::breaker::Breaker;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -22,11 +23,6 @@ struct ErrorBody {
     code: String,
     message: String,
 }
-
-type Breaker = failsafe::StateMachine<
-    failsafe::failure_policy::ConsecutiveFailures<sagas::policy::Delays>,
-    (),
->;
 
 #[derive(Clone)]
 struct Remote {
@@ -48,14 +44,6 @@ impl Remote {
             settings.url.as_str(),
             Duration::from_millis(settings.timeout_ms),
         );
-        // How long the breaker stays open: backon's exponential backoff with jitter.
-        let backoff = sagas::policy::Backoff {
-            initial_ms: settings.breaker_open_ms,
-            max_ms: settings.breaker_open_max_ms,
-            factor: 2.0,
-            jitter: true,
-        }
-        .delays(u64::from(std::process::id()));
         Self {
             http: reqwest::Client::builder()
                 .timeout(timeout)
@@ -63,12 +51,11 @@ impl Remote {
                 .expect("an HTTP client builds"),
             base: base.trim_end_matches('/').to_owned(),
             name,
-            breaker: failsafe::Config::new()
-                .failure_policy(failsafe::failure_policy::consecutive_failures(
-                    settings.breaker_failures,
-                    backoff,
-                ))
-                .build(),
+            breaker: runtime::breaker::consecutive_failures(
+                settings.breaker_failures,
+                settings.breaker_open_ms,
+                settings.breaker_open_max_ms,
+            ),
             failing: Default::default(),
         }
     }
