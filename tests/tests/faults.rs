@@ -111,8 +111,10 @@ async fn a_thousand_checkouts_survive_killed_processes_and_a_nats_restart() {
     // workers, ride through the outage on their reconnects).
     let rounds = 7;
     let at = moments(&mut rng, rounds, n);
-    // Every kind of worker is killed at least once, in a random order.
+    // Every kind of worker, and the Product service that prices the checkouts, is killed
+    // once, in a random order (while it is down, checkouts are refused with 503 and retried).
     let mut workers = WORKERS.to_vec();
+    workers.push("product");
     workers.shuffle(&mut rng);
     let nats_round = rng.random_range(0..rounds);
     let load = tokio::spawn(place_many(app.base.clone(), n, 16, workload, SETTLE));
@@ -133,7 +135,7 @@ async fn a_thousand_checkouts_survive_killed_processes_and_a_nats_restart() {
         eprintln!("round {round}, at {created} sagas: killed the orchestrator and {worker}");
     }
     assert_eq!(kills, 6);
-    for name in ["orchestrator"].iter().chain(WORKERS.iter()) {
+    for name in ["orchestrator", "product"].iter().chain(WORKERS.iter()) {
         assert!(app.is_running(name), "{name} is still running");
     }
     let placed = load.await.expect("load");
