@@ -773,3 +773,106 @@ async fn stock_of_a_variant_taken_off_sale_is_not_reserved_for_a_checkout_alread
     .unwrap();
     assert!(reason.contains("not for sale"), "{reason}");
 }
+
+#[tokio::test]
+async fn products_are_listed_by_category_attribute_and_stock_a_page_at_a_time() {
+    let app = App::spawn_with(Options::without_workers()).await;
+    let base = app.product_api(WITHIN).await;
+    let post = async |path: &str, body: Value| -> Value {
+        let r = app
+            .http
+            .post(format!("{base}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{path} {body}");
+        r.json().await.unwrap()
+    };
+    let clothes = post("/categories", json!({"name": "Clothes", "slug": "clothes"})).await;
+    let shirts = post(
+        "/categories",
+        json!({"name": "Shirts", "slug": "shirts", "parent_id": clothes["id"]}),
+    )
+    .await;
+    let mut in_shirts = Vec::new();
+    for i in 0..5 {
+        let p = post(
+            "/products",
+            json!({
+                "name": format!("Shirt {i}"), "category_id": shirts["id"],
+                "attributes": {"color": if i % 2 == 0 { "red" } else { "blue" }},
+                "variants": [{"sku": format!("LIST-{i}"), "name": "M",
+                              "price": {"minor": 1000, "currency": "EUR"}, "quantity": i}]
+            }),
+        )
+        .await;
+        in_shirts.push(p["id"].as_str().unwrap().to_owned());
+    }
+    post("/products", json!({"name": "Elsewhere", "variants": []})).await;
+    let list = async |query: &str| -> Value {
+        app.http
+            .get(format!("{base}/products?{query}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    };
+    let ids = |page: &Value| -> Vec<String> {
+        page["products"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // By the parent category: its sub-category's products, a page of two at a time.
+    let mut seen = Vec::new();
+    let mut query = format!("category={}&limit=2", clothes["id"].as_str().unwrap());
+    loop {
+        let page = list(&query).await;
+        assert!(page["products"].as_array().unwrap().len() <= 2);
+        seen.extend(ids(&page));
+        match page["next"].as_str() {
+            Some(next) => {
+                query = format!(
+                    "category={}&limit=2&after={next}",
+                    clothes["id"].as_str().unwrap()
+                )
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, in_shirts, "every product once, in id order");
+    // By attribute, and in stock (Shirt 0 has none).
+    let red = ids(&list(&format!(
+        "category={}&attribute=color:red",
+        shirts["id"].as_str().unwrap()
+    ))
+    .await);
+    assert_eq!(
+        red,
+        [
+            in_shirts[0].clone(),
+            in_shirts[2].clone(),
+            in_shirts[4].clone()
+        ]
+    );
+    let stocked = ids(&list(&format!(
+        "category={}&in_stock=true",
+        shirts["id"].as_str().unwrap()
+    ))
+    .await);
+    assert_eq!(stocked, in_shirts[1..]);
+    // A bad parameter is a problem naming it.
+    let r = app
+        .http
+        .get(format!("{base}/products?limit=0"))
+        .send()
+        .await
+        .unwrap();
+    let p = problem(r, 400).await;
+    assert_eq!(p["errors"][0]["parameter"], "limit", "{p}");
+}

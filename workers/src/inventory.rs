@@ -253,7 +253,8 @@ struct Stock {
     changed: bool,
 }
 
-fn totals(lines: &[Line]) -> BTreeMap<String, i32> {
+/// The units of each SKU `lines` name (a SKU may be on several lines).
+pub(crate) fn totals(lines: &[Line]) -> BTreeMap<String, i32> {
     let mut by_sku: BTreeMap<String, i32> = BTreeMap::new();
     for l in lines {
         *by_sku.entry(l.sku.as_str().to_owned()).or_default() += l.quantity.get() as i32;

@@ -877,14 +877,14 @@ async fn list_products(
     .fetch_all(&api.pool)
     .await?;
     let more = ids.len() as i64 > limit;
+    let page = &ids[..ids.len().min(limit as usize)];
     let mut conn = api.pool.acquire().await?;
-    let mut products = Vec::with_capacity(ids.len());
-    for id in ids.iter().take(limit as usize) {
-        // A product deleted between the two reads is left out of the page.
-        if let Some(p) = Products::get(&mut conn, *id).await? {
-            products.push(product_view(&p));
-        }
-    }
+    // A product deleted between the two reads is left out of the page.
+    let products: Vec<Value> = Products::get_many(&mut conn, page)
+        .await?
+        .iter()
+        .map(product_view)
+        .collect();
     let next = more.then(|| ids[limit as usize - 1]);
     Ok(axum::Json(json!({ "products": products, "next": next })).into_response())
 }

@@ -179,8 +179,18 @@ fn decode<T>(what: &str, value: &str, parse: fn(&str) -> Option<T>) -> Result<T,
 /// The repository of the Product aggregate.
 pub struct Products;
 
+struct ProductRow {
+    id: Uuid,
+    name: String,
+    description: String,
+    status: String,
+    category_id: Option<Uuid>,
+    version: i64,
+}
+
 struct VariantRow {
     id: Uuid,
+    product_id: Uuid,
     sku: String,
     name: String,
     price_minor: i64,
@@ -193,49 +203,25 @@ struct VariantRow {
 impl Products {
     /// The product as stored, or `None`.
     pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Product>, sqlx::Error> {
-        let Some(row) = sqlx::query!(
-            "SELECT name, description, status, category_id, version
-               FROM inventory.products WHERE id = $1",
-            id
-        )
-        .fetch_optional(&mut *conn)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let details = Details {
-            name: row.name,
-            description: row.description,
-            status: decode("product status", &row.status, ProductStatus::parse)?,
-            category_id: row.category_id,
-            attributes: Default::default(),
-            images: Vec::new(),
-        };
-        Self::rest(conn, id, details, row.version, false)
-            .await
-            .map(Some)
+        Ok(Self::load(conn, &[id], false).await?.pop())
+    }
+
+    /// The products of `ids` as stored, in that order (those that do not exist left out):
+    /// a handful of statements whatever their number.
+    pub async fn get_many(
+        conn: &mut PgConnection,
+        ids: &[Uuid],
+    ) -> Result<Vec<Product>, sqlx::Error> {
+        Self::load(conn, ids, false).await
     }
 
     /// The product as stored, its row and its variants' rows locked until the unit of work
     /// ends: load it this way to change it.
     pub async fn lock(uow: &mut UnitOfWork, id: Uuid) -> Result<Product, Error> {
-        let row = sqlx::query!(
-            "SELECT name, description, status, category_id, version
-               FROM inventory.products WHERE id = $1 FOR UPDATE",
-            id
-        )
-        .fetch_optional(uow.conn())
-        .await?
-        .ok_or(Error::NotFound)?;
-        let details = Details {
-            name: row.name,
-            description: row.description,
-            status: decode("product status", &row.status, ProductStatus::parse)?,
-            category_id: row.category_id,
-            attributes: Default::default(),
-            images: Vec::new(),
-        };
-        Ok(Self::rest(uow.conn(), id, details, row.version, true).await?)
+        Self::load(uow.conn(), &[id], true)
+            .await?
+            .pop()
+            .ok_or(Error::NotFound)
     }
 
     /// The product's id of the variant `variant_id`.
@@ -251,72 +237,100 @@ impl Products {
         .await
     }
 
-    async fn rest(
+    async fn load(
         conn: &mut PgConnection,
-        id: Uuid,
-        mut details: Details,
-        version: i64,
+        ids: &[Uuid],
         lock: bool,
-    ) -> Result<Product, sqlx::Error> {
-        details.attributes = sqlx::query!(
-            "SELECT name, value FROM inventory.product_attributes WHERE product_id = $1",
-            id
-        )
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|r| (r.name, r.value))
-        .collect();
-        details.images = sqlx::query!(
-            "SELECT url, alt FROM inventory.product_images WHERE product_id = $1 ORDER BY position",
-            id
-        )
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|r| Image {
-            url: r.url,
-            alt: r.alt,
-        })
-        .collect();
+    ) -> Result<Vec<Product>, sqlx::Error> {
         let rows = if lock {
             sqlx::query_as!(
+                ProductRow,
+                "SELECT id, name, description, status, category_id, version
+                   FROM inventory.products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                ids
+            )
+            .fetch_all(&mut *conn)
+            .await?
+        } else {
+            sqlx::query_as!(
+                ProductRow,
+                "SELECT id, name, description, status, category_id, version
+                   FROM inventory.products WHERE id = ANY($1)",
+                ids
+            )
+            .fetch_all(&mut *conn)
+            .await?
+        };
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let mut attributes: HashMap<Uuid, Attributes> = HashMap::new();
+        for r in sqlx::query!(
+            "SELECT product_id, name, value FROM inventory.product_attributes
+              WHERE product_id = ANY($1)",
+            &found
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        {
+            attributes
+                .entry(r.product_id)
+                .or_default()
+                .insert(r.name, r.value);
+        }
+        let mut images: HashMap<Uuid, Vec<Image>> = HashMap::new();
+        for r in sqlx::query!(
+            "SELECT product_id, url, alt FROM inventory.product_images
+              WHERE product_id = ANY($1) ORDER BY product_id, position",
+            &found
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        {
+            images.entry(r.product_id).or_default().push(Image {
+                url: r.url,
+                alt: r.alt,
+            });
+        }
+        let variant_rows = if lock {
+            sqlx::query_as!(
                 VariantRow,
-                "SELECT id, sku, name, price_minor, currency, status, quantity, reserved
-                   FROM inventory.variants WHERE product_id = $1 ORDER BY sku FOR UPDATE",
-                id
+                "SELECT id, product_id, sku, name, price_minor, currency, status, quantity, reserved
+                   FROM inventory.variants WHERE product_id = ANY($1) ORDER BY sku FOR UPDATE",
+                &found
             )
             .fetch_all(&mut *conn)
             .await?
         } else {
             sqlx::query_as!(
                 VariantRow,
-                "SELECT id, sku, name, price_minor, currency, status, quantity, reserved
-                   FROM inventory.variants WHERE product_id = $1 ORDER BY sku",
-                id
+                "SELECT id, product_id, sku, name, price_minor, currency, status, quantity, reserved
+                   FROM inventory.variants WHERE product_id = ANY($1) ORDER BY sku",
+                &found
             )
             .fetch_all(&mut *conn)
             .await?
         };
-        let mut attributes: HashMap<Uuid, Attributes> = HashMap::new();
+        let mut variant_attributes: HashMap<Uuid, Attributes> = HashMap::new();
         for r in sqlx::query!(
             "SELECT a.variant_id, a.name, a.value
                FROM inventory.variant_attributes a
                JOIN inventory.variants v ON v.id = a.variant_id
-              WHERE v.product_id = $1",
-            id
+              WHERE v.product_id = ANY($1)",
+            &found
         )
         .fetch_all(&mut *conn)
         .await?
         {
-            attributes
+            variant_attributes
                 .entry(r.variant_id)
                 .or_default()
                 .insert(r.name, r.value);
         }
-        let mut variants = Vec::with_capacity(rows.len());
-        for r in rows {
-            variants.push(Variant {
+        let mut variants: HashMap<Uuid, Vec<Variant>> = HashMap::new();
+        for r in variant_rows {
+            variants.entry(r.product_id).or_default().push(Variant {
                 id: r.id,
                 sku: sku(&r.sku)?,
                 name: r.name,
@@ -327,10 +341,26 @@ impl Products {
                 status: decode("variant status", &r.status, VariantStatus::parse)?,
                 inventory: Inventory::new(i64::from(r.quantity), i64::from(r.reserved))
                     .map_err(|e| sqlx::Error::Decode(format!("a stored stock: {e}").into()))?,
-                attributes: attributes.remove(&r.id).unwrap_or_default(),
+                attributes: variant_attributes.remove(&r.id).unwrap_or_default(),
             });
         }
-        Ok(Product::restore(id, details, variants, version))
+        let mut by_id: HashMap<Uuid, Product> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let details = Details {
+                name: row.name,
+                description: row.description,
+                status: decode("product status", &row.status, ProductStatus::parse)?,
+                category_id: row.category_id,
+                attributes: attributes.remove(&row.id).unwrap_or_default(),
+                images: images.remove(&row.id).unwrap_or_default(),
+            };
+            let variants = variants.remove(&row.id).unwrap_or_default();
+            by_id.insert(
+                row.id,
+                Product::restore(row.id, details, variants, row.version),
+            );
+        }
+        Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
     }
 
     /// Store a new product (version 1).
@@ -525,54 +555,76 @@ impl Products {
         )
         .execute(uow.conn())
         .await?;
-        for v in product.variants() {
-            sqlx::query!(
-                "INSERT INTO inventory.variants
-                        (id, sku, product_id, name, price_minor, currency, status, quantity, reserved, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (id) DO UPDATE
-                    SET name = excluded.name, price_minor = excluded.price_minor,
-                        currency = excluded.currency, status = excluded.status,
-                        quantity = excluded.quantity, reserved = excluded.reserved,
-                        updated_at = excluded.updated_at
-                  WHERE inventory.variants.product_id = excluded.product_id",
-                v.id,
-                v.sku.as_str(),
-                id,
-                &v.name,
-                v.price.minor,
-                v.price.currency.as_str(),
-                v.status.as_str(),
-                v.inventory.quantity(),
-                v.inventory.reserved(),
-                uow.now,
-            )
-            .execute(uow.conn())
-            .await
-            .map_err(|e| {
-                conflict_on_unique(e, |_| format!("the SKU {} is taken", v.sku.as_str()))
-            })?;
-            let (names, values): (Vec<String>, Vec<String>) = v
-                .attributes
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .unzip();
-            sqlx::query!(
-                "DELETE FROM inventory.variant_attributes WHERE variant_id = $1",
-                v.id
-            )
-            .execute(uow.conn())
-            .await?;
-            sqlx::query!(
-                "INSERT INTO inventory.variant_attributes (variant_id, name, value)
-                 SELECT $1, * FROM unnest($2::text[], $3::text[])",
-                v.id,
-                &names,
-                &values,
-            )
-            .execute(uow.conn())
-            .await?;
+        // Every variant in one statement, and their attributes in two: a save costs the same
+        // handful of statements whatever the number of variants.
+        let vs = product.variants();
+        let ids: Vec<Uuid> = vs.iter().map(|v| v.id).collect();
+        let skus: Vec<String> = vs.iter().map(|v| v.sku.as_str().to_owned()).collect();
+        let names: Vec<String> = vs.iter().map(|v| v.name.clone()).collect();
+        let prices: Vec<i64> = vs.iter().map(|v| v.price.minor).collect();
+        let currencies: Vec<String> = vs
+            .iter()
+            .map(|v| v.price.currency.as_str().to_owned())
+            .collect();
+        let statuses: Vec<String> = vs.iter().map(|v| v.status.as_str().to_owned()).collect();
+        let quantities: Vec<i32> = vs.iter().map(|v| v.inventory.quantity()).collect();
+        let reserved: Vec<i32> = vs.iter().map(|v| v.inventory.reserved()).collect();
+        let written = sqlx::query!(
+            "INSERT INTO inventory.variants
+                    (id, sku, product_id, name, price_minor, currency, status, quantity, reserved, updated_at)
+             SELECT u.id, u.sku, $1, u.name, u.price, u.currency, u.status, u.quantity, u.reserved, $10
+               FROM unnest($2::uuid[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::text[],
+                           $8::int4[], $9::int4[])
+                    AS u(id, sku, name, price, currency, status, quantity, reserved)
+             ON CONFLICT (id) DO UPDATE
+                SET name = excluded.name, price_minor = excluded.price_minor,
+                    currency = excluded.currency, status = excluded.status,
+                    quantity = excluded.quantity, reserved = excluded.reserved,
+                    updated_at = excluded.updated_at
+              WHERE inventory.variants.product_id = excluded.product_id",
+            id,
+            &ids,
+            &skus,
+            &names,
+            &prices,
+            &currencies,
+            &statuses,
+            &quantities,
+            &reserved,
+            uow.now,
+        )
+        .execute(uow.conn())
+        .await
+        .map_err(|e| conflict_on_unique(e, |_| "a SKU of the product is taken".to_owned()))?;
+        if written.rows_affected() != ids.len() as u64 {
+            // An id of another product's variant: the WHERE above left it alone.
+            return Err(Error::Conflict(
+                "a variant id belongs to another product".to_owned(),
+            ));
         }
+        sqlx::query!(
+            "DELETE FROM inventory.variant_attributes WHERE variant_id = ANY($1)",
+            &ids
+        )
+        .execute(uow.conn())
+        .await?;
+        let (mut owners, mut names, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        for v in vs {
+            for (name, value) in &v.attributes {
+                owners.push(v.id);
+                names.push(name.clone());
+                values.push(value.clone());
+            }
+        }
+        sqlx::query!(
+            "INSERT INTO inventory.variant_attributes (variant_id, name, value)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])",
+            &owners,
+            &names,
+            &values,
+        )
+        .execute(uow.conn())
+        .await?;
         Ok(())
     }
 }
@@ -865,26 +917,6 @@ impl Reservations {
         Self::settle(uow, id, "consumed", Product::consume).await
     }
 
-    pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Reservation>, Error> {
-        let row = sqlx::query!(
-            r#"SELECT id AS "id!", order_id, status, lines, expires_at
-                 FROM inventory.reservations WHERE id = $1"#,
-            id
-        )
-        .fetch_optional(conn)
-        .await?;
-        row.map(|r| {
-            Ok(Reservation {
-                id: r.id,
-                order_id: OrderId::from_uuid(r.order_id),
-                status: r.status,
-                lines: lines(r.lines)?,
-                expires_at: r.expires_at,
-            })
-        })
-        .transpose()
-    }
-
     async fn lock_order(
         uow: &mut UnitOfWork,
         order: OrderId,
@@ -944,11 +976,7 @@ impl Reservations {
             )));
         }
         let order = OrderId::from_uuid(row.order_id);
-        let by_sku = totals(
-            lines(row.lines)?
-                .into_iter()
-                .map(|l| (l.sku.as_str().to_owned(), i64::from(l.quantity.get()))),
-        );
+        let by_sku = crate::inventory::totals(&lines(row.lines)?);
         let skus: Vec<String> = by_sku.keys().cloned().collect();
         // The products in the order of their variants' SKUs, each locked once.
         let products: Vec<(String, Uuid, Uuid)> = sqlx::query!(
@@ -966,7 +994,7 @@ impl Reservations {
                 e.insert(Products::lock(uow, product_id).await?);
             }
             let product = locked.get_mut(&product_id).expect("locked above");
-            op(product, variant, by_sku[&sku], order)?;
+            op(product, variant, i64::from(by_sku[&sku]), order)?;
         }
         for product in locked.values_mut() {
             Products::save_stock(uow, product).await?;
@@ -986,13 +1014,4 @@ impl Reservations {
 fn lines(value: serde_json::Value) -> Result<Vec<Line>, Error> {
     serde_json::from_value(value)
         .map_err(|e| Error::Database(sqlx::Error::Decode(format!("stored lines: {e}").into())))
-}
-
-/// Group lines by key, summing: a helper for reservations of several lines of one SKU.
-pub fn totals<K: Ord + Clone>(lines: impl IntoIterator<Item = (K, i64)>) -> BTreeMap<K, i64> {
-    let mut out = BTreeMap::new();
-    for (k, q) in lines {
-        *out.entry(k).or_insert(0) += q;
-    }
-    out
 }
