@@ -12,28 +12,7 @@ use axum::http::HeaderMap;
 
 use super::problem::{FieldError, Problem};
 
-/// Whether `c` may not appear in a stored text.
-fn forbidden(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
-}
-
-/// What is wrong with `value` as a text of at most `max` characters, if anything.
-fn check(value: &str, max: usize, may_be_empty: bool) -> Result<(), String> {
-    if value.is_empty() && !may_be_empty {
-        return Err("must not be empty".into());
-    }
-    if let Some(c) = value.chars().find(|&c| forbidden(c)) {
-        return Err(format!(
-            "must not contain control characters (found U+{:04X})",
-            c as u32
-        ));
-    }
-    let n = value.chars().count();
-    if n > max {
-        return Err(format!("must be at most {max} characters, got {n}"));
-    }
-    Ok(())
-}
+use runtime::text::check;
 
 /// A required text field of a body: trimmed, 1 to `max` characters, no control characters.
 /// The error names the field by its JSON pointer.

@@ -305,20 +305,9 @@ pub const MAX_ATTRIBUTES: usize = 100;
 pub const MAX_IMAGES: usize = 50;
 pub const MAX_VARIANTS: usize = 500;
 
+/// A one-line text of the model, by the rules every stored text follows ([`runtime::text`]).
 fn check_text(field: &str, value: &str, max: usize, required: bool) -> Result<(), Rule> {
-    if required && value.trim().is_empty() {
-        return Err(invalid(field, "must not be empty"));
-    }
-    if value.chars().count() > max {
-        return Err(invalid(field, format!("at most {max} characters")));
-    }
-    if value
-        .chars()
-        .any(|c| c.is_control() && !matches!(c, '\n' | '\t'))
-    {
-        return Err(invalid(field, "control characters are not allowed"));
-    }
-    Ok(())
+    runtime::text::check(value, max, !required).map_err(|why| invalid(field, why))
 }
 
 fn check_attributes(field: &str, attributes: &Attributes) -> Result<(), Rule> {
@@ -338,7 +327,8 @@ fn check_attributes(field: &str, attributes: &Attributes) -> Result<(), Rule> {
 impl Details {
     pub fn check(&self) -> Result<(), Rule> {
         check_text("name", &self.name, MAX_NAME, true)?;
-        check_text("description", &self.description, MAX_TEXT, false)?;
+        runtime::text::check_multiline(&self.description, MAX_TEXT, true)
+            .map_err(|why| invalid("description", why))?;
         check_attributes("attributes", &self.attributes)?;
         if self.images.len() > MAX_IMAGES {
             return Err(invalid("images", format!("at most {MAX_IMAGES} images")));
@@ -984,6 +974,11 @@ mod tests {
             (
                 "a control character",
                 |p, _| p.update(details("Tee\u{0}")),
+                Some(|e| matches!(e, Rule::Invalid { .. })),
+            ),
+            (
+                "a text direction override",
+                |p, _| p.update(details("Tee\u{202E}")),
                 Some(|e| matches!(e, Rule::Invalid { .. })),
             ),
             (
