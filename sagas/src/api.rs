@@ -26,6 +26,9 @@ pub enum Input {
     Cancel { reason: String },
     /// The circuit breaker of a step lets calls through again: a saga parked on it goes on.
     Resume { step: String },
+    /// An operator acted on the saga by hand (from the dashboard). Who and why are kept in the
+    /// event log with the input: that is how the saga's timeline shows who did what.
+    Operator(OperatorInput),
 }
 
 impl Input {
@@ -45,7 +48,62 @@ impl Input {
             Input::Signal(_) => "signal",
             Input::Cancel { .. } => "cancel_requested",
             Input::Resume { .. } => "resumed",
+            Input::Operator(op) => match op.action {
+                OperatorAction::RetryNow => "operator_retry_now",
+                OperatorAction::Recover => "operator_recover",
+                OperatorAction::Resolve => "operator_resolve",
+            },
         }
+    }
+}
+
+/// An operator's action on one saga, with who took it and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OperatorInput {
+    /// The operator's name.
+    pub by: String,
+    /// The note the operator typed: why they did it.
+    pub reason: String,
+    pub action: OperatorAction,
+}
+
+/// What an operator can do to a saga by hand. Each applies in some states only; elsewhere the
+/// saga ignores it, with a reason written for the operator ([`Saga::operator_actions`] tells
+/// which apply now, and why the others do not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorAction {
+    /// Make the attempt the saga waits to make now: skip the backoff before a retry, or
+    /// dispatch despite the open circuit breaker a saga is parked on.
+    RetryNow,
+    /// Start a new round of the step a failed saga gave up on (its compensation, or a step
+    /// after the pivot), with its attempts counted anew; the saga then goes on from there.
+    Recover,
+    /// Close a failed saga by hand: the operator dealt with what it could not do. It ends
+    /// `resolved`, and nothing moves it any more.
+    Resolve,
+}
+
+impl OperatorAction {
+    /// Every action, in the order the dashboard shows them.
+    pub const ALL: [OperatorAction; 3] = [
+        OperatorAction::RetryNow,
+        OperatorAction::Recover,
+        OperatorAction::Resolve,
+    ];
+
+    /// Its name in URLs, the event log and the audit log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorAction::RetryNow => "retry_now",
+            OperatorAction::Recover => "recover",
+            OperatorAction::Resolve => "resolve",
+        }
+    }
+
+    /// The action of a name given by [`OperatorAction::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
     }
 }
 
@@ -127,13 +185,17 @@ pub enum Status {
     Compensated,
     /// A compensation could not succeed: waiting for an operator.
     Failed,
+    /// A failed saga an operator closed by hand ([`OperatorAction::Resolve`]).
+    Resolved,
 }
 
 impl Status {
+    /// Whether the saga ended: no reply, timer, signal or cancel moves it any more. Only an
+    /// operator may, and only a failed saga (recovered, or resolved by hand).
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            Status::Completed | Status::Compensated | Status::Failed
+            Status::Completed | Status::Compensated | Status::Failed | Status::Resolved
         )
     }
 
@@ -145,17 +207,19 @@ impl Status {
             Status::Completed => "completed",
             Status::Compensated => "compensated",
             Status::Failed => "failed",
+            Status::Resolved => "resolved",
         }
     }
 
     /// Every status, in the order a saga may pass through them.
-    pub const ALL: [Status; 6] = [
+    pub const ALL: [Status; 7] = [
         Status::Running,
         Status::Parked,
         Status::Compensating,
         Status::Completed,
         Status::Compensated,
         Status::Failed,
+        Status::Resolved,
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -236,6 +300,12 @@ pub trait Saga: Send + Sync + std::fmt::Debug {
     fn status(&self) -> Status;
     /// The name of the current leaf state, for the API and the dashboard.
     fn state_name(&self) -> &'static str;
+    /// Each operator action, and whether applying it at `now` would change the saga: `Err`
+    /// holds the reason the saga would ignore it with (what the dashboard shows beside a
+    /// disabled button). A type without operator actions answers none.
+    fn operator_actions(&self, _now: Timestamp) -> Vec<(OperatorAction, Result<(), String>)> {
+        Vec::new()
+    }
     fn clone_box(&self) -> Box<dyn Saga>;
 }
 
@@ -263,12 +333,21 @@ pub struct EventStart {
     pub request: serde_json::Value,
 }
 
-/// A step of a saga type, as the engine and the operators see it.
+/// A step of a saga type, as the engine and the operators see it (the dashboard draws the
+/// saga's machine from these).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepInfo {
     pub name: &'static str,
     /// The worker pool its commands go to; `None` for a step that only awaits a signal.
     pub service: Option<&'static str>,
+    /// The role it plays: `compensatable`, `pivot` or `retriable_only`.
+    pub kind: &'static str,
+    /// The action of its forward command; `None` for a step that only awaits a signal.
+    pub action: Option<&'static str>,
+    /// The action of its compensating command, if it has one.
+    pub compensation: Option<&'static str>,
+    /// The name of the signal it awaits, if any.
+    pub awaits: Option<&'static str>,
 }
 
 /// A kind of saga (checkout, fulfilment, ...).

@@ -357,6 +357,9 @@ impl Definition for Checkout {
             Status::Completed => "confirmed",
             Status::Compensated => "cancelled",
             Status::Failed => "needs_attention",
+            // A checkout fails only while it unwinds: its order was cancelled (and the customer
+            // told so); the operator who resolved it by hand did what the saga could not undo.
+            Status::Resolved => "cancelled",
             Status::Running | Status::Parked | Status::Compensating => "pending",
         };
         let row = |table: &'static str, v: serde_json::Value| ProjectionRow {

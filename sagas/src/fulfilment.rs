@@ -483,6 +483,9 @@ impl Definition for Fulfilment {
             Status::Completed => "delivered",
             Status::Compensated => "cancelled",
             Status::Failed => "needs_attention",
+            // Every failed fulfilment undid what it could and told the customer its order was
+            // cancelled; once an operator resolved the case by hand it needs no attention.
+            Status::Resolved => "cancelled",
             Status::Compensating => "cancelling",
             Status::Running | Status::Parked if d.dispatched_at.is_some() => "shipped",
             Status::Running | Status::Parked => "preparing",

@@ -19,6 +19,9 @@
 //!                   │ last step succeeded                 │ all undone     │ gave up
 //!                   ▼                                     ▼                ▼
 //!               completed                            compensated         failed
+//!                                                                          │ resolved by
+//!                                                                          ▼ an operator
+//!                                                                       resolved
 //! ```
 //!
 //! A permanent failure, exhausted attempts, a signal that reports a failure, an expired SLA or a
@@ -32,6 +35,14 @@
 //! starts, beside the step's deadline. A signal is applied when the current step awaits it; one
 //! a later step awaits is buffered when that step says so; any other is recorded and ignored. A
 //! signal whose id was seen before changes nothing (it is ignored, like a stale reply).
+//!
+//! **Operators** act on a saga by hand ([`api::OperatorInput`]). *Retry now* makes the attempt
+//! the saga waits to make at once: it skips the backoff of a saga that is retrying, or sends
+//! the attempt of a parked saga through its open breaker. *Recover* starts a new round of the
+//! step a failed saga gave up on (its compensation, or a step after the pivot), with attempt
+//! numbers that go on and the policy's attempts counted anew; the saga then goes on unwinding,
+//! or forward. *Resolve* closes a failed saga by hand: it ends `resolved`, with who did it and
+//! why. Anything else an operator asks is ignored, with a reason written for them.
 //!
 //! **Timers** are named: `step` (the deadline of the attempt in flight, or the backoff before the
 //! next one) and `sla:<step>`. Their payload is this module's [`StepTimer`]; the engine never
@@ -50,8 +61,8 @@ use statig::blocking::StateMachine;
 use statig::prelude::*;
 
 use crate::api::{
-    self, Effect, Env, EventStart, FiredTimer, Input, ProjectionRow, ProjectionTable, Status,
-    StepInfo, Trigger, Verdict,
+    self, Effect, Env, EventStart, FiredTimer, Input, OperatorAction, OperatorInput, ProjectionRow,
+    ProjectionTable, Status, StepInfo, Trigger, Verdict,
 };
 use crate::policy::{self, Policy, StepPolicy, StepPolicyOverride};
 use crate::wire::{
@@ -72,6 +83,17 @@ pub enum StepKind {
     /// Comes after the pivot; retried until it succeeds, never compensated. If it cannot
     /// succeed, the saga waits for an operator.
     RetriableOnly,
+}
+
+impl StepKind {
+    /// Its name, as serialized: `compensatable`, `pivot` or `retriable_only`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Compensatable => "compensatable",
+            StepKind::Pivot => "pivot",
+            StepKind::RetriableOnly => "retriable_only",
+        }
+    }
 }
 
 /// A signal a step waits for.
@@ -383,6 +405,12 @@ pub struct StepRecord {
     /// The first forward attempt of the current round; attempts are counted from here.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub round_start: u32,
+    /// The first compensation attempt of the current round: an operator who recovers a saga
+    /// whose compensation failed starts a new round, with attempt numbers that go on (a
+    /// command's id is derived from its attempt, and a worker would answer a reused one with
+    /// the old failure) and its policy's `max_attempts` counted from here.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub compensation_round_start: u32,
     /// When the signal the step awaits came.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal_at: Option<Timestamp>,
@@ -404,7 +432,7 @@ impl StepRecord {
     fn round_start(&self, phase: Phase) -> u32 {
         match phase {
             Phase::Forward => self.round_start,
-            Phase::Compensation => 1,
+            Phase::Compensation => self.compensation_round_start,
         }
     }
 
@@ -435,6 +463,16 @@ pub enum SignalOutcome {
     Buffered,
     /// Nothing awaited it.
     Ignored,
+}
+
+/// How an operator closed a failed saga by hand ([`OperatorAction::Resolve`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolution {
+    /// The operator's name.
+    pub by: String,
+    /// What they wrote about it.
+    pub note: String,
+    pub at: Timestamp,
 }
 
 /// A signal the saga received, and what became of it.
@@ -567,7 +605,9 @@ pub struct Stepwise<D: Definition> {
     /// breaker's probe, or a breaker that closed). Its next dispatch goes out even if the
     /// breaker blocks again meanwhile: a resumed saga may have to renew an earlier step first
     /// (a reservation that ran out while it was parked), and the probe must still reach the
-    /// step it probes, or the breaker would never hear how that step is doing.
+    /// step it probes, or the breaker would never hear how that step is doing. An operator's
+    /// retry now lets a parked step through the same way, a compensation too (it is sent at
+    /// once, so the field never outlives that input then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub let_through: Option<String>,
     /// Every signal received, in order, with what became of it (also how a signal sent twice
@@ -580,6 +620,9 @@ pub struct Stepwise<D: Definition> {
     /// The SLA timers armed now, by name, to disarm when the saga leaves their step.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slas: Vec<String>,
+    /// Who closed the saga by hand, and why, once an operator resolved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
     /// Counts the changes of `data` since the saga was started or restored ([`api::Saga::revision`]).
     #[serde(skip)]
     revision: Revision,
@@ -660,6 +703,18 @@ impl<D: Definition> Stepwise<D> {
             }
             Input::Resume { .. } => {
                 context.ignore("not parked");
+                Handled
+            }
+            Input::Operator(op) => {
+                let def = &D::steps()[*step];
+                context.ignore(match op.action {
+                    OperatorAction::RetryNow => format!(
+                        "nothing is waiting to be retried: {} awaits its signal {}",
+                        def.name,
+                        def.awaits.map_or("", |a| a.signal)
+                    ),
+                    action => only_failed(action, Status::Running),
+                });
                 Handled
             }
             _ => Super,
@@ -778,26 +833,96 @@ impl<D: Definition> Stepwise<D> {
     }
 
     #[state(superstate = "ended")]
-    fn completed() -> Outcome<State> {
-        Super
+    fn completed(context: &mut Ctx, event: &Input) -> Outcome<State> {
+        refuse_when_ended(context, event, Status::Completed)
     }
 
     #[state(superstate = "ended")]
-    fn compensated() -> Outcome<State> {
-        Super
+    fn compensated(context: &mut Ctx, event: &Input) -> Outcome<State> {
+        refuse_when_ended(context, event, Status::Compensated)
     }
 
-    /// A compensation (or a step after the pivot) could not succeed: waiting for an operator.
+    /// A compensation (or a step after the pivot) could not succeed: waiting for an operator,
+    /// who recovers the saga (a new round of that step) or resolves it by hand.
     #[state(superstate = "ended")]
-    fn failed() -> Outcome<State> {
-        Super
+    fn failed(&mut self, context: &mut Ctx, event: &Input) -> Outcome<State> {
+        match event {
+            Input::Operator(op) => match op.action {
+                OperatorAction::Recover => self.recover(context),
+                OperatorAction::Resolve => self.resolve(context, op),
+                OperatorAction::RetryNow => {
+                    context.ignore(
+                        "the saga has failed: nothing is waiting to be retried (recover it to \
+                         start a new round of the step it gave up on)",
+                    );
+                    Handled
+                }
+            },
+            _ => Super,
+        }
     }
 
-    /// Nothing moves an ended saga: late replies, timers, signals and cancels are ignored.
+    /// A failed saga an operator closed by hand.
+    #[state(superstate = "ended")]
+    fn resolved(&self, context: &mut Ctx, event: &Input) -> Outcome<State> {
+        match (event, &self.resolution) {
+            (
+                Input::Operator(OperatorInput {
+                    action: OperatorAction::Resolve,
+                    ..
+                }),
+                Some(r),
+            ) => {
+                context.ignore(format!(
+                    "the saga was already resolved by hand, by {} at {}",
+                    r.by,
+                    r.at.to_rfc3339()
+                ));
+                Handled
+            }
+            _ => refuse_when_ended(context, event, Status::Resolved),
+        }
+    }
+
+    /// Nothing moves an ended saga but an operator, and only a failed one: late replies,
+    /// timers, signals and cancels are ignored.
     #[superstate]
     fn ended(context: &mut Ctx) -> Outcome<State> {
         context.ignore("the saga has ended");
         Handled
+    }
+}
+
+/// Why an operator's `action` does not apply to a saga that is not failed but `status`.
+fn only_failed(action: OperatorAction, status: Status) -> String {
+    let status = status.as_str();
+    match action {
+        OperatorAction::Recover => {
+            format!("only a failed saga can be recovered; this one is {status}")
+        }
+        OperatorAction::Resolve => {
+            format!("only a failed saga can be resolved by hand; this one is {status}")
+        }
+        OperatorAction::RetryNow => {
+            format!("nothing is waiting to be retried; the saga is {status}")
+        }
+    }
+}
+
+/// An operator's input to a saga that ended `status` (not failed) is ignored with what the
+/// operator needs to read; anything else goes to the `ended` superstate.
+fn refuse_when_ended(context: &mut Ctx, event: &Input, status: Status) -> Outcome<State> {
+    match event {
+        Input::Operator(op) => {
+            context.ignore(match op.action {
+                OperatorAction::RetryNow => {
+                    format!("the saga has ended ({}): nothing to retry", status.as_str())
+                }
+                action => only_failed(action, status),
+            });
+            Handled
+        }
+        _ => Super,
     }
 }
 
@@ -894,7 +1019,30 @@ impl<D: Definition> Stepwise<D> {
                 ctx.ignore("not parked");
                 Handled
             }
+            Input::Operator(op) => {
+                ctx.ignore(match (op.action, phase) {
+                    (OperatorAction::RetryNow, Phase::Forward) => format!(
+                        "nothing is waiting to be retried: attempt {attempt} of {} is in flight",
+                        self.name(step)
+                    ),
+                    (OperatorAction::RetryNow, Phase::Compensation) => format!(
+                        "nothing is waiting to be retried: compensation attempt {attempt} of {} \
+                         is in flight",
+                        self.name(step)
+                    ),
+                    (action, phase) => only_failed(action, Self::status_in(phase)),
+                });
+                Handled
+            }
             Input::Cancel { .. } | Input::Signal(_) => Super,
+        }
+    }
+
+    /// The status of a saga that goes on in `phase` (not parked).
+    fn status_in(phase: Phase) -> Status {
+        match phase {
+            Phase::Forward => Status::Running,
+            Phase::Compensation => Status::Compensating,
         }
     }
 
@@ -919,6 +1067,20 @@ impl<D: Definition> Stepwise<D> {
                 },
                 _ => Super,
             },
+            // The operator skips the backoff: what the retry timer would do, done now. The
+            // new attempt's deadline replaces the retry timer in the step's slot, so the old
+            // retry timer no longer fires (and would be stale if it did).
+            Input::Operator(OperatorInput {
+                action: OperatorAction::RetryNow,
+                ..
+            }) => match phase {
+                Phase::Forward => self.proceed(ctx, step),
+                Phase::Compensation => Transition(self.send(ctx, step, phase, attempt)),
+            },
+            Input::Operator(op) => {
+                ctx.ignore(only_failed(op.action, Self::status_in(phase)));
+                Handled
+            }
             Input::Reply(_) => {
                 ctx.ignore("reply to an earlier attempt while waiting to retry");
                 Handled
@@ -953,6 +1115,22 @@ impl<D: Definition> Stepwise<D> {
                     }
                     Phase::Compensation => Transition(self.send(ctx, step, phase, attempt)),
                 }
+            }
+            // The operator overrides the breaker: the attempt goes out now, as if the breaker
+            // had let this saga through (and the breaker hears how it went from its reply).
+            Input::Operator(OperatorInput {
+                action: OperatorAction::RetryNow,
+                ..
+            }) => {
+                self.let_through = Some(self.name(step).to_owned());
+                match phase {
+                    Phase::Forward => self.proceed(ctx, step),
+                    Phase::Compensation => Transition(self.send(ctx, step, phase, attempt)),
+                }
+            }
+            Input::Operator(op) => {
+                ctx.ignore(only_failed(op.action, Status::Parked));
+                Handled
             }
             Input::Cancel { .. } | Input::Signal(_) | Input::TimerFired(_) => Super,
             _ => {
@@ -1015,7 +1193,11 @@ impl<D: Definition> Stepwise<D> {
     /// Start `step` going forward: arm the SLA of the signal it awaits (taking a signal that
     /// came early from the inbox), then dispatch its command, or wait for its signal.
     fn enter(&mut self, ctx: &mut Ctx, step: usize) -> Outcome<State> {
-        if let Some(awaits) = D::steps()[step].awaits {
+        // A step entered again after its signal came (an operator recovering a step whose
+        // command failed once its signal was in) does not wait for it a second time.
+        if let Some(awaits) = D::steps()[step].awaits
+            && self.steps[step].signal_at.is_none()
+        {
             if let Some(i) = self.inbox.iter().position(|s| s.name == awaits.signal) {
                 let signal = self.inbox.remove(i);
                 self.revision.bump();
@@ -1040,10 +1222,13 @@ impl<D: Definition> Stepwise<D> {
     }
 
     /// Dispatch attempt `attempt` of `step` in `phase`, or park on the step when its breaker is
-    /// open (the attempt is not spent). Returns the state to move to.
+    /// open (the attempt is not spent) and it was not let through. Returns the state to move
+    /// to.
     fn send(&mut self, ctx: &mut Ctx, step: usize, phase: Phase, attempt: u32) -> State {
-        let let_through =
-            phase == Phase::Forward && self.let_through.as_deref() == Some(self.name(step));
+        // A forward step is let through by a resume or an operator's retry now; a
+        // compensation only by the operator, who sends it at once. (When the saga turns
+        // around, `compensate_next` forgets a forward step's pass before it sends anything.)
+        let let_through = self.let_through.as_deref() == Some(self.name(step));
         if ctx.blocked.contains(self.name(step)) && !let_through {
             self.steps[step].status = match phase {
                 Phase::Forward => StepStatus::Parked,
@@ -1403,6 +1588,75 @@ impl<D: Definition> Stepwise<D> {
         self.end(ctx, End::Compensated { reason: &reason })
     }
 
+    /// An operator recovers a failed saga: a new round of the step it gave up on, with its
+    /// attempts counted anew, after which the saga goes on as it would have: a compensation
+    /// that failed is sent again and the saga unwinds on; a step after the pivot is tried
+    /// again and the saga goes on forward.
+    fn recover(&mut self, ctx: &mut Ctx) -> Outcome<State> {
+        // A pass through a breaker is for the dispatch it was given for, not for this round.
+        self.let_through = None;
+        if let Some(step) = self
+            .steps
+            .iter()
+            .position(|r| r.status == StepStatus::CompensationFailed)
+        {
+            // The attempt number goes on: the command's id is derived from it, and the worker,
+            // which dedups commands by id, would answer attempt 1 with its old failure.
+            let record = &mut self.steps[step];
+            let attempt = record.compensation_attempts + 1;
+            record.compensation_round_start = attempt;
+            return Transition(self.send(ctx, step, Phase::Compensation, attempt));
+        }
+        let forward = match &self.failure {
+            Some(f) if self.past_pivot && !self.case => D::steps()
+                .iter()
+                .position(|d| d.name == f.step)
+                .filter(|&s| {
+                    matches!(
+                        self.steps[s].status,
+                        StepStatus::Rejected | StepStatus::Abandoned
+                    )
+                }),
+            _ => None,
+        };
+        let Some(step) = forward else {
+            ctx.ignore(match &self.failure {
+                // The definition made the failure a case ([`Unwind::Case`]): what could be
+                // undone was, so there is no step to go on with.
+                Some(f) if self.case => format!(
+                    "nothing to recover: {} failed and what could be undone was; the case is \
+                     for an operator to handle, then to resolve",
+                    f.step
+                ),
+                _ => "nothing to recover: no compensation failed, and no step after the pivot"
+                    .to_owned(),
+            });
+            return Handled;
+        };
+        // The saga goes forward again as if the step had not failed: the failure is history,
+        // kept in the step's last error and the event log.
+        self.failure = None;
+        let record = &mut self.steps[step];
+        record.round_start = record.attempts + 1;
+        record.status = StepStatus::Pending;
+        self.enter(ctx, step)
+    }
+
+    /// An operator closes a failed saga by hand: who, why and when are kept; nothing else
+    /// happens (no domain event: what the saga could not do was done by hand, elsewhere).
+    fn resolve(&mut self, ctx: &mut Ctx, op: &OperatorInput) -> Outcome<State> {
+        self.resolution = Some(Resolution {
+            by: op.by.clone(),
+            note: op.reason.clone(),
+            at: ctx.now,
+        });
+        // A saga disarms its timers when it fails; disarm them again, as an end does, so that
+        // a resolved saga leaves certainly none behind.
+        ctx.cancel_timer(STEP_TIMER.to_owned());
+        self.cancel_slas(ctx);
+        Transition(State::resolved())
+    }
+
     fn unwind_reason(&self) -> String {
         match (&self.cancel_reason, &self.failure) {
             (Some(r), _) => format!("cancelled: {r}"),
@@ -1484,6 +1738,7 @@ pub enum StateSnapshot {
     Completed,
     Compensated,
     Failed,
+    Resolved,
 }
 
 impl StateSnapshot {
@@ -1519,6 +1774,7 @@ impl StateSnapshot {
             State::Completed {} => Self::Completed,
             State::Compensated {} => Self::Compensated,
             State::Failed {} => Self::Failed,
+            State::Resolved {} => Self::Resolved,
         }
     }
 
@@ -1544,6 +1800,7 @@ impl StateSnapshot {
             Self::Completed => State::completed(),
             Self::Compensated => State::compensated(),
             Self::Failed => State::failed(),
+            Self::Resolved => State::resolved(),
         }
     }
 
@@ -1573,6 +1830,7 @@ impl StateSnapshot {
             Self::Completed => "completed",
             Self::Compensated => "compensated",
             Self::Failed => "failed",
+            Self::Resolved => "resolved",
         }
     }
 
@@ -1584,6 +1842,7 @@ impl StateSnapshot {
             Self::Completed => Status::Completed,
             Self::Compensated => Status::Compensated,
             Self::Failed => Status::Failed,
+            Self::Resolved => Status::Resolved,
         }
     }
 }
@@ -1723,6 +1982,7 @@ impl<D: Definition> Instance<D> {
                     output: None,
                     renewals: 0,
                     round_start: 1,
+                    compensation_round_start: 1,
                     signal_at: None,
                 })
                 .collect(),
@@ -1735,6 +1995,7 @@ impl<D: Definition> Instance<D> {
             signals: Vec::new(),
             inbox: Vec::new(),
             slas: Vec::new(),
+            resolution: None,
             revision: Revision::default(),
             marker: PhantomData,
         };
@@ -1865,6 +2126,26 @@ impl<D: Definition> api::Saga for Instance<D> {
         self.state().name()
     }
 
+    /// Asks the machine itself: each action is applied to a copy of the saga, so the answer
+    /// is the verdict the saga would give, never a second opinion that could drift from it.
+    fn operator_actions(&self, now: Timestamp) -> Vec<(OperatorAction, Result<(), String>)> {
+        OperatorAction::ALL
+            .into_iter()
+            .map(|action| {
+                let input = Input::Operator(OperatorInput {
+                    by: String::new(),
+                    reason: String::new(),
+                    action,
+                });
+                let verdict = match self.clone().handle(&input, &Env::at(now)) {
+                    Verdict::Applied(_) => Ok(()),
+                    Verdict::Ignored(why) => Err(why),
+                };
+                (action, verdict)
+            })
+            .collect()
+    }
+
     fn clone_box(&self) -> Box<dyn api::Saga> {
         Box::new(self.clone())
     }
@@ -1896,6 +2177,10 @@ impl<D: Definition> api::SagaType for Type<D> {
             .map(|s| StepInfo {
                 name: s.name,
                 service: s.service,
+                kind: s.kind.as_str(),
+                action: s.action,
+                compensation: s.compensation,
+                awaits: s.awaits.map(|a| a.signal),
             })
             .collect()
     }

@@ -5,22 +5,27 @@
 //! happened). Like the real workers, the model is idempotent per step: once a step's effect
 //! happened, every later attempt succeeds; once it was compensated, it stays undone. The commit
 //! (the pivot) has no compensation of its own: like the inventory, the release of the
-//! reservation undoes a commit that happened, and tombstones it. Cancels, stale replies and
-//! reloads from the snapshot are mixed in at random.
+//! reservation undoes a commit that happened, and tombstones it. Cancels, stale replies,
+//! reloads from the snapshot and operators' actions are mixed in at random: an operator's retry
+//! now applies exactly when the saga waits on a backoff or a breaker (and `operator_actions`
+//! says so beforehand), a recover or resolve never while the saga goes on; a saga that failed
+//! is recovered (a new round of its compensation, its attempts counted anew) up to a few times,
+//! and may then be resolved by hand.
 //!
 //! Whatever happens, the saga ends, and:
 //! - `completed`: all four effects are in place;
 //! - `compensated`: every effect that happened was undone;
-//! - `failed`: exactly when, in the generated outcomes, a compensation failed permanently or
-//!   failed retryably as many times as its policy's `max_attempts` (a deadline counts as a
-//!   failed attempt once the command was sent `redispatches` more times without a reply).
+//! - `failed` (or `resolved`, when an operator then closed it): exactly when, in the generated
+//!   outcomes of the last round of a compensation, it failed permanently or failed retryably
+//!   as many times as its policy's `max_attempts` (a deadline counts as a failed attempt once
+//!   the command was sent `redispatches` more times without a reply).
 //!
 //! And replaying the saga's log through a fresh machine gives its snapshot.
 
 mod support;
 
 use proptest::prelude::*;
-use sagas::api::{Input, Status};
+use sagas::api::{Input, OperatorAction, Status, Verdict};
 use sagas::checkout::Checkout;
 use sagas::stepwise::Definition;
 use sagas::wire::{Phase, ReplyOutcome};
@@ -58,23 +63,51 @@ struct Script {
     stale: Vec<bool>,
     /// Which breakers are open before each answer (bit per step).
     breakers: Vec<u8>,
+    /// What an operator does before each answer, if anything.
+    operator: Vec<Option<OperatorAction>>,
+    /// How many times an operator recovers the saga when it fails.
+    recoveries: usize,
+    /// Whether an operator resolves the saga if it ends failed.
+    resolve: bool,
 }
+
+fn operator() -> impl Strategy<Value = Option<OperatorAction>> {
+    prop_oneof![
+        12 => Just(None),
+        2 => Just(Some(OperatorAction::RetryNow)),
+        1 => Just(Some(OperatorAction::Recover)),
+        1 => Just(Some(OperatorAction::Resolve)),
+    ]
+}
+
+/// Answers enough for the saga to end, even after recoveries.
+const ANSWERS: usize = 300;
 
 fn script() -> impl Strategy<Value = Script> {
     (
-        prop::collection::vec(answer(), 200),
+        prop::collection::vec(answer(), ANSWERS),
         prop::option::of(0usize..12),
-        prop::collection::vec(any::<bool>(), 200),
-        prop::collection::vec(prop::bool::weighted(0.2), 200),
-        prop::collection::vec(prop_oneof![4 => Just(0u8), 1 => 0u8..16], 200),
+        prop::collection::vec(any::<bool>(), ANSWERS),
+        prop::collection::vec(prop::bool::weighted(0.2), ANSWERS),
+        prop::collection::vec(prop_oneof![4 => Just(0u8), 1 => 0u8..16], ANSWERS),
+        prop::collection::vec(operator(), ANSWERS),
+        0usize..3,
+        any::<bool>(),
     )
-        .prop_map(|(answers, cancel_at, reloads, stale, breakers)| Script {
-            answers,
-            cancel_at,
-            reloads,
-            stale,
-            breakers,
-        })
+        .prop_map(
+            |(answers, cancel_at, reloads, stale, breakers, operator, recoveries, resolve)| {
+                Script {
+                    answers,
+                    cancel_at,
+                    reloads,
+                    stale,
+                    breakers,
+                    operator,
+                    recoveries,
+                    resolve,
+                }
+            },
+        )
 }
 
 /// The steps: reserve, charge, ship, commit.
@@ -130,11 +163,29 @@ impl World {
         }
     }
 
+    /// An operator recovered the compensation of step `s`: its attempts are counted anew.
+    fn new_round(&mut self, s: usize) {
+        self.compensation_rejected[s] = false;
+        self.compensation_failures[s] = 0;
+        self.compensation_silences[s] = 0;
+    }
+
     /// Whether the outcomes of step `s`'s compensation leave the saga no choice but to fail.
     fn compensation_gave_up(&self, s: usize) -> bool {
         let policy = &Checkout::steps()[s].policy.compensation;
         self.compensation_rejected[s] || self.compensation_failures[s] >= policy.max_attempts
     }
+}
+
+/// The step whose compensation gave up, in a failed saga.
+fn failed_compensation(h: &Harness) -> usize {
+    let snapshot = h.saga.snapshot();
+    snapshot["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|s| s["status"] == "compensation_failed")
+        .expect("a compensation failed")
 }
 
 fn step_index(step: &str) -> usize {
@@ -156,7 +207,19 @@ proptest! {
         let mut world = World::default();
         let mut seen = Vec::new();
         let mut i = 0;
-        while !h.status().is_terminal() {
+        let mut recoveries = 0;
+        loop {
+            if h.status().is_terminal() {
+                if h.status() == Status::Failed && recoveries < script.recoveries {
+                    // The operator recovers the compensation that gave up: a new round.
+                    recoveries += 1;
+                    let s = failed_compensation(&h);
+                    prop_assert!(matches!(h.operator(OperatorAction::Recover), Verdict::Applied(_)));
+                    world.new_round(s);
+                    continue;
+                }
+                break;
+            }
             prop_assert!(i < script.answers.len(), "saga did not end after {} answers", i);
             if script.reloads[i] {
                 h.reload();
@@ -176,7 +239,18 @@ proptest! {
                 }
             }
             if h.status().is_terminal() {
-                break;
+                continue;
+            }
+            if let Some(action) = script.operator[i] {
+                // Only a saga waiting on a backoff or a breaker can be retried now; the saga
+                // goes on, so a recover or a resolve never applies. The dashboard's offer says
+                // the same beforehand.
+                let waiting = h.state().ends_with("retrying") || h.state().ends_with("parked");
+                let expected = action == OperatorAction::RetryNow && waiting;
+                let offer = h.saga.operator_actions(h.now).into_iter().find(|(a, _)| *a == action);
+                let applied = matches!(h.operator(action), Verdict::Applied(_));
+                prop_assert_eq!(applied, expected, "{:?} in {}", action, h.state());
+                prop_assert_eq!(offer.map(|(_, r)| r.is_ok()), Some(applied));
             }
             // Breakers open and close at random; a parked saga is resumed once its breaker
             // closed, and must then go on with the attempt it had not spent.
@@ -288,7 +362,13 @@ proptest! {
                     world
                 );
             }
-            other => prop_assert!(false, "not terminal: {:?}", other),
+            // Not `resolved` either: only the operator below resolves it.
+            other => prop_assert!(false, "not an end the outcomes lead to: {:?}", other),
+        }
+        if h.status() == Status::Failed && script.resolve {
+            prop_assert!(matches!(h.operator(OperatorAction::Resolve), Verdict::Applied(_)));
+            prop_assert_eq!(h.status(), Status::Resolved);
+            h.reload();
         }
         prop_assert_eq!(h.replayed_snapshot(), h.saga.snapshot());
     }

@@ -4,7 +4,9 @@
 use chrono::{DateTime, Duration};
 use std::collections::BTreeMap;
 
-use sagas::api::{Effect, Env, FiredTimer, Input, Saga, SagaType, Status, Verdict};
+use sagas::api::{
+    Effect, Env, FiredTimer, Input, OperatorAction, OperatorInput, Saga, SagaType, Status, Verdict,
+};
 use sagas::checkout;
 use sagas::shop::{inventory, payment, shipping};
 use sagas::stepwise::StepTimer;
@@ -107,7 +109,7 @@ impl Harness {
         }
     }
 
-    /// Feed an input; returns the effects, or `None` when it was ignored.
+    /// The environment the next input is fed with: the clock and the open breakers.
     pub fn env(&self) -> Env {
         Env {
             now: self.now,
@@ -115,17 +117,33 @@ impl Harness {
         }
     }
 
+    /// Feed an input; returns the effects, or `None` when it was ignored.
     pub fn feed(&mut self, input: Input) -> Option<Vec<Effect>> {
-        let env = self.env();
-        let verdict = self.saga.apply(&input, &env);
-        match verdict {
-            Verdict::Applied(effects) => {
-                self.log.push(Logged { input, env });
-                self.track(&effects);
-                Some(effects)
-            }
+        match self.apply(input) {
+            Verdict::Applied(effects) => Some(effects),
             Verdict::Ignored(_) => None,
         }
+    }
+
+    /// Feed an input and return the machine's verdict (with the reason it was ignored); an
+    /// applied input is logged and its effects tracked, as with [`Harness::feed`].
+    pub fn apply(&mut self, input: Input) -> Verdict {
+        let env = self.env();
+        let verdict = self.saga.apply(&input, &env);
+        if let Verdict::Applied(effects) = &verdict {
+            self.log.push(Logged { input, env });
+            self.track(effects);
+        }
+        verdict
+    }
+
+    /// An operator's action, as the dashboard sends it.
+    pub fn operator(&mut self, action: OperatorAction) -> Verdict {
+        self.apply(Input::Operator(OperatorInput {
+            by: "ada".into(),
+            reason: format!("{} from the test", action.as_str()),
+            action,
+        }))
     }
 
     pub fn command(&self) -> Command {
