@@ -32,6 +32,7 @@ pub struct Settings {
     pub maintenance: Maintenance,
     pub checkout: Checkout,
     pub catalog: CatalogSettings,
+    pub admin: Admin,
     #[serde(default)]
     pub sagas: Sagas,
     pub log: Log,
@@ -71,6 +72,48 @@ pub struct Http {
     pub max_body_bytes: usize,
     /// The longest `Prefer: wait` / `?wait` a client may ask for.
     pub max_wait_seconds: u64,
+}
+
+/// Who may use the dashboard and the admin API (`[admin]`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// `required`: every dashboard page and admin endpoint needs a login or a token.
+    /// `disabled`: nobody logs in and everyone is an operator; for development only, and every
+    /// page says so.
+    pub auth: AuthMode,
+    /// API tokens, comma-separated `name:role:sha256`, where `role` is `viewer` or `operator`
+    /// and `sha256` the hex SHA-256 of the token (`orchestrator admin token` makes one): the
+    /// configuration never holds a token itself.
+    pub tokens: String,
+    /// How long a dashboard login lasts.
+    pub session_ttl_seconds: u64,
+    /// Send the session cookie only over HTTPS (set it behind TLS).
+    pub secure_cookie: bool,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self
+            .tokens
+            .split(',')
+            .filter_map(|t| t.split(':').next())
+            .filter(|n| !n.trim().is_empty())
+            .collect();
+        f.debug_struct("Admin")
+            .field("auth", &self.auth)
+            .field("tokens", &names)
+            .field("session_ttl_seconds", &self.session_ttl_seconds)
+            .field("secure_cookie", &self.secure_cookie)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    Required,
+    Disabled,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -244,6 +287,12 @@ impl Settings {
             ),
             range("checkout.max_lines", self.checkout.max_lines, 1, 1000),
             range(
+                "admin.session_ttl_seconds",
+                self.admin.session_ttl_seconds,
+                60,
+                30 * 86_400,
+            ),
+            range(
                 "checkout.reservation_hold_seconds",
                 self.checkout.reservation_hold_seconds,
                 1,
@@ -277,6 +326,8 @@ impl Settings {
                 "replies.max_deliver must be -1 (no limit) or 5 to 100000, got {max_deliver}"
             ));
         }
+        crate::http::auth::parse_tokens(&self.admin.tokens)
+            .map_err(|e| Error::Invalid(format!("admin.tokens: {e}")))?;
         sagas::stepwise::validate_overrides::<sagas::checkout::Checkout>(&self.checkout.policies)
             .map_err(|e| Error::Invalid(format!("checkout.policies: {e}")))?;
         sagas::checkout::check_hold(

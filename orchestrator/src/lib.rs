@@ -13,10 +13,14 @@
 // Problem (an HTTP error) is large by nature and built once per failed request.
 #![allow(clippy::result_large_err)]
 
+pub mod admin;
+pub mod audit;
 pub mod breakers;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
+pub mod dead_letters;
 pub mod engine;
 pub mod http;
 pub mod metrics;

@@ -96,6 +96,20 @@ impl Application {
             })?;
         let port = listener.local_addr()?.port();
         let catalog = Arc::new(Catalog::new(&settings.catalog));
+        let dead_letters = crate::dead_letters::DeadLetters::new(
+            js.clone(),
+            settings.subjects(),
+            topology.stream_name(crate::topology::streams::DEAD_LETTERS),
+        );
+        let auth = Arc::new(
+            crate::http::auth::Auth::new(&settings.admin)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: admin: {e}"))?,
+        );
+        if auth.dev_mode() {
+            tracing::warn!(
+                "admin.auth = \"disabled\": the dashboard and the admin API answer anyone as an operator; for development only"
+            );
+        }
         Ok(Application {
             listener,
             port,
@@ -109,6 +123,8 @@ impl Application {
                 breakers,
                 metrics,
                 settings,
+                auth,
+                dead_letters,
             },
             relay,
             shards,

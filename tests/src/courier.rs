@@ -243,6 +243,8 @@ impl Definition for Courier {
             Status::Completed => "delivered",
             Status::Compensated => "returned",
             Status::Failed => "needs_attention",
+            // An operator settled the case by hand.
+            Status::Resolved => "settled",
             _ => "on_its_way",
         };
         let serde_json::Value::Object(row) = serde_json::json!({

@@ -177,6 +177,38 @@ pub const CATALOGUE: &[(&str, i64, u32)] = &[
     ("RARE", 4900, 20),
 ];
 
+/// The API token the suite's client sends: an operator's (`admin.tokens`).
+pub const OPERATOR_TOKEN: &str = "e2e-operator-token-0123456789abcdef";
+/// A viewer's token, for the tests of roles.
+pub const VIEWER_TOKEN: &str = "e2e-viewer-token-0123456789abcdef";
+
+/// `admin.tokens` naming the suite's two tokens by their SHA-256.
+pub fn admin_tokens() -> String {
+    use orchestrator::http::auth::{hex, sha256};
+    format!(
+        "e2e:operator:{},e2e-viewer:viewer:{}",
+        hex(&sha256(OPERATOR_TOKEN.as_bytes())),
+        hex(&sha256(VIEWER_TOKEN.as_bytes()))
+    )
+}
+
+/// A client of the orchestrator's API that sends `token` (none: an anonymous one).
+pub fn client(token: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("a header value"),
+        );
+    }
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .default_headers(headers)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
 pub struct App {
     pub name: String,
     pub base: String,
@@ -251,10 +283,7 @@ impl App {
             base: format!("http://127.0.0.1:{http_port}"),
             base_b: format!("http://127.0.0.1:{http_port_b}"),
             sim: format!("http://127.0.0.1:{sim_port}"),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("client"),
+            http: client(Some(OPERATOR_TOKEN)),
             name,
             pool,
             logs,
@@ -314,6 +343,7 @@ impl App {
                 let mut c = Command::new(binary(self.options.orchestrator_binary));
                 c.envs(self.common_env());
                 c.env("SAGA_HTTP__PORT", port.to_string());
+                c.env("SAGA_ADMIN__TOKENS", admin_tokens());
                 c.env(
                     "PRODUCT_URL",
                     format!("http://127.0.0.1:{}", self.product_port),
@@ -573,7 +603,7 @@ impl App {
             let s = self.saga(id).await;
             if matches!(
                 s["status"].as_str(),
-                Some("completed" | "compensated" | "failed")
+                Some("completed" | "compensated" | "failed" | "resolved")
             ) {
                 return s;
             }

@@ -60,6 +60,7 @@ fn required_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Str
 /// Force a breaker open or closed for every orchestrator, or hand it back (`force: null`).
 pub async fn force(
     State(state): State<AppState>,
+    axum::Extension(who): axum::Extension<super::auth::Principal>,
     PathParam(step): PathParam,
     JsonBody(req): JsonBody<ForceRequest>,
 ) -> Result<Response, Problem> {
@@ -116,6 +117,20 @@ pub async fn force(
         }
     }
     tracing::warn!(step, ?force, reason = %reason, "breaker override set");
+    let action = match force {
+        Some(f) => format!("breaker.force_{}", f.as_str()),
+        None => "breaker.clear_force".to_owned(),
+    };
+    crate::audit::record(
+        &state.pool,
+        &who,
+        &action,
+        &step,
+        &reason,
+        crate::audit::Outcome::Done,
+        None,
+    )
+    .await;
     let view = state.breakers.views().into_iter().find(|v| v.step == step);
     Ok((StatusCode::OK, axum::Json(view)).into_response())
 }

@@ -1,6 +1,8 @@
 //! The HTTP API. Handlers parse and validate, call the engine or read the database, and map
 //! every error to a problem (RFC 9457) in [`problem`].
 
+pub mod admin;
+pub mod auth;
 pub mod breakers;
 pub mod checkout;
 pub mod health;
@@ -16,10 +18,10 @@ use std::sync::Arc;
 use async_nats::jetstream;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, Request};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, MethodRouter, on};
 use sqlx::PgPool;
 use tracing::Instrument;
 
@@ -44,6 +46,8 @@ pub struct AppState {
     pub breakers: Arc<Breakers>,
     pub metrics: Metrics,
     pub settings: Arc<Settings>,
+    pub auth: Arc<auth::Auth>,
+    pub dead_letters: crate::dead_letters::DeadLetters,
 }
 
 /// The correlation id of the request being served.
@@ -52,24 +56,101 @@ pub struct CorrelationId(pub String);
 
 pub const CORRELATION_HEADER: HeaderName = HeaderName::from_static("x-correlation-id");
 
+/// Who may call a route ([`auth`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// What a shop's customers and services reach: the checkout and the masked views of it.
+    Public,
+    /// Reads that show personal data, or the system's insides.
+    Viewer,
+    /// Every write but the checkout's own and a customer's cancel.
+    Operator,
+}
+
+/// One route: who may call it, its method and path, and its handler.
+pub struct Route {
+    pub access: Access,
+    pub method: Method,
+    pub path: &'static str,
+    handler: MethodRouter<AppState>,
+}
+
+fn route<H, T>(access: Access, method: Method, path: &'static str, handler: H) -> Route
+where
+    H: axum::handler::Handler<T, AppState>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("a routable method");
+    Route {
+        access,
+        method,
+        path,
+        handler: on(filter, handler),
+    }
+}
+
+/// Every route of the API and the dashboard. The router is built from this list alone, so a
+/// route cannot escape its access check; `tests/tests/admin_auth.rs` walks it.
+pub fn routes() -> Vec<Route> {
+    use Access::*;
+    vec![
+        route(Public, Method::POST, "/checkout", checkout::create),
+        route(Public, Method::GET, "/orders/{id}", orders::get),
+        route(Public, Method::POST, "/orders/{id}/cancel", orders::cancel),
+        route(Public, Method::GET, "/sagas/{id}", sagas::get),
+        route(Public, Method::GET, "/metrics", breakers::metrics),
+        route(Public, Method::GET, "/healthz", health::healthz),
+        route(Public, Method::GET, "/readyz", health::readyz),
+        route(Public, Method::GET, "/problems/{slug}", problem_doc),
+        route(Viewer, Method::GET, "/orders", orders::list),
+        route(Viewer, Method::GET, "/sagas", sagas::list),
+        route(Viewer, Method::GET, "/sagas/{id}/verify", sagas::verify),
+        route(Viewer, Method::GET, "/breakers", breakers::list),
+        route(Viewer, Method::GET, "/admin/sagas", admin::list),
+        route(Viewer, Method::GET, "/admin/sagas/{id}", admin::get),
+        route(Viewer, Method::GET, "/admin/audit", admin::audit_log),
+        route(
+            Viewer,
+            Method::GET,
+            "/admin/dead-letters",
+            admin::dead_letters,
+        ),
+        route(Operator, Method::POST, "/sagas/{id}/cancel", sagas::cancel),
+        route(
+            Operator,
+            Method::POST,
+            "/sagas/{id}/signals/{name}",
+            signals::send,
+        ),
+        route(Operator, Method::PUT, "/breakers/{step}", breakers::force),
+        route(Operator, Method::POST, "/admin/sagas/bulk", admin::bulk),
+        route(
+            Operator,
+            Method::POST,
+            "/admin/sagas/{id}/actions/{action}",
+            admin::act,
+        ),
+    ]
+}
+
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.http.max_body_bytes;
-    Router::new()
-        .route("/checkout", post(checkout::create))
-        .route("/orders", get(orders::list))
-        .route("/orders/{id}", get(orders::get))
-        .route("/orders/{id}/cancel", post(orders::cancel))
-        .route("/sagas", get(sagas::list))
-        .route("/sagas/{id}", get(sagas::get))
-        .route("/sagas/{id}/cancel", post(sagas::cancel))
-        .route("/sagas/{id}/verify", get(sagas::verify))
-        .route("/sagas/{id}/signals/{name}", post(signals::send))
-        .route("/breakers", get(breakers::list))
-        .route("/breakers/{step}", axum::routing::put(breakers::force))
-        .route("/metrics", get(breakers::metrics))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/problems/{slug}", get(problem_doc))
+    let mut router = Router::new();
+    for r in routes() {
+        let handler = match r.access {
+            Access::Public => r.handler,
+            Access::Viewer => r.handler.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                auth::require_viewer,
+            )),
+            Access::Operator => r.handler.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                auth::require_operator,
+            )),
+        };
+        router = router.route(r.path, handler);
+    }
+    router
         .fallback(|| async { Problem::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
