@@ -167,7 +167,7 @@ fn parse_time(raw: &str) -> Option<DateTime<Utc>> {
 
 /// The smallest UUID v7 of a millisecond: ids are UUID v7, so "created from `t`" is "id at
 /// least this", which the primary key answers.
-fn uuid_floor(t: DateTime<Utc>) -> Uuid {
+pub fn uuid_floor(t: DateTime<Utc>) -> Uuid {
     let ms = t.timestamp_millis().max(0) as u64;
     let mut bytes = [0u8; 16];
     bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);

@@ -391,6 +391,13 @@ mod tests {
             &[
                 ("SAGA_HTTP__PORT", "http", "port"),
                 ("SAGA_HTTP__PROT", "1", "prot"),
+                ("SAGA_ADMIN__AUTH", "maybe", "auth"),
+                ("SAGA_ADMIN__TOKENS", "ops:root:abc", "admin.tokens"),
+                (
+                    "SAGA_ADMIN__SESSION_TTL_SECONDS",
+                    "1",
+                    "admin.session_ttl_seconds",
+                ),
                 ("SAGA_NATS__PREFIX", "a.b", "nats.prefix"),
                 (
                     "SAGA_CHECKOUT__POLICIES__NOPE__FORWARD__MAX_ATTEMPTS",

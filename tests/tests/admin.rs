@@ -45,8 +45,10 @@ async fn no_admin_route_answers_without_credentials_and_a_viewer_cannot_act() {
         let what = format!("{} {}", r.method, r.path);
         let got = call(&anonymous, &app.base, r.method.as_str(), &path).await;
         if r.access == Access::Public {
+            // (A failed login is a 401 of its own, without the guard's challenge.)
             assert!(
-                !matches!(got.status().as_u16(), 401 | 403),
+                got.status() != 403
+                    && !(got.status() == 401 && got.headers().contains_key("www-authenticate")),
                 "{what} is public, got {}",
                 got.status()
             );
@@ -417,4 +419,329 @@ fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// An account of the dashboard, made as `orchestrator admin users add` makes it.
+async fn account(app: &App, name: &str, role: &str, password: &str) {
+    let hash = orchestrator::http::auth::hash_password(password).unwrap();
+    sqlx::query(
+        "INSERT INTO orchestrator.operators (name, role, password_hash) VALUES ($1, $2, $3)",
+    )
+    .bind(name)
+    .bind(role)
+    .bind(hash)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
+/// Log in through the form; the session cookie.
+async fn log_in(app: &App, name: &str, password: &str) -> Option<String> {
+    let r = client(None)
+        .post(format!("{}/dashboard/login", app.base))
+        .form(&[("username", name), ("password", password)])
+        .send()
+        .await
+        .unwrap();
+    if r.status() != 303 {
+        return None;
+    }
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    Some(cookie.split(';').next().unwrap().to_owned())
+}
+
+fn csrf_of(page: &str) -> String {
+    let at = page.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
+    page[at..at + 64].to_owned()
+}
+
+#[tokio::test]
+async fn a_dashboard_session_reads_and_acts_only_with_its_csrf_token() {
+    let app = App::spawn_with(Options::without_workers()).await;
+    let saga = app.place(&order(&[("A", 1)], "tok_visa")).await;
+    account(&app, "ada", "operator", "correct horse battery").await;
+    account(&app, "bob", "viewer", "another long password").await;
+    assert_eq!(log_in(&app, "ada", "wrong password").await, None);
+    assert_eq!(log_in(&app, "nobody", "correct horse battery").await, None);
+    let cookie = log_in(&app, "ada", "correct horse battery")
+        .await
+        .expect("logged in");
+    let browser = client(None);
+    let get = |path: String| {
+        browser
+            .get(format!("{}{path}", app.base))
+            .header("cookie", &cookie)
+            .send()
+    };
+    for path in [
+        "/dashboard".to_owned(),
+        "/dashboard/sagas?status=running".to_owned(),
+        format!("/dashboard/sagas/{saga}"),
+        "/dashboard/dead-letters".to_owned(),
+        "/dashboard/audit".to_owned(),
+    ] {
+        let r = get(path.clone()).await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["cache-control"], "no-store", "{path}");
+        let body = r.text().await.unwrap();
+        assert!(body.contains("ada"), "{path} names who is logged in");
+        assert!(
+            !body.contains("id=\"dev-warning\""),
+            "{path}: not in dev mode"
+        );
+    }
+    let detail = get(format!("/dashboard/sagas/{saga}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        detail.contains(&saga) && detail.contains("id=\"diagram\""),
+        "the detail page"
+    );
+    let csrf = csrf_of(&detail);
+    let post = |fields: Vec<(&'static str, String)>, token: Option<String>| {
+        let mut fields = fields;
+        if let Some(t) = token {
+            fields.push(("csrf", t));
+        }
+        browser
+            .post(format!(
+                "{}/dashboard/sagas/{saga}/actions/cancel",
+                app.base
+            ))
+            .header("cookie", &cookie)
+            .form(&fields)
+            .send()
+    };
+    // Without the session's CSRF token (a forged form of another site), refused.
+    let r = post(
+        vec![("reason", "x".into()), ("confirm", "yes".into())],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = post(
+        vec![("reason", "x".into()), ("confirm", "yes".into())],
+        Some("0".repeat(64)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(app.saga(&saga).await["status"], "running");
+    // With it: first a confirmation page, then the action.
+    let r = post(
+        vec![("reason", "customer called".into())],
+        Some(csrf.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.text().await.unwrap().contains("id=\"confirm\""),
+        "a confirmation first"
+    );
+    assert_eq!(app.saga(&saga).await["status"], "running");
+    let r = post(
+        vec![
+            ("reason", "customer called".into()),
+            ("confirm", "yes".into()),
+        ],
+        Some(csrf),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(app.saga(&saga).await["status"], "compensating");
+    let audit = app.get_json("/admin/audit").await;
+    assert_eq!(audit["entries"][0]["actor"], "ada", "{audit:#}");
+    assert_eq!(audit["entries"][0]["role"], "operator", "{audit:#}");
+
+    // A viewer reads but has no action forms, and a write is refused.
+    let viewer = log_in(&app, "bob", "another long password").await.unwrap();
+    let page = browser
+        .get(format!("{}/dashboard/sagas/{saga}", app.base))
+        .header("cookie", &viewer)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!page.contains("/actions/"), "no action forms for a viewer");
+    let r = browser
+        .post(format!(
+            "{}/dashboard/sagas/{saga}/actions/resolve",
+            app.base
+        ))
+        .header("cookie", &viewer)
+        .form(&[
+            ("reason", "x"),
+            ("confirm", "yes"),
+            ("csrf", &csrf_of(&page)),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // Logged out, the cookie is worth nothing.
+    let r = browser
+        .post(format!("{}/dashboard/logout", app.base))
+        .header("cookie", &cookie)
+        .form(&[("csrf", csrf_of(&detail))])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let r = get("/dashboard".to_owned()).await.unwrap();
+    assert_eq!(r.status(), 303, "back to the login form");
+}
+
+#[tokio::test]
+async fn dev_mode_is_explicit_and_says_so_on_every_page() {
+    let app =
+        App::spawn_with(Options::without_workers().orchestrator("SAGA_ADMIN__AUTH", "disabled"))
+            .await;
+    let anonymous = client(None);
+    for path in ["/dashboard", "/dashboard/sagas", "/dashboard/audit"] {
+        let r = anonymous
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(
+            r.text().await.unwrap().contains("id=\"dev-warning\""),
+            "{path}"
+        );
+    }
+    let r = anonymous
+        .get(format!("{}/admin/sagas", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_replayed_and_discarded_by_an_operator() {
+    let app = App::spawn_with(Options::without_workers()).await;
+    let nats = async_nats::connect(&app.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    for i in 0..3 {
+        js.publish(
+            format!("{}.reply.inventory", app.name),
+            format!("{{\"not\": \"a reply\", \"n\": {i}}}").into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let deadline = Instant::now() + WITHIN;
+    let listed = loop {
+        let v = app.get_json("/admin/dead-letters").await;
+        if v["letters"].as_array().is_some_and(|l| l.len() == 3) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "never dead-lettered: {v:#}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(listed["counts"]["replies"], 3, "{listed:#}");
+    let letters = listed["letters"].as_array().unwrap();
+    let first = &letters[0];
+    assert_eq!(first["origin"], "replies", "{first:#}");
+    assert!(
+        first["reason"].as_str().unwrap().contains("undecodable"),
+        "{first:#}"
+    );
+    assert_eq!(first["subject"], format!("{}.reply.inventory", app.name));
+    let seqs: Vec<u64> = letters.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+
+    // A viewer may look, not act.
+    let r = client(Some(VIEWER_TOKEN))
+        .post(format!(
+            "{}/admin/dead-letters/{}/discard",
+            app.base, seqs[0]
+        ))
+        .json(&json!({"reason": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Discard one.
+    let r = app
+        .http
+        .post(format!(
+            "{}/admin/dead-letters/{}/discard",
+            app.base, seqs[0]
+        ))
+        .json(&json!({"reason": "garbage from a test"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // Replay one: it goes back to its subject, is still not a reply, and is set aside again
+    // (a new letter), which is how an operator sees that a fix did not take.
+    let r = app
+        .http
+        .post(format!(
+            "{}/admin/dead-letters/{}/replay",
+            app.base, seqs[1]
+        ))
+        .json(&json!({"reason": "after the fix"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let v = app.get_json("/admin/dead-letters").await;
+        let now: Vec<u64> = v["letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["seq"].as_u64().unwrap())
+            .collect();
+        if now.len() == 2 && !now.contains(&seqs[0]) && !now.contains(&seqs[1]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v:#}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Bulk over the origin: a dry run counts, then all go.
+    let bulk = |dry: bool| {
+        app.http
+            .post(format!("{}/admin/dead-letters/bulk", app.base))
+            .json(&json!({"action": "discard", "origin": "replies", "reason": "clean-up", "dry_run": dry}))
+            .send()
+    };
+    let dry: Value = bulk(true).await.unwrap().json().await.unwrap();
+    assert_eq!(dry["matched"], 2, "{dry:#}");
+    let done: Value = bulk(false).await.unwrap().json().await.unwrap();
+    assert_eq!(done["done"].as_array().unwrap().len(), 2, "{done:#}");
+    let v = app.get_json("/admin/dead-letters").await;
+    assert!(v["letters"].as_array().unwrap().is_empty(), "{v:#}");
+    // A letter that is gone is a 404; every action is in the audit log.
+    let r = app
+        .http
+        .post(format!(
+            "{}/admin/dead-letters/{}/replay",
+            app.base, seqs[0]
+        ))
+        .json(&json!({"reason": "again"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        app.count("SELECT count(*) FROM orchestrator.audit_log WHERE action LIKE 'dead_letter.%' AND outcome = 'done'").await,
+        4
+    );
 }

@@ -86,14 +86,32 @@ pub async fn force(
     if !errors.is_empty() {
         return Err(Problem::invalid(errors));
     }
+    apply_force(&state, &who, &step, force.map(|f| f.as_str()), &reason).await?;
+    let view = state.breakers.views().into_iter().find(|v| v.step == step);
+    Ok((StatusCode::OK, axum::Json(view)).into_response())
+}
+
+/// Store an operator's override of a breaker (`force` open or closed; `None` hands it back),
+/// apply it here at once, and audit it. The other orchestrators read it within
+/// `breakers.unpark_interval_ms`.
+pub async fn apply_force(
+    state: &AppState,
+    who: &super::auth::Principal,
+    step: &str,
+    force: Option<&str>,
+    reason: &str,
+) -> Result<(), Problem> {
+    if !state.breakers.has(step) {
+        return Err(Problem::not_found(format!("no breaker for step {step:?}")));
+    }
     match force {
         Some(f) => {
             sqlx::query!(
                 "INSERT INTO orchestrator.breaker_overrides (step, force, reason, set_at) VALUES ($1, $2, $3, now())
                  ON CONFLICT (step) DO UPDATE SET force = excluded.force, reason = excluded.reason, set_at = now()",
-                &step,
-                f.as_str(),
-                &reason,
+                step,
+                f,
+                reason,
             )
             .execute(&state.pool)
             .await?;
@@ -101,7 +119,7 @@ pub async fn force(
         None => {
             sqlx::query!(
                 "DELETE FROM orchestrator.breaker_overrides WHERE step = $1",
-                &step,
+                step,
             )
             .execute(&state.pool)
             .await?;
@@ -116,23 +134,22 @@ pub async fn force(
             tracing::warn!(error = %e, "override stored; it applies at the next unparker pass")
         }
     }
-    tracing::warn!(step, ?force, reason = %reason, "breaker override set");
+    tracing::warn!(step, ?force, reason = %reason, actor = %who.name, "breaker override set");
     let action = match force {
-        Some(f) => format!("breaker.force_{}", f.as_str()),
+        Some(f) => format!("breaker.force_{f}"),
         None => "breaker.clear_force".to_owned(),
     };
     crate::audit::record(
         &state.pool,
-        &who,
+        who,
         &action,
-        &step,
-        &reason,
+        step,
+        reason,
         crate::audit::Outcome::Done,
         None,
     )
     .await;
-    let view = state.breakers.views().into_iter().find(|v| v.step == step);
-    Ok((StatusCode::OK, axum::Json(view)).into_response())
+    Ok(())
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {

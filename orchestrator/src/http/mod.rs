@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod breakers;
 pub mod checkout;
+pub mod dashboard;
 pub mod health;
 pub mod input;
 pub mod orders;
@@ -91,6 +92,7 @@ where
 
 /// Every route of the API and the dashboard. The router is built from this list alone, so a
 /// route cannot escape its access check; `tests/tests/admin_auth.rs` walks it.
+#[rustfmt::skip] // A table: one route a line.
 pub fn routes() -> Vec<Route> {
     use Access::*;
     vec![
@@ -102,6 +104,8 @@ pub fn routes() -> Vec<Route> {
         route(Public, Method::GET, "/healthz", health::healthz),
         route(Public, Method::GET, "/readyz", health::readyz),
         route(Public, Method::GET, "/problems/{slug}", problem_doc),
+        route(Public, Method::GET, "/dashboard/login", dashboard::login_form),
+        route(Public, Method::POST, "/dashboard/login", dashboard::login),
         route(Viewer, Method::GET, "/orders", orders::list),
         route(Viewer, Method::GET, "/sagas", sagas::list),
         route(Viewer, Method::GET, "/sagas/{id}/verify", sagas::verify),
@@ -109,27 +113,25 @@ pub fn routes() -> Vec<Route> {
         route(Viewer, Method::GET, "/admin/sagas", admin::list),
         route(Viewer, Method::GET, "/admin/sagas/{id}", admin::get),
         route(Viewer, Method::GET, "/admin/audit", admin::audit_log),
-        route(
-            Viewer,
-            Method::GET,
-            "/admin/dead-letters",
-            admin::dead_letters,
-        ),
+        route(Viewer, Method::GET, "/admin/dead-letters", admin::dead_letters),
+        route(Viewer, Method::POST, "/dashboard/logout", dashboard::logout),
+        route(Viewer, Method::GET, "/dashboard", dashboard::overview),
+        route(Viewer, Method::GET, "/dashboard/sagas", dashboard::list),
+        route(Viewer, Method::GET, "/dashboard/sagas/{id}", dashboard::detail),
+        route(Viewer, Method::GET, "/dashboard/dead-letters", dashboard::dead_letters),
+        route(Viewer, Method::GET, "/dashboard/audit", dashboard::audit_page),
+        route(Viewer, Method::GET, "/dashboard/events", dashboard::events),
         route(Operator, Method::POST, "/sagas/{id}/cancel", sagas::cancel),
-        route(
-            Operator,
-            Method::POST,
-            "/sagas/{id}/signals/{name}",
-            signals::send,
-        ),
+        route(Operator, Method::POST, "/sagas/{id}/signals/{name}", signals::send),
         route(Operator, Method::PUT, "/breakers/{step}", breakers::force),
         route(Operator, Method::POST, "/admin/sagas/bulk", admin::bulk),
-        route(
-            Operator,
-            Method::POST,
-            "/admin/sagas/{id}/actions/{action}",
-            admin::act,
-        ),
+        route(Operator, Method::POST, "/admin/sagas/{id}/actions/{action}", admin::act),
+        route(Operator, Method::POST, "/admin/dead-letters/bulk", admin::dead_letters_bulk),
+        route(Operator, Method::POST, "/admin/dead-letters/{seq}/{action}", admin::dead_letter_act),
+        route(Operator, Method::POST, "/dashboard/sagas/bulk", dashboard::bulk),
+        route(Operator, Method::POST, "/dashboard/sagas/{id}/actions/{action}", dashboard::act),
+        route(Operator, Method::POST, "/dashboard/breakers/{step}", dashboard::breaker),
+        route(Operator, Method::POST, "/dashboard/dead-letters", dashboard::dead_letters_act),
     ]
 }
 
