@@ -1,5 +1,7 @@
 //! The orchestrator's command line: `serve` (the default), `migrate`, `config`,
-//! `delete-streams`. (A catalogue is loaded by the Product service: `worker product --load`.) The binary is a thin `main` around [`main`].
+//! `delete-streams`, and `admin`, the operators' tools ([`crate::admin_cli`]). (A catalogue is
+//! loaded by the Product service: `worker product --load`.) The binary is a thin `main` around
+//! [`main`].
 
 use clap::{Parser, Subcommand};
 use runtime::shutdown::cancel_on_signal;
@@ -20,6 +22,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Process(Process),
+    /// Operators' tools: accounts, API tokens, and sagas and dead letters through the admin
+    /// API.
+    Admin(crate::admin_cli::Args),
+}
+
+/// What runs as the orchestrator process, with its settings, logging and runtime.
+#[derive(Subcommand)]
+enum Process {
     /// Run the orchestrator (the default).
     Serve,
     /// Apply the database migrations and exit.
@@ -35,16 +47,22 @@ enum Command {
 /// passes [`sagas::shop_types`]; another deployment (or a test) builds its own binary that
 /// passes its own, and nothing else changes.
 pub fn main(registry: Registry) -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let process = match Cli::parse().command {
+        None => Process::Serve,
+        Some(Command::Process(p)) => p,
+        // An operator's command has a life of its own (no server's settings checks, its own
+        // exit statuses).
+        Some(Command::Admin(args)) => return crate::admin_cli::main(args),
+    };
     runtime::process::main(
         "orchestrator",
         Settings::load,
         |s| (&s.log, &s.runtime),
-        |settings| run(cli, settings, registry),
+        |settings| run(process, settings, registry),
     )
 }
 
-async fn run(cli: Cli, settings: Settings, registry: Registry) -> anyhow::Result<()> {
+async fn run(process: Process, settings: Settings, registry: Registry) -> anyhow::Result<()> {
     let registry = registry
         .without(&settings.sagas.disabled())
         .map_err(|e| anyhow::anyhow!("invalid configuration: sagas.disabled: {e}"))?;
@@ -58,23 +76,23 @@ async fn run(cli: Cli, settings: Settings, registry: Registry) -> anyhow::Result
             anyhow::anyhow!("invalid configuration: sagas.policies.{name}: {}", e.0)
         })?;
     }
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => {
+    match process {
+        Process::Serve => {
             let app = Application::build(settings, registry).await?;
             let shutdown = CancellationToken::new();
             cancel_on_signal(shutdown.clone());
             app.run_until_stopped(shutdown).await
         }
-        Command::Migrate => {
+        Process::Migrate => {
             runtime::db::connect(&settings.database, "saga-orchestrator").await?;
             println!("migrations applied");
             Ok(())
         }
-        Command::Config => {
+        Process::Config => {
             println!("{settings:#?}");
             Ok(())
         }
-        Command::DeleteStreams => {
+        Process::DeleteStreams => {
             let (_client, js) =
                 runtime::nats::connect(&settings.nats.url, "orchestrator-admin").await?;
             let topology = crate::topology::Topology::new(

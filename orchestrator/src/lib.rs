@@ -14,6 +14,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod admin_cli;
 pub mod audit;
 pub mod breakers;
 pub mod catalog;
