@@ -11,6 +11,9 @@
 #                     (below) can log in, and warns with the fix when it cannot
 #   ensure_nats       NATS_HOST  (default 127.0.0.1), NATS_PORT (default 4222)
 #   ensure_services   both of the above
+#   ensure_browser    Debian's chromium and chromium-driver (/usr/bin/chromium and
+#                     /usr/bin/chromedriver), for the dashboard's browser tests
+#                     (tests/tests/dashboard.rs)
 #
 # Optional knobs (mostly useful for testing on a machine that already runs the
 # default services):
@@ -540,4 +543,34 @@ ensure_nats() {
 ensure_services() {
     ensure_postgres || return 1
     ensure_nats || return 1
+}
+
+# ---------------------------------------------------------------------------
+# Headless browser (the dashboard's end-to-end tests)
+# ---------------------------------------------------------------------------
+
+# The dashboard's tests drive Chromium through chromedriver (WebDriver). Both come from
+# Debian's packages, installed together: chromedriver only drives the Chromium of its own
+# version, and apt keeps the two in step (installing chromium-driver upgrades chromium to
+# its version). E2E_CHROMIUM / E2E_CHROMEDRIVER (tests/src/browser.rs) point the tests at
+# others; then nothing is installed.
+ensure_browser() {
+    local chromium=${E2E_CHROMIUM:-/usr/bin/chromium}
+    local driver=${E2E_CHROMEDRIVER:-/usr/bin/chromedriver}
+    if [[ -x "$chromium" && -x "$driver" ]]; then
+        log "Chromium ($chromium) and chromedriver ($driver) are installed"
+        return 0
+    fi
+    if [[ -n "${E2E_CHROMIUM:-}${E2E_CHROMEDRIVER:-}" ]]; then
+        _svc_err "E2E_CHROMIUM=${E2E_CHROMIUM:-} / E2E_CHROMEDRIVER=${E2E_CHROMEDRIVER:-}:" \
+            "$chromium or $driver is not an executable; fix the path or unset the variable."
+        return 1
+    fi
+    log "Chromium or chromedriver is missing ($chromium, $driver)"
+    _svc_apt_install chromium chromium-driver || return 1
+    if [[ ! -x "$chromium" || ! -x "$driver" ]]; then
+        _svc_err "packages chromium and chromium-driver installed but $chromium or $driver is missing"
+        return 1
+    fi
+    log "Chromium and chromedriver are installed"
 }

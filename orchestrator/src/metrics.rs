@@ -30,6 +30,17 @@ struct Inner {
     breaker_state: Family<Labels, Gauge>,
     breaker_opened: Family<Labels, Counter>,
     resumed: Family<Labels, Counter>,
+    dispatches: Family<Labels, Counter>,
+    step_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    replies: Family<Labels, Counter>,
+    pool_backlog: Family<Labels, Gauge>,
+    outbox_rows: Gauge,
+    outbox_oldest_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+fn step_histogram() -> Histogram {
+    // 1 ms to about 65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
 /// Cheap to clone; every part of the orchestrator records into the same registry.
@@ -127,6 +138,48 @@ impl Metrics {
         );
         let resumed = Family::<Labels, Counter>::default();
         registry.register("resumed", "Parked sagas resumed, per step", resumed.clone());
+        let dispatches = Family::<Labels, Counter>::default();
+        registry.register(
+            "step_dispatches",
+            "Commands dispatched, per saga type, step and phase (forward or compensation), and \
+             kind: first (a step's first attempt), retry (a later attempt, after a failure or \
+             an operator's retry) or redispatch (the same attempt sent again after its deadline)",
+            dispatches.clone(),
+        );
+        let step_seconds =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(step_histogram);
+        registry.register(
+            "step_seconds",
+            "From a command's dispatch to the commit of its reply, per saga type, step and phase \
+             (replies to commands this process dispatched)",
+            step_seconds.clone(),
+        );
+        let replies = Family::<Labels, Counter>::default();
+        registry.register(
+            "step_replies",
+            "Replies applied, per saga type, step and phase",
+            replies.clone(),
+        );
+        let pool_backlog = Family::<Labels, Gauge>::default();
+        registry.register(
+            "pool_backlog",
+            "Each worker pool's command backlog at the last scrape: pending (not yet delivered) \
+             and ack_pending (delivered, not yet acknowledged)",
+            pool_backlog.clone(),
+        );
+        let outbox_rows = Gauge::default();
+        registry.register(
+            "outbox_rows",
+            "Committed messages not yet acknowledged by JetStream, at the last scrape",
+            outbox_rows.clone(),
+        );
+        let outbox_oldest_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "outbox_lag_seconds",
+            "Age of the oldest committed message not yet acknowledged by JetStream, at the last \
+             scrape (0 when there is none)",
+            outbox_oldest_seconds.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
             inputs,
@@ -144,6 +197,12 @@ impl Metrics {
             breaker_state,
             breaker_opened,
             resumed,
+            dispatches,
+            step_seconds,
+            replies,
+            pool_backlog,
+            outbox_rows,
+            outbox_oldest_seconds,
         }))
     }
 
@@ -219,6 +278,62 @@ impl Metrics {
             .breaker_opened
             .get_or_create(&vec![("step", step.to_owned())])
             .inc();
+    }
+
+    /// A command was dispatched (committed to the outbox).
+    pub fn dispatched(
+        &self,
+        saga_type: &str,
+        step: &str,
+        phase: &str,
+        attempt: u32,
+        dispatch: u32,
+    ) {
+        let kind = if dispatch > 0 {
+            "redispatch"
+        } else if attempt > 1 {
+            "retry"
+        } else {
+            "first"
+        };
+        self.0
+            .dispatches
+            .get_or_create(&vec![
+                ("type", saga_type.to_owned()),
+                ("step", step.to_owned()),
+                ("phase", phase.to_owned()),
+                ("kind", kind.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// A reply was applied; `seconds` since its command's dispatch, when this process knows.
+    pub fn replied(&self, saga_type: &str, step: &str, phase: &str, seconds: Option<f64>) {
+        let labels = vec![
+            ("type", saga_type.to_owned()),
+            ("step", step.to_owned()),
+            ("phase", phase.to_owned()),
+        ];
+        if let Some(s) = seconds {
+            self.0.step_seconds.get_or_create(&labels).observe(s);
+        }
+        self.0.replies.get_or_create(&labels).inc();
+    }
+
+    /// A pool's backlog, read from its consumer at a scrape.
+    pub fn pool_backlog(&self, pool: &str, pending: u64, ack_pending: u64) {
+        for (kind, n) in [("pending", pending), ("ack_pending", ack_pending)] {
+            self.0
+                .pool_backlog
+                .get_or_create(&vec![("pool", pool.to_owned()), ("kind", kind.to_owned())])
+                .set(n as i64);
+        }
+    }
+
+    /// The outbox at a scrape: its rows and the age of the oldest.
+    pub fn outbox(&self, rows: i64, oldest_seconds: f64) {
+        self.0.outbox_rows.set(rows);
+        self.0.outbox_oldest_seconds.set(oldest_seconds);
     }
 
     pub fn resumed(&self, step: &str, n: usize) {

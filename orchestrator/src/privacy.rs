@@ -1,11 +1,12 @@
 //! What a reader may see of a saga: the one place that decides.
 //!
 //! A saga's storage holds personal data its steps need (a checkout's customer email and
-//! shipping address), kept in PostgreSQL and shown whole only to an authenticated operator.
-//! The API has no authentication yet, so every reader of `GET /sagas/{id}` is public and sees
-//! [`public_view`]: the shape of the saga, its steps, outcomes and times, with personal data
-//! masked. Payment tokens are never stored with a saga (they are secrets:
-//! `orchestrator.saga_secrets`), and one found in older data is dropped here all the same.
+//! shipping address), kept in PostgreSQL and shown whole only to a logged-in viewer or operator
+//! (the admin API and the dashboard). `GET /sagas/{id}`, the checkout's status URL, is public:
+//! its readers see [`public_view`], the shape of the saga, its steps, outcomes and times, with
+//! personal data masked. Payment tokens are never stored with a saga (they are secrets:
+//! `orchestrator.saga_secrets`), and one found in older data is dropped for every reader
+//! ([`drop_secrets`]).
 //!
 //! The rules go by field name, over the whole document (the saga's data, and every input and
 //! effect of its event log), so that a new saga type's personal fields are covered when they

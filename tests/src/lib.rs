@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod courier;
 pub mod handlers;
 
@@ -300,8 +301,7 @@ impl App {
         app.start("simulator");
         // The Product service prices checkouts: it runs in every test, workers or not.
         app.start_product().await;
-        app.start("orchestrator");
-        app.wait_ready(Duration::from_secs(30)).await;
+        app.start_orchestrator().await;
         for w in app.options.workers.clone() {
             app.start(w);
         }
@@ -474,6 +474,38 @@ impl App {
         self.processes
             .get_mut(name)
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Start the orchestrator and wait until it is ready. Its port was free when the test took
+    /// it, but another process (another test's, or a browser's driver) may bind it first: then
+    /// the orchestrator exits at once, and it starts again on a new port.
+    async fn start_orchestrator(&mut self) {
+        for _ in 0..10 {
+            self.start("orchestrator");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await
+                    && r.status().is_success()
+                {
+                    return;
+                }
+                if !self.is_running("orchestrator") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "orchestrator not ready within 30 s; logs in {}",
+                    self.logs.display()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.http_port = free_port();
+            self.base = format!("http://127.0.0.1:{}", self.http_port);
+        }
+        panic!(
+            "the orchestrator could not start; logs in {}",
+            self.logs.display()
+        );
     }
 
     pub async fn wait_ready(&self, within: Duration) {

@@ -294,6 +294,25 @@ async fn retry_now_sends_a_parked_checkout_through_its_open_breaker() {
     // Retrying a completed saga is refused with the reason.
     let r = act(&app, OPERATOR_TOKEN, &id, "retry_now", "again").await;
     assert_eq!(r.status(), 409);
+    // The metrics say what happened, per saga type and step.
+    let metrics = client(None)
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"saga_step_dispatches_total{type="checkout",step="charge_payment",phase="forward",kind="first"} 1"#,
+        r#"saga_step_replies_total{type="checkout",step="commit_stock",phase="forward"} 1"#,
+        r#"saga_step_seconds_count{type="checkout",step="reserve_stock",phase="forward"} 1"#,
+        r#"saga_pool_backlog{pool="payment",kind="pending"} 0"#,
+        "saga_outbox_lag_seconds ",
+        r#"saga_breaker_state{step="charge_payment"}"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
 }
 
 #[tokio::test]

@@ -303,7 +303,12 @@ var open=[].map.call(m.querySelectorAll('details[open][id]'),function(d){return 
 m.innerHTML=n.innerHTML;
 open.forEach(function(id){var d=document.getElementById(id);if(d)d.open=true;});})
 .catch(function(){}).then(function(){busy=false;});}
-new EventSource(m.getAttribute('data-live')).onmessage=function(){later(250);};
+var es=null;
+function listen(){if(!es){es=new EventSource(m.getAttribute('data-live'));es.onmessage=function(){later(250);};}}
+function stop(){if(es){es.close();es=null;}}
+window.addEventListener('pagehide',stop);
+window.addEventListener('pageshow',function(e){listen();if(e.persisted)later(0);});
+listen();
 })();
 "#;
 

@@ -106,7 +106,7 @@ pub fn saga_list(page: &Page, view: &SagaListView) -> Markup {
 /// diagram.
 pub fn saga_detail(page: &Page, view: &SagaDetailView, definition: &[StepDef<'_>]) -> Markup {
     let s = &view.saga;
-    let live = format!("/dashboard/events?saga={}", s.id);
+    let live = format!("/dashboard/events?saga={}&version={}", s.id, view.version);
     let frame = Frame {
         section: Section::Sagas,
         live: Some(&live),

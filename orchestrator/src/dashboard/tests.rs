@@ -507,7 +507,7 @@ fn pages_carry_their_test_ids() {
             .contains(r#"data-testid="saga-status" class="badge st-running">running</span>"#)
     );
     assert!(pages["saga_detail"].contains(
-        r#"<main data-live="/dashboard/events?saga=01900000-0000-7000-8000-000000000001">"#
+        r#"<main data-live="/dashboard/events?saga=01900000-0000-7000-8000-000000000001&amp;version=7">"#
     ));
     assert!(pages["overview"].contains(r#"<main data-live="/dashboard/events">"#));
     assert!(pages["saga_list"].contains(r#"<main data-live="/dashboard/events">"#));

@@ -39,6 +39,9 @@ struct Entry {
     /// The status and revision ([`Saga::revision`]) the rows were last computed at: while they
     /// stay the same, the rows cannot have changed and are not computed again.
     projected_mark: Option<(sagas::api::Status, u64)>,
+    /// When this process last dispatched a command of the saga: a reply to it measures the
+    /// step's round trip (`saga_step_seconds`). Unknown after a load: that reply is not timed.
+    dispatched_at: Option<std::time::Instant>,
 }
 
 /// A batch applied in memory, ready to commit.
@@ -67,6 +70,23 @@ struct Work {
     /// What the applied inputs say about the health of their steps, for the breakers once the
     /// commit went through (a re-applied or failed batch must not count twice).
     health: Vec<(String, bool)>,
+    /// What the applied inputs did, for the metrics once the commit went through.
+    observed: Vec<Observed>,
+}
+
+/// A dispatch or a reply, for the step metrics.
+enum Observed {
+    Dispatch {
+        step: String,
+        phase: sagas::wire::Phase,
+        attempt: u32,
+        dispatch: u32,
+    },
+    Reply {
+        step: String,
+        phase: sagas::wire::Phase,
+        seconds: Option<f64>,
+    },
 }
 
 enum Answer {
@@ -370,6 +390,29 @@ impl Shard {
             for (step, ok) in w.health.drain(..) {
                 self.breakers.record(&step, id, ok);
             }
+            for o in w.observed.drain(..) {
+                match o {
+                    Observed::Dispatch {
+                        step,
+                        phase,
+                        attempt,
+                        dispatch,
+                    } => self.metrics.dispatched(
+                        w.entry.saga_type,
+                        &step,
+                        phase.as_str(),
+                        attempt,
+                        dispatch,
+                    ),
+                    Observed::Reply {
+                        step,
+                        phase,
+                        seconds,
+                    } => self
+                        .metrics
+                        .replied(w.entry.saga_type, &step, phase.as_str(), seconds),
+                }
+            }
             let status = w.entry.saga.status();
             if w.base_version.is_none()
                 && let Some(idem) = &w.idempotency
@@ -449,6 +492,7 @@ impl Shard {
             correlation_id: new.correlation_id.clone(),
             projected: Vec::new(),
             projected_mark: None,
+            dispatched_at: None,
         };
         let mut w = Work::new(entry, false);
         w.idempotency = new.idempotency.clone();
@@ -501,6 +545,7 @@ impl Shard {
                             correlation_id: row.correlation_id,
                             projected: Vec::new(),
                             projected_mark: None,
+                            dispatched_at: None,
                         },
                     );
                 }
@@ -545,6 +590,7 @@ impl Work {
             secrets: Vec::new(),
             changed: false,
             health: Vec::new(),
+            observed: Vec::new(),
         }
     }
 
@@ -576,6 +622,17 @@ impl Work {
             Verdict::Applied(effects) => {
                 self.entry.version += 1;
                 self.changed = true;
+                if let Input::Reply(reply) = input {
+                    self.observed.push(Observed::Reply {
+                        step: reply.step.clone(),
+                        phase: reply.phase,
+                        seconds: self
+                            .entry
+                            .dispatched_at
+                            .take()
+                            .map(|t| t.elapsed().as_secs_f64()),
+                    });
+                }
                 let text = serde_json::to_string(input).expect("inputs serialize");
                 self.record(subjects, input.kind(), text, &effects, env);
                 let status = self.entry.saga.status();
@@ -605,13 +662,22 @@ impl Work {
         let id = self.entry.saga.id();
         for effect in effects {
             match effect {
-                Effect::Dispatch(cmd) => self.outbox.push(OutboxRow {
-                    saga_id: id,
-                    msg_id: cmd.msg_id(),
-                    subject: subjects.command(&cmd.service),
-                    correlation_id: self.entry.correlation_id.clone(),
-                    payload: serde_json::to_vec(cmd).expect("commands serialize"),
-                }),
+                Effect::Dispatch(cmd) => {
+                    self.entry.dispatched_at = Some(std::time::Instant::now());
+                    self.observed.push(Observed::Dispatch {
+                        step: cmd.step.clone(),
+                        phase: cmd.phase,
+                        attempt: cmd.attempt,
+                        dispatch: cmd.dispatch,
+                    });
+                    self.outbox.push(OutboxRow {
+                        saga_id: id,
+                        msg_id: cmd.msg_id(),
+                        subject: subjects.command(&cmd.service),
+                        correlation_id: self.entry.correlation_id.clone(),
+                        payload: serde_json::to_vec(cmd).expect("commands serialize"),
+                    });
+                }
                 Effect::Emit(event) => {
                     // The machine does not know the correlation id; the event carries it.
                     let event = sagas::wire::Event {

@@ -124,7 +124,7 @@ pub async fn get(
     Ok(axum::Json(body).into_response())
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {
     /// Why: required, it goes to the audit log and the saga's timeline.
@@ -179,7 +179,7 @@ pub async fn act(
 /// The most sagas one bulk action touches.
 pub const BULK_CAP: i64 = 10_000;
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkRequest {
     pub action: String,
@@ -194,11 +194,13 @@ pub struct BulkRequest {
 }
 
 /// What a bulk action did (or, dry, would touch).
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, schemars::JsonSchema)]
 pub struct BulkOutcome {
     pub matched: i64,
+    #[schemars(with = "Vec<uuid::Uuid>")]
     pub applied: Vec<SagaId>,
     /// Each refused saga with the reason.
+    #[schemars(with = "Vec<(uuid::Uuid, String)>")]
     pub refused: Vec<(SagaId, String)>,
     pub dry_run: bool,
 }
@@ -513,7 +515,7 @@ pub async fn dead_letter_act(
     )
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LettersBulkRequest {
     pub action: String,

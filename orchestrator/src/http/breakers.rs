@@ -41,7 +41,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Response, Problem> {
     Ok(axum::Json(serde_json::json!({ "breakers": breakers })).into_response())
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForceRequest {
     /// `"open"`, `"closed"`, or `null` to let the breaker decide again. Required: an operator
@@ -152,7 +152,25 @@ pub async fn apply_force(
     Ok(())
 }
 
+/// `GET /metrics`. What is not counted as it happens is read now: each pool's backlog from its
+/// JetStream consumer, the outbox from PostgreSQL (the outbox is small: its rows are deleted
+/// once published). A source that does not answer leaves its last value.
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    for pool in super::dashboard::pools(&state).await {
+        state
+            .metrics
+            .pool_backlog(&pool.service, pool.pending, pool.ack_pending);
+    }
+    if let Ok(row) = sqlx::query!(
+        r#"SELECT count(*) AS "rows!",
+                  coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS "oldest!"
+             FROM orchestrator.outbox"#
+    )
+    .fetch_one(&state.pool)
+    .await
+    {
+        state.metrics.outbox(row.rows, row.oldest.max(0.0));
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -17,7 +17,7 @@ use crate::engine::{Idempotency, NewSaga, Started};
 
 /// The request body, as loose as JSON allows; [`validate`] turns it into domain types and
 /// names every invalid field.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutRequest {
     pub customer: CustomerBody,
@@ -26,21 +26,21 @@ pub struct CheckoutRequest {
     pub shipping_address: AddressBody,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CustomerBody {
     pub id: String,
     pub email: String,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemBody {
     pub sku: String,
     pub quantity: i64,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddressBody {
     pub name: String,
@@ -52,8 +52,9 @@ pub struct AddressBody {
     pub country: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct Accepted {
+    #[schemars(with = "uuid::Uuid")]
     pub saga_id: SagaId,
     pub order_id: String,
     pub status: &'static str,

@@ -306,10 +306,13 @@ fn breakers(state: &AppState) -> Vec<model::BreakerRow> {
         .into_iter()
         .map(|v| model::BreakerRow {
             step: v.step.to_owned(),
-            state: match v.state {
-                B::Closed => model::BreakerState::Closed,
-                B::HalfOpen => model::BreakerState::HalfOpen,
-                B::Open => model::BreakerState::Open,
+            // What the breaker does now: a forced state wins over its own.
+            state: match (v.forced, v.state) {
+                (Some(Force::Open), _) => model::BreakerState::Open,
+                (Some(Force::Closed), _) => model::BreakerState::Closed,
+                (None, B::Closed) => model::BreakerState::Closed,
+                (None, B::HalfOpen) => model::BreakerState::HalfOpen,
+                (None, B::Open) => model::BreakerState::Open,
             },
             forced: v.forced.map(|f| match f {
                 Force::Open => model::Forced::Open,
@@ -472,17 +475,15 @@ fn summary(e: &engine::EventRow) -> (String, Option<String>) {
             s("phase"),
             input["attempt"]
         ),
-        "step_failed_retryable" | "step_failed_permanent" => {
-            let outcome = &input["outcome"];
-            format!(
-                "{} {} attempt {} failed: {} {}",
-                s("step"),
-                s("phase"),
-                input["attempt"],
-                outcome["code"].as_str().unwrap_or(""),
-                outcome["reason"].as_str().unwrap_or("")
-            )
-        }
+        // A reply's outcome is flattened into it: `code` and `reason` sit beside `step`.
+        "step_failed_retryable" | "step_failed_permanent" => format!(
+            "{} {} attempt {} failed: {} {}",
+            s("step"),
+            s("phase"),
+            input["attempt"],
+            s("code"),
+            s("reason")
+        ),
         "timer_fired" => format!("timer {} fired", s("name")),
         "signal" => format!("signal {}", s("name")),
         "cancel_requested" => format!("cancel: {}", s("reason")),
@@ -516,11 +517,18 @@ pub async fn detail(
             .as_deref()
             .and_then(|q| serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok())
             .and_then(|q| q.into_iter().find(|(k, _)| k == "done").map(|(_, v)| v))
-            .map(|done| format!("Done: {}.", done.replace('_', " ")));
+            // Only an action's own name makes a message: a link cannot put words here.
+            .and_then(|done| Action::parse(&done))
+            .map(|done| format!("Done: {}.", done.label()));
         let timers = service::timers(&state.pool, id).await?;
         let actions = super::admin::actions_of(&state, &record);
         let mut snapshot = record.snapshot.clone();
         crate::privacy::drop_secrets(&mut snapshot);
+        let services: std::collections::HashMap<&str, Option<&str>> = state
+            .registry
+            .get(&record.saga_type)
+            .map(|t| t.steps().into_iter().map(|s| (s.name, s.service)).collect())
+            .unwrap_or_default();
         let steps: Vec<model::StepRow> = snapshot["steps"]
             .as_array()
             .map(|steps| {
@@ -528,7 +536,10 @@ pub async fn detail(
                     .iter()
                     .map(|s| model::StepRow {
                         name: s["name"].as_str().unwrap_or("").to_owned(),
-                        service: s["service"].as_str().map(str::to_owned),
+                        service: s["name"]
+                            .as_str()
+                            .and_then(|n| services.get(n).copied().flatten())
+                            .map(str::to_owned),
                         status: s["status"].as_str().unwrap_or("pending").to_owned(),
                         attempts: s["attempts"].as_u64().unwrap_or(0) as u32,
                         compensation_attempts: s["compensation_attempts"].as_u64().unwrap_or(0)
@@ -1019,6 +1030,9 @@ pub async fn audit_page(
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     pub saga: Option<String>,
+    /// The version of the saga the page shows: a change made since it was rendered is sent
+    /// at once.
+    pub version: Option<String>,
 }
 
 /// `GET /dashboard/events`: server-sent events telling an open page to refresh. With `saga`,
@@ -1033,8 +1047,14 @@ pub async fn events(
         None => None,
         Some(raw) => Some(super::sagas::parse_id(raw)?),
     };
+    let shown = match q.version.as_deref() {
+        None => None,
+        Some(raw) => Some(raw.parse::<i64>().map_err(|_| {
+            Problem::bad_query("version", format!("must be a saga version, got {raw:?}"))
+        })?),
+    };
     let pool = state.pool.clone();
-    let stream = futures::stream::unfold(None::<i64>, move |last| {
+    let stream = futures::stream::unfold(shown, move |last| {
         let pool = pool.clone();
         async move {
             match saga {

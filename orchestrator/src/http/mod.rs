@@ -8,6 +8,7 @@ pub mod checkout;
 pub mod dashboard;
 pub mod health;
 pub mod input;
+pub mod openapi;
 pub mod orders;
 pub mod problem;
 pub mod sagas;
@@ -104,6 +105,7 @@ pub fn routes() -> Vec<Route> {
         route(Public, Method::GET, "/healthz", health::healthz),
         route(Public, Method::GET, "/readyz", health::readyz),
         route(Public, Method::GET, "/problems/{slug}", problem_doc),
+        route(Public, Method::GET, "/openapi.json", openapi::serve),
         route(Public, Method::GET, "/dashboard/login", dashboard::login_form),
         route(Public, Method::POST, "/dashboard/login", dashboard::login),
         route(Viewer, Method::GET, "/orders", orders::list),

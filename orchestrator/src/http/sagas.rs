@@ -130,7 +130,7 @@ pub async fn get(
         },
         events,
     };
-    // Every reader is public until the API authenticates operators.
+    // A public route (the checkout's status URL): the masked view; `/admin/sagas/{id}` is the whole.
     let mut body = serde_json::to_value(&view).expect("a saga view serializes");
     crate::privacy::public_view(&mut body);
     Ok(axum::Json(body).into_response())
@@ -210,7 +210,7 @@ pub async fn list(
     Ok(axum::Json(serde_json::json!({ "sagas": sagas, "next": next })).into_response())
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelRequest {
     #[serde(default)]
