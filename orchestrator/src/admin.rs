@@ -118,19 +118,7 @@ impl FilterQuery {
                 "must be at most 200 characters, none of them control characters",
             ));
         }
-        let limit = match given(&self.limit) {
-            None => 50,
-            Some(raw) => raw
-                .parse::<i64>()
-                .ok()
-                .filter(|n| (1..=MAX_LIMIT).contains(n))
-                .ok_or_else(|| {
-                    Problem::bad_query(
-                        "limit",
-                        format!("must be a whole number from 1 to {MAX_LIMIT}, got {raw:?}"),
-                    )
-                })?,
-        };
+        let limit = crate::http::input::limit(given(&self.limit).as_deref(), 50, MAX_LIMIT)?;
         let after = match given(&self.after) {
             None => None,
             Some(raw) => Some(raw.parse::<SagaId>().map_err(|_| {

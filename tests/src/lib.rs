@@ -591,6 +591,49 @@ impl App {
         );
     }
 
+    /// The fulfilment saga of an order, once its `OrderConfirmed` started it.
+    pub async fn fulfilment_of(&self, order_id: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let id: Option<uuid::Uuid> = sqlx::query_scalar(
+                "SELECT id FROM orchestrator.sagas WHERE saga_type = 'fulfilment' AND subject = $1",
+            )
+            .bind(order_id)
+            .fetch_optional(&self.pool)
+            .await
+            .expect("a query of the sagas");
+            if let Some(id) = id {
+                return id.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no fulfilment for order {order_id} within {within:?}; logs in {}",
+                self.logs.display()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Tell the simulated carrier how to treat the order's shipment (by the shop's key for it,
+    /// before it is booked): e.g. `{"outcome": "lost"}`.
+    pub async fn plan_shipment(&self, order_id: &str, plan: &Value) {
+        let r = self
+            .http
+            .put(format!(
+                "{}/carrier/v1/shipments/by-key/shipment:{order_id}/plan",
+                self.sim
+            ))
+            .json(plan)
+            .send()
+            .await
+            .expect("PUT the carrier's plan");
+        assert!(
+            r.status().is_success(),
+            "{}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+
     /// `POST /checkout`, with an optional idempotency key.
     pub async fn checkout(&self, body: &Value, key: Option<&str>) -> reqwest::Response {
         let mut req = self.http.post(format!("{}/checkout", self.base)).json(body);

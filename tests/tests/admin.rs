@@ -135,43 +135,16 @@ async fn place(app: &App, sku: &str) -> (String, String) {
     (id, saga["data"]["order_id"].as_str().unwrap().to_owned())
 }
 
-async fn fulfilment_of(app: &App, order_id: &str) -> String {
-    let deadline = Instant::now() + WITHIN;
-    loop {
-        let id: Option<uuid::Uuid> = sqlx::query_scalar(
-            "SELECT id FROM orchestrator.sagas WHERE saga_type = 'fulfilment' AND subject = $1",
-        )
-        .bind(order_id)
-        .fetch_optional(&app.pool)
-        .await
-        .unwrap();
-        if let Some(id) = id {
-            return id.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no fulfilment for order {order_id}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 #[tokio::test]
 async fn an_operator_resolves_a_failed_saga_and_it_is_audited_and_on_its_timeline() {
     let app = App::spawn_with(Options::with_fulfilment()).await;
     let (_checkout, order_id) = place(&app, "A").await;
-    let r = app
-        .http
-        .put(format!(
-            "{}/carrier/v1/shipments/by-key/shipment:{order_id}/plan",
-            app.sim
-        ))
-        .json(&json!({"outcome": "lost", "lost_reason": "fell off the van"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
-    let fulfilment = fulfilment_of(&app, &order_id).await;
+    app.plan_shipment(
+        &order_id,
+        &json!({"outcome": "lost", "lost_reason": "fell off the van"}),
+    )
+    .await;
+    let fulfilment = app.fulfilment_of(&order_id, WITHIN).await;
     let f = app.wait_terminal(&fulfilment, WITHIN).await;
     assert_eq!(f["status"], "failed", "{f:#}");
 

@@ -40,40 +40,12 @@ async fn lost_parcel(app: &App) -> String {
         .as_str()
         .expect("order_id")
         .to_owned();
-    let r = app
-        .http
-        .put(format!(
-            "{}/carrier/v1/shipments/by-key/shipment:{order_id}/plan",
-            app.sim
-        ))
-        .json(&json!({"outcome": "lost", "lost_reason": "fell off the van"}))
-        .send()
-        .await
-        .expect("plan");
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    app.plan_shipment(
+        &order_id,
+        &json!({"outcome": "lost", "lost_reason": "fell off the van"}),
+    )
+    .await;
     order_id
-}
-
-/// The order's fulfilment saga, once it exists.
-async fn fulfilment_of(app: &App, order_id: &str) -> String {
-    let deadline = Instant::now() + WITHIN;
-    loop {
-        let id: Option<uuid::Uuid> = sqlx::query_scalar(
-            "SELECT id FROM orchestrator.sagas WHERE saga_type = 'fulfilment' AND subject = $1",
-        )
-        .bind(order_id)
-        .fetch_optional(&app.pool)
-        .await
-        .unwrap();
-        if let Some(id) = id {
-            return id.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no fulfilment for order {order_id}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 async fn wait_status(app: &App, id: &str, status: &str) -> Value {
@@ -133,7 +105,7 @@ async fn an_operator_inspects_and_acts_on_sagas_in_the_dashboard() {
     let declined = app.place(&order(&[("B", 2)], "tok_decline")).await;
     let mut failed = Vec::new();
     for order_id in &lost {
-        let f = fulfilment_of(&app, order_id).await;
+        let f = app.fulfilment_of(order_id, WITHIN).await;
         assert_eq!(app.wait_terminal(&f, WITHIN).await["status"], "failed");
         failed.push(f);
     }

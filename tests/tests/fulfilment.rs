@@ -21,44 +21,6 @@ async fn place(app: &App, sku: &str) -> (String, String) {
     (id, order_id)
 }
 
-/// How the carrier will treat the order's shipment (by the shop's key for it, before it is
-/// booked).
-async fn plan(app: &App, order_id: &str, plan: Value) {
-    let r = app
-        .http
-        .put(format!(
-            "{}/carrier/v1/shipments/by-key/shipment:{order_id}/plan",
-            app.sim
-        ))
-        .json(&plan)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-}
-
-/// The order's fulfilment saga, once it exists.
-async fn fulfilment_of(app: &App, order_id: &str) -> String {
-    let deadline = Instant::now() + WITHIN;
-    loop {
-        let id: Option<uuid::Uuid> = sqlx::query_scalar(
-            "SELECT id FROM orchestrator.sagas WHERE saga_type = 'fulfilment' AND subject = $1",
-        )
-        .bind(order_id)
-        .fetch_optional(&app.pool)
-        .await
-        .unwrap();
-        if let Some(id) = id {
-            return id.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no fulfilment for order {order_id}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 async fn wait_order_status(app: &App, order_id: &str, status: &str) -> Value {
     let deadline = Instant::now() + WITHIN;
     loop {
@@ -110,10 +72,11 @@ async fn a_confirmed_order_is_picked_shipped_and_delivered_with_each_event_once(
     let app = App::spawn_with(Options::with_fulfilment()).await;
     let (checkout, order_id) = place(&app, "A").await;
     // The carrier sends each report twice: the service records each once.
-    plan(&app, &order_id, json!({"duplicate": true})).await;
+    app.plan_shipment(&order_id, &json!({"duplicate": true}))
+        .await;
     let done = app.wait_terminal(&checkout, WITHIN).await;
     assert_eq!(done["status"], "completed", "{done:#}");
-    let fulfilment = fulfilment_of(&app, &order_id).await;
+    let fulfilment = app.fulfilment_of(&order_id, WITHIN).await;
     let f = app.wait_terminal(&fulfilment, WITHIN).await;
     assert_eq!(f["status"], "completed", "{f:#}");
     let o = wait_order_status(&app, &order_id, "delivered").await;
@@ -355,9 +318,11 @@ async fn a_cancel_before_dispatch_undoes_all_and_one_after_is_refused() {
     let app = App::spawn_with(Options::with_fulfilment()).await;
     // The first order's parcel is never collected; the second's is, and is never delivered.
     let (checkout, order_id) = place(&app, "A").await;
-    plan(&app, &order_id, json!({"dispatch_after_ms": null})).await;
+    app.plan_shipment(&order_id, &json!({"dispatch_after_ms": null}))
+        .await;
     let (_, shipped_id) = place(&app, "B").await;
-    plan(&app, &shipped_id, json!({"outcome": "never"})).await;
+    app.plan_shipment(&shipped_id, &json!({"outcome": "never"}))
+        .await;
     // The checkout sold the unit: it left the stock.
     assert_eq!(
         app.wait_terminal(&checkout, WITHIN).await["status"],
@@ -367,7 +332,7 @@ async fn a_cancel_before_dispatch_undoes_all_and_one_after_is_refused() {
         .count("SELECT quantity::bigint FROM inventory.variants WHERE sku = 'A'")
         .await;
 
-    let fulfilment = fulfilment_of(&app, &order_id).await;
+    let fulfilment = app.fulfilment_of(&order_id, WITHIN).await;
     let deadline = Instant::now() + WITHIN;
     loop {
         let s = app.saga(&fulfilment).await;
@@ -416,7 +381,7 @@ async fn a_cancel_before_dispatch_undoes_all_and_one_after_is_refused() {
     );
 
     // The other order left the warehouse: its cancel is refused, and nothing changes.
-    let shipped = fulfilment_of(&app, &shipped_id).await;
+    let shipped = app.fulfilment_of(&shipped_id, WITHIN).await;
     wait_order_status(&app, &shipped_id, "shipped").await;
     let r = app
         .http
@@ -447,13 +412,12 @@ async fn a_cancel_before_dispatch_undoes_all_and_one_after_is_refused() {
 async fn a_lost_parcel_is_refunded_not_restocked_and_opens_a_case() {
     let app = App::spawn_with(Options::with_fulfilment()).await;
     let (checkout, order_id) = place(&app, "A").await;
-    plan(
-        &app,
+    app.plan_shipment(
         &order_id,
-        json!({"outcome": "lost", "lost_reason": "fell off the van"}),
+        &json!({"outcome": "lost", "lost_reason": "fell off the van"}),
     )
     .await;
-    let fulfilment = fulfilment_of(&app, &order_id).await;
+    let fulfilment = app.fulfilment_of(&order_id, WITHIN).await;
     let f = app.wait_terminal(&fulfilment, WITHIN).await;
     assert_eq!(f["status"], "failed", "a case: {f:#}");
     let o = wait_order_status(&app, &order_id, "needs_attention").await;
@@ -498,8 +462,9 @@ async fn a_carrier_that_does_not_collect_within_its_sla_undoes_all_and_opens_a_c
     )
     .await;
     let (checkout, order_id) = place(&app, "A").await;
-    plan(&app, &order_id, json!({"dispatch_after_ms": null})).await;
-    let fulfilment = fulfilment_of(&app, &order_id).await;
+    app.plan_shipment(&order_id, &json!({"dispatch_after_ms": null}))
+        .await;
+    let fulfilment = app.fulfilment_of(&order_id, WITHIN).await;
     let f = app.wait_terminal(&fulfilment, WITHIN).await;
     assert_eq!(f["status"], "failed", "{f:#}");
     assert_eq!(f["failure"]["code"], "sla_expired", "{f:#}");

@@ -310,22 +310,7 @@ pub async fn audit_log(
             Problem::bad_query("before", format!("must be an audit row id, got {raw:?}"))
         })?),
     };
-    let limit = match q.limit.as_deref() {
-        None => 100,
-        Some(raw) => raw
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=admin::MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                Problem::bad_query(
-                    "limit",
-                    format!(
-                        "must be a whole number from 1 to {}, got {raw:?}",
-                        admin::MAX_LIMIT
-                    ),
-                )
-            })?,
-    };
+    let limit = input::limit(q.limit.as_deref(), 100, admin::MAX_LIMIT)?;
     let rows = audit::list(&state.pool, q.target.as_deref(), before, limit).await?;
     let next = (rows.len() as i64 == limit).then(|| {
         let last = rows.last().expect("a full page").id;
@@ -389,19 +374,8 @@ impl LettersQuery {
                 )
             })?),
         };
-        let limit = match self.limit.as_deref().filter(|s| !s.is_empty()) {
-            None => 50,
-            Some(raw) => raw
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=200).contains(n))
-                .ok_or_else(|| {
-                    Problem::bad_query(
-                        "limit",
-                        format!("must be a whole number from 1 to 200, got {raw:?}"),
-                    )
-                })?,
-        };
+        let limit =
+            input::limit(self.limit.as_deref().filter(|s| !s.is_empty()), 50, 200)? as usize;
         Ok(LettersFilter {
             origin,
             before,

@@ -245,3 +245,21 @@ mod tests {
         assert_eq!(token_header(&HeaderMap::new(), "x", 3).unwrap(), None);
     }
 }
+
+/// The `limit` query parameter of a list: absent is `default`, else a whole number from 1 to
+/// `max` (400 naming the parameter otherwise).
+pub fn limit(raw: Option<&str>, default: i64, max: i64) -> Result<i64, Problem> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                Problem::bad_query(
+                    "limit",
+                    format!("must be a whole number from 1 to {max}, got {raw:?}"),
+                )
+            }),
+    }
+}

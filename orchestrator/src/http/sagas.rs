@@ -178,19 +178,7 @@ pub async fn list(
             )
         })?),
     };
-    let limit = match q.limit.as_deref() {
-        None => 50,
-        Some(raw) => raw
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=500).contains(n))
-            .ok_or_else(|| {
-                Problem::bad_query(
-                    "limit",
-                    format!("must be a whole number from 1 to 500, got {raw:?}"),
-                )
-            })?,
-    };
+    let limit = input::limit(q.limit.as_deref(), 50, 500)?;
     let before = match q.before.as_deref() {
         None => None,
         Some(raw) => Some(raw.parse::<SagaId>().map_err(|_| {
