@@ -403,7 +403,7 @@ async fn run(args: Args) -> Result<(), Error> {
         Command::Token { name, role } => token(&out, &name, role.into()),
         Command::Users { command } => {
             let settings = settings()?;
-            runtime::telemetry::init(settings.log.format, "warn");
+            runtime::telemetry::init(settings.log.format, "warn", "orchestrator-admin");
             users(&out, &settings, command).await
         }
         Command::Sagas { api, command } => sagas(&out, &Api::new(api)?, command).await,

@@ -90,6 +90,9 @@ pub struct Admin {
     pub session_ttl_seconds: u64,
     /// Send the session cookie only over HTTPS (set it behind TLS).
     pub secure_cookie: bool,
+    /// Where a saga's trace is seen (Jaeger, Tempo...), `{trace_id}` replaced by its trace id
+    /// (the saga id's 32 hex digits): the dashboard links it. Empty: no link.
+    pub trace_url: String,
 }
 
 impl std::fmt::Debug for Admin {
@@ -105,6 +108,7 @@ impl std::fmt::Debug for Admin {
             .field("tokens", &names)
             .field("session_ttl_seconds", &self.session_ttl_seconds)
             .field("secure_cookie", &self.secure_cookie)
+            .field("trace_url", &self.trace_url)
             .finish()
     }
 }

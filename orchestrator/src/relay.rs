@@ -32,6 +32,8 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone)]
 pub struct Message {
     pub id: i64,
+    /// The saga it belongs to (its trace, when traces are exported).
+    pub saga_id: uuid::Uuid,
     pub subject: String,
     pub msg_id: String,
     pub correlation_id: String,
@@ -173,7 +175,7 @@ impl Relay {
         // Read straight into messages, by column name (the payload's bytes become `Bytes`).
         let messages = sqlx::query_as!(
             Message,
-            "SELECT id, subject, msg_id, correlation_id, payload FROM orchestrator.outbox
+            "SELECT id, saga_id, subject, msg_id, correlation_id, payload FROM orchestrator.outbox
               WHERE created_at <= $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
             cutoff,
             self.settings.max_batch as i64,
@@ -214,6 +216,12 @@ impl Relay {
         for m in messages {
             let mut h = HeaderMap::new();
             h.insert(headers::CORRELATION_ID, m.correlation_id.as_str());
+            if runtime::telemetry::tracing_enabled() {
+                h.insert(
+                    runtime::telemetry::TRACEPARENT,
+                    runtime::telemetry::traceparent(m.saga_id).as_str(),
+                );
+            }
             let publish = PublishMessage::build()
                 .payload(m.payload.clone())
                 .headers(h)

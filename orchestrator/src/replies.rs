@@ -90,6 +90,13 @@ impl ReplyConsumer {
             "reply",
             correlation_id = correlation_id.as_deref().unwrap_or("")
         );
+        runtime::telemetry::join_traceparent(
+            &span,
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(runtime::telemetry::TRACEPARENT))
+                .map(|v| v.as_str()),
+        );
         async move {
             let reply = match serde_json::from_slice::<Reply>(&msg.payload) {
                 Ok(reply) => reply,

@@ -29,7 +29,7 @@ where
         }
     };
     let (log, runtime) = sections(&settings);
-    crate::telemetry::init(log.format, &log.level);
+    crate::telemetry::init(log.format, &log.level, name);
     let runtime = match runtime.build() {
         Ok(r) => r,
         Err(e) => {
@@ -37,12 +37,15 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(body(settings)) {
+    let code = match runtime.block_on(body(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "{name} failed");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The last spans of the traces, if they are exported.
+    crate::telemetry::shutdown();
+    code
 }

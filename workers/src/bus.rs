@@ -100,6 +100,14 @@ pub async fn serve_commands<H: Handler>(
                 service = %service,
                 saga_id = tracing::field::Empty
             );
+            // The command's work is a span of its saga's trace (when traces are exported).
+            runtime::telemetry::join_traceparent(
+                &span,
+                msg.headers
+                    .as_ref()
+                    .and_then(|h| h.get(runtime::telemetry::TRACEPARENT))
+                    .map(|v| v.as_str()),
+            );
             async move {
                 let cmd: Command = match serde_json::from_slice(&msg.payload) {
                     Ok(c) => c,
@@ -140,6 +148,12 @@ pub async fn serve_commands<H: Handler>(
                 let mut h = HeaderMap::new();
                 h.insert(headers::CORRELATION_ID, cid.as_str());
                 h.insert(headers::MSG_ID, format!("reply:{}", cmd.id).as_str());
+                if runtime::telemetry::tracing_enabled() {
+                    h.insert(
+                        runtime::telemetry::TRACEPARENT,
+                        runtime::telemetry::traceparent(cmd.saga_id.as_uuid()).as_str(),
+                    );
+                }
                 let stored = match js_ref.publish_with_headers(subjects_ref.reply(service), h, payload.into()).await {
                     Ok(ack) => ack.await.map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),

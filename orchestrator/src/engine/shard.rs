@@ -439,6 +439,12 @@ impl Shard {
             }
             if w.base_version.is_none() {
                 self.metrics.started(1);
+                runtime::telemetry::saga_started(
+                    id.as_uuid(),
+                    w.entry.saga_type,
+                    &w.entry.correlation_id,
+                    std::time::SystemTime::now(),
+                );
             }
             if w.changed && status.is_terminal() {
                 self.metrics.ended(status.as_str());
@@ -609,8 +615,16 @@ impl Work {
             .correlation_id
             .as_deref()
             .unwrap_or(&self.entry.correlation_id);
-        let _span = tracing::debug_span!("apply", saga_id = %id, correlation_id = %correlation_id)
-            .entered();
+        let span = if runtime::telemetry::tracing_enabled() {
+            // A span of the saga's trace per input applied.
+            let span = tracing::info_span!("apply", saga_id = %id, correlation_id = %correlation_id,
+                input = input.kind());
+            runtime::telemetry::join_saga(&span, id.as_uuid());
+            span
+        } else {
+            tracing::debug_span!("apply", saga_id = %id, correlation_id = %correlation_id)
+        };
+        let _span = span.entered();
         match self.entry.saga.apply(input, env) {
             Verdict::Ignored(why) => {
                 // Logged at info, where the debug span above is off: the line names its saga

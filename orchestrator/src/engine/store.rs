@@ -633,6 +633,7 @@ impl CommitStatement {
                     .or_default()
                     .push(relay::Message {
                         id,
+                        saga_id: row.saga_id.as_uuid(),
                         subject: row.subject,
                         msg_id: row.msg_id,
                         correlation_id: row.correlation_id,

@@ -599,9 +599,14 @@ pub async fn detail(
                 updated_at: record.updated_at,
             },
             version: record.version,
-            // No traces are exported yet (no OpenTelemetry): nothing to link.
-            trace_url: None,
-            trace_id: None,
+            // A saga's trace id is its id (runtime::telemetry), shown when traces are exported.
+            trace_id: runtime::telemetry::tracing_enabled()
+                .then(|| record.id.as_uuid().simple().to_string()),
+            trace_url: {
+                let base = state.settings.admin.trace_url.trim();
+                (!base.is_empty())
+                    .then(|| base.replace("{trace_id}", &record.id.as_uuid().simple().to_string()))
+            },
             failed_step: snapshot["failure"]["step"].as_str().map(str::to_owned),
             steps,
             actions: actions

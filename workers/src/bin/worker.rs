@@ -25,8 +25,15 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The process's name in its traces: `worker-inventory`, ...
+    let name = format!(
+        "worker-{}",
+        clap::ValueEnum::to_possible_value(&cli.kind)
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
+    );
     runtime::process::main(
-        "worker",
+        &name,
         Settings::load,
         |s| (&s.log, &s.runtime),
         |settings| async move {
