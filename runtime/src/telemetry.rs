@@ -233,6 +233,22 @@ pub fn saga_started(saga: uuid::Uuid, saga_type: &str, correlation_id: &str, sta
     span.end();
 }
 
+/// Export a span of saga `saga`'s trace (a child of its root) named `name`, from `started` to
+/// now: for work that learns its saga's id only at its end (the HTTP request that starts it).
+pub fn saga_span(saga: uuid::Uuid, name: &str, started: SystemTime, attributes: Vec<KeyValue>) {
+    let Some(provider) = PROVIDER.get() else {
+        return;
+    };
+    let tracer = provider.tracer("saga-orchestrator");
+    let mut span = tracer
+        .span_builder(name.to_owned())
+        .with_kind(SpanKind::Server)
+        .with_start_time(started)
+        .with_attributes(attributes)
+        .start_with_context(&tracer, &saga_context(saga));
+    span.end();
+}
+
 /// A new correlation id, for what arrives without one.
 pub fn new_correlation_id() -> String {
     uuid::Uuid::now_v7().to_string()

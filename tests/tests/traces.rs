@@ -1,6 +1,6 @@
 //! Traces over OTLP: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, a checkout is one trace across
 //! the processes. Its trace id is its saga id; the orchestrator exports the saga's root span,
-//! a span per input it applies and per reply it takes; each worker a span per command it
+//! the request that started it, a span per input it applies and per reply it takes; each worker a span per command it
 //! handles, found through the `traceparent` header the command carried; every one a child of
 //! the root. The saga's page links the trace. The collector is this test's own OTLP/HTTP
 //! receiver (JSON).
@@ -93,6 +93,7 @@ async fn a_checkout_is_one_trace_across_the_processes() {
             m
         });
         let complete = root.is_some()
+            && by.contains_key(&("orchestrator", "POST /checkout"))
             && by.contains_key(&("orchestrator", "apply"))
             && by.contains_key(&("orchestrator", "reply"))
             && ["worker-inventory", "worker-payment", "worker-shipping"]

@@ -217,6 +217,7 @@ pub async fn create(
     headers: HeaderMap,
     JsonBody(request): JsonBody<CheckoutRequest>,
 ) -> Result<Response, Problem> {
+    let received = std::time::SystemTime::now();
     let key = idempotency_key(&headers)?;
     let wait = super::wait::preference(&headers, state.settings.http.max_wait_seconds)?;
     let (order_id, start, payment_token) = start_request(&state, &request).await?;
@@ -243,7 +244,19 @@ pub async fn create(
         )
         .await?;
     let (id, mut status, order_id, replayed) = match started {
-        Started::Created { id, status } => (id, status, order_id.to_string(), false),
+        Started::Created { id, status } => {
+            // The request is the first span of the saga's trace (when traces are exported).
+            runtime::telemetry::saga_span(
+                id.as_uuid(),
+                "POST /checkout",
+                received,
+                vec![opentelemetry::KeyValue::new(
+                    "correlation_id",
+                    correlation_id.clone(),
+                )],
+            );
+            (id, status, order_id.to_string(), false)
+        }
         Started::Existing { id, status } => {
             let order = super::sagas::order_id_of(&state.pool, id).await?;
             (id, status, order.unwrap_or_default(), true)
