@@ -8,31 +8,9 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-/// Who is looking, as the session says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Sees everything, changes nothing: no action form is rendered for a viewer.
-    Viewer,
-    /// May act on sagas, breakers and dead letters.
-    Operator,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "viewer" => Some(Role::Viewer),
-            "operator" => Some(Role::Operator),
-            _ => None,
-        }
-    }
-}
+/// Who is looking, as the session says: a viewer sees everything and changes nothing (no action
+/// form is rendered for one); an operator may act on sagas, breakers and dead letters.
+pub use crate::http::auth::Role;
 
 /// The logged-in user.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::admin::{LetterAction, letter_act, letters_to_touch};
-use super::auth::{Principal, Role};
+use super::auth::Principal;
 use super::problem::{PathPair, PathParam, Problem, parse_query};
 use crate::admin::{self as service, Action, FilterQuery};
 use crate::dashboard::{self as views, diagram, model};
@@ -63,10 +63,7 @@ fn page(state: &AppState, who: &Principal, title: &str, flash: Option<String>) -
         title: title.to_owned(),
         user: Some(model::User {
             name: who.name.clone(),
-            role: match who.role {
-                Role::Viewer => model::Role::Viewer,
-                Role::Operator => model::Role::Operator,
-            },
+            role: who.role,
         }),
         dev_mode: state.auth.dev_mode(),
         csrf: who.csrf().to_owned(),
@@ -578,7 +575,7 @@ pub async fn detail(
             ("shipment_id", "Shipment"),
             ("tracking_number", "Tracking number"),
         ] {
-            if let Some(v) = find_key(&snapshot["data"], key) {
+            if let Some(v) = find_key(&snapshot, key) {
                 entities.push(model::EntityRow {
                     label: label.into(),
                     value: v,
