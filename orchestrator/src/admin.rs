@@ -75,16 +75,9 @@ impl FilterQuery {
                 format!("must be one of {}, got {t:?}", known.join(", ")),
             ));
         }
-        let status = match given(&self.status) {
-            None => None,
-            Some(s) => Some(Status::parse(&s).ok_or_else(|| {
-                let all: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
-                Problem::bad_query(
-                    "status",
-                    format!("must be one of {}, got {s:?}", all.join(", ")),
-                )
-            })?),
-        };
+        let status = given(&self.status)
+            .map(|s| crate::http::input::status(&s))
+            .transpose()?;
         let state = given(&self.state);
         if let Some(s) = &state
             && (s.len() > 64 || !s.chars().all(|c| c.is_ascii_lowercase() || c == '_'))

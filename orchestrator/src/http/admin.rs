@@ -298,20 +298,29 @@ pub struct AuditQuery {
     pub limit: Option<String>,
 }
 
+impl AuditQuery {
+    /// The checked parameters: the target, the row the page starts after, the page's length
+    /// (100 by default).
+    pub fn parse(&self) -> Result<(Option<&str>, Option<i64>, i64), Problem> {
+        let before = match self.before.as_deref() {
+            None => None,
+            Some(raw) => Some(raw.parse::<i64>().map_err(|_| {
+                Problem::bad_query("before", format!("must be an audit row id, got {raw:?}"))
+            })?),
+        };
+        let limit = input::limit(self.limit.as_deref(), 100, admin::MAX_LIMIT)?;
+        Ok((self.target.as_deref(), before, limit))
+    }
+}
+
 /// `GET /admin/audit`: the audit log, newest first.
 pub async fn audit_log(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
     let q: AuditQuery = parse_query(query.as_deref())?;
-    let before = match q.before.as_deref() {
-        None => None,
-        Some(raw) => Some(raw.parse::<i64>().map_err(|_| {
-            Problem::bad_query("before", format!("must be an audit row id, got {raw:?}"))
-        })?),
-    };
-    let limit = input::limit(q.limit.as_deref(), 100, admin::MAX_LIMIT)?;
-    let rows = audit::list(&state.pool, q.target.as_deref(), before, limit).await?;
+    let (target, before, limit) = q.parse()?;
+    let rows = audit::list(&state.pool, target, before, limit).await?;
     let next = (rows.len() as i64 == limit).then(|| {
         let last = rows.last().expect("a full page").id;
         format!("/admin/audit?limit={limit}&before={last}")

@@ -983,16 +983,11 @@ pub async fn audit_page(
 ) -> PageResult {
     let result: Result<Response, Problem> = async {
         let q: super::admin::AuditQuery = parse_query(query.as_deref())?;
-        let before = match q.before.as_deref() {
-            None => None,
-            Some(raw) => Some(raw.parse::<i64>().map_err(|_| {
-                Problem::bad_query("before", format!("must be an audit row id, got {raw:?}"))
-            })?),
-        };
-        let rows = audit::list(&state.pool, q.target.as_deref(), before, 100).await?;
-        let next = (rows.len() == 100).then(|| {
+        let (target, before, limit) = q.parse()?;
+        let rows = audit::list(&state.pool, target, before, limit).await?;
+        let next = (rows.len() as i64 == limit).then(|| {
             format!(
-                "/dashboard/audit?before={}",
+                "/dashboard/audit?limit={limit}&before={}",
                 rows.last().expect("a full page").id
             )
         });

@@ -263,3 +263,15 @@ pub fn limit(raw: Option<&str>, default: i64, max: i64) -> Result<i64, Problem> 
             }),
     }
 }
+
+/// The `status` query parameter of a list: one of the statuses a saga may have (400 naming the
+/// parameter and the statuses otherwise).
+pub fn status(raw: &str) -> Result<sagas::api::Status, Problem> {
+    sagas::api::Status::parse(raw).ok_or_else(|| {
+        let all: Vec<&str> = sagas::api::Status::ALL.iter().map(|s| s.as_str()).collect();
+        Problem::bad_query(
+            "status",
+            format!("must be one of {}, got {raw:?}", all.join(", ")),
+        )
+    })
+}

@@ -4,7 +4,7 @@ use axum::Extension;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use sagas::api::{Input, Status};
+use sagas::api::Input;
 use sagas::wire::SagaId;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -168,16 +168,7 @@ pub async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
     let q: ListQuery = parse_query(query.as_deref())?;
-    let status = match q.status.as_deref() {
-        None => None,
-        Some(s) => Some(Status::parse(s).ok_or_else(|| {
-            let all: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
-            Problem::bad_query(
-                "status",
-                format!("must be one of {}, got {s:?}", all.join(", ")),
-            )
-        })?),
-    };
+    let status = q.status.as_deref().map(input::status).transpose()?;
     let limit = input::limit(q.limit.as_deref(), 50, 500)?;
     let before = match q.before.as_deref() {
         None => None,
