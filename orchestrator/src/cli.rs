@@ -94,13 +94,14 @@ async fn run(process: Process, settings: Settings, registry: Registry) -> anyhow
         }
         Process::DeleteStreams => {
             let (_client, js) =
-                runtime::nats::connect(&settings.nats.url, "orchestrator-admin").await?;
+                runtime::nats::connect(&settings.nats, "orchestrator-admin").await?;
             let topology = crate::topology::Topology::new(
                 settings.subjects(),
                 settings.nats.replicas,
                 crate::config::ms(settings.replies.ack_wait_ms),
                 settings.replies.max_deliver,
                 &registry,
+                settings.partitions.count,
             );
             for stream in topology.streams() {
                 match js.delete_stream(&stream.name).await {

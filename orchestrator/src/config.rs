@@ -25,6 +25,7 @@ pub struct Settings {
     pub database: Database,
     pub nats: Nats,
     pub engine: Engine,
+    pub partitions: Partitions,
     pub relay: Relay,
     pub replies: Replies,
     pub timers: Timers,
@@ -155,6 +156,19 @@ pub struct Replies {
     pub max_deliver: i64,
 }
 
+/// How orchestrators divide the sagas (`crate::partitions`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partitions {
+    /// Sagas hash to this many partitions, each owned by one orchestrator at a time. Fixed once
+    /// chosen: a start with another count than the database's is refused. More partitions than
+    /// orchestrators lets them spread evenly (16 serve up to 16 orchestrators).
+    pub count: u32,
+    /// A partition's lease lasts this long unless renewed (every quarter of it): a crashed
+    /// orchestrator's partitions move to the others within about this long.
+    pub lease_ms: u64,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timers {
@@ -230,7 +244,7 @@ impl Settings {
 
     fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Invalid(m));
-        self.nats.subjects()?;
+        self.nats.validate()?;
         self.log.validate()?;
         let (e, r, t, b) = (&self.engine, &self.relay, &self.timers, &self.breakers);
         // Every number, with the range in which the process works; outside it a setting
@@ -255,6 +269,13 @@ impl Settings {
             range("engine.max_batch", e.max_batch, 1, 100_000),
             range("engine.pipeline", e.pipeline, 1, 16),
             range("engine.cache_capacity", e.cache_capacity, 0, 10_000_000),
+            range("partitions.count", self.partitions.count, 1, 1024),
+            range(
+                "partitions.lease_ms",
+                self.partitions.lease_ms,
+                1000,
+                HOUR_MS,
+            ),
             range("relay.scan_interval_ms", r.scan_interval_ms, 1, HOUR_MS),
             range("relay.scan_grace_ms", r.scan_grace_ms, 0, HOUR_MS),
             range("relay.max_batch", r.max_batch, 1, 100_000),

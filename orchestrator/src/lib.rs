@@ -25,6 +25,7 @@ pub mod dead_letters;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod partitions;
 pub mod privacy;
 pub mod relay;
 pub mod replies;

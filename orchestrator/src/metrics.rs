@@ -22,6 +22,8 @@ struct Inner {
     commit_seconds: Histogram,
     commits_failed: Counter,
     version_conflicts: Counter,
+    partitions_owned: Gauge,
+    partition_changes: Family<Labels, Counter>,
     published: Counter,
     publish_failures: Counter,
     outbox_rescued: Counter,
@@ -87,6 +89,18 @@ impl Metrics {
             "engine_commits_failed",
             "Batches whose transaction failed",
             commits_failed.clone(),
+        );
+        let partitions_owned = Gauge::default();
+        registry.register(
+            "partitions_owned",
+            "Partitions whose lease this orchestrator holds",
+            partitions_owned.clone(),
+        );
+        let partition_changes = Family::<Labels, Counter>::default();
+        registry.register(
+            "partition_changes",
+            "Partition leases acquired, released (handed over) and lost (taken after expiry)",
+            partition_changes.clone(),
         );
         let version_conflicts = Counter::default();
         registry.register(
@@ -189,6 +203,8 @@ impl Metrics {
             commit_seconds,
             commits_failed,
             version_conflicts,
+            partitions_owned,
+            partition_changes,
             published,
             publish_failures,
             outbox_rescued,
@@ -241,6 +257,17 @@ impl Metrics {
 
     pub fn commit_failed(&self) {
         self.0.commits_failed.inc();
+    }
+
+    pub fn partitions_owned(&self, n: usize) {
+        self.0.partitions_owned.set(n as i64);
+    }
+
+    pub fn partition_change(&self, change: &'static str) {
+        self.0
+            .partition_changes
+            .get_or_create(&vec![("change", change.to_owned())])
+            .inc();
     }
 
     pub fn conflicts(&self, n: usize) {

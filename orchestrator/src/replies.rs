@@ -1,5 +1,7 @@
-//! The reply consumer: a durable JetStream pull consumer shared by every orchestrator, on the
-//! shared consume loop ([`runtime::consume`]). Each reply is fed to its saga through the
+//! The reply consumers, on the shared consume loop ([`runtime::consume`]): one per partition
+//! this orchestrator holds (`orchestrator-replies-p<N>`, the partition's inbox: the replies to
+//! its sagas' commands and the signals routed to them, `crate::partitions`), and the shared
+//! one every orchestrator pulls from, for replies to commands that name no partition. Each reply is fed to its saga through the
 //! engine; the message is acknowledged only after the commit, so a crash before the commit
 //! means a redelivery, and a redelivery after it is fenced off by the machine (it no longer
 //! waits for that attempt).
@@ -12,7 +14,7 @@
 use async_nats::jetstream;
 use runtime::consume::{self, DeadLetters};
 use sagas::api::Input;
-use sagas::wire::{Reply, consumers, headers};
+use sagas::wire::{ROUTED_SIGNAL, Reply, SignalMessage, SignalTarget, consumers, headers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -30,6 +32,8 @@ pub struct ReplyConsumer {
     dead_letters: DeadLetters,
     concurrency: usize,
     metrics: Metrics,
+    /// The partition whose inbox this consumer pulls; `None`: the shared consumer.
+    partition: Option<u32>,
 }
 
 /// What became of one reply message.
@@ -58,7 +62,14 @@ impl ReplyConsumer {
             dead_letters,
             concurrency,
             metrics,
+            partition: None,
         }
+    }
+
+    /// The consumer of partition `p`'s inbox.
+    pub fn for_partition(mut self, p: u32) -> Self {
+        self.partition = Some(p);
+        self
     }
 
     /// Pull and apply replies until `shutdown`; then stop pulling, hand back what was pulled
@@ -66,10 +77,14 @@ impl ReplyConsumer {
     pub async fn run(self, shutdown: CancellationToken) {
         let stream = self.topology.stream_name(streams::REPLIES);
         let this = &self;
+        let name = match self.partition {
+            Some(p) => consumers::partition(p),
+            None => consumers::REPLIES.to_owned(),
+        };
         consume::consume(
             self.js.clone(),
             stream,
-            consumers::REPLIES,
+            &name,
             self.concurrency,
             shutdown,
             |msg, max_deliver| async move {
@@ -98,16 +113,26 @@ impl ReplyConsumer {
                 .map(|v| v.as_str()),
         );
         async move {
-            let reply = match serde_json::from_slice::<Reply>(&msg.payload) {
-                Ok(reply) => reply,
-                Err(e) => return self.dead_letter(&msg, &format!("undecodable reply: {e}")).await,
+            let routed_signal = msg.subject.as_str().rsplit('.').next() == Some(ROUTED_SIGNAL);
+            let (saga, input) = if routed_signal {
+                match serde_json::from_slice::<SignalMessage>(&msg.payload) {
+                    Ok(SignalMessage { target: SignalTarget::Saga { saga_id }, signal, .. }) => {
+                        (saga_id, Input::Signal(signal))
+                    }
+                    Ok(_) => return self.dead_letter(&msg, "a routed signal names no saga id").await,
+                    Err(e) => return self.dead_letter(&msg, &format!("undecodable routed signal: {e}")).await,
+                }
+            } else {
+                match serde_json::from_slice::<Reply>(&msg.payload) {
+                    Ok(reply) => (reply.saga_id, Input::Reply(reply)),
+                    Err(e) => return self.dead_letter(&msg, &format!("undecodable reply: {e}")).await,
+                }
             };
-            let saga = reply.saga_id;
             let origin = Origin {
                 correlation_id: correlation_id.clone(),
                 ..Default::default()
             };
-            let handled = match self.engine.apply(saga, Input::Reply(reply), origin).await {
+            let handled = match self.engine.apply(saga, input, origin).await {
                 Ok(Applied::Applied { .. }) => Handled::Applied,
                 Ok(Applied::Ignored(_)) => Handled::Ignored,
                 Ok(Applied::NotFound) => {

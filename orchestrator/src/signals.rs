@@ -9,7 +9,7 @@
 use async_nats::jetstream;
 use runtime::consume::{self, DeadLetters};
 use sagas::api::Input;
-use sagas::wire::{SagaId, SignalMessage, SignalTarget, consumers, headers};
+use sagas::wire::{SagaId, Signal, SignalMessage, SignalTarget, Subjects, consumers, headers};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -17,6 +17,7 @@ use tracing::Instrument;
 use crate::engine::{self, Applied, Engine, Origin};
 use crate::http::input;
 use crate::metrics::Metrics;
+use crate::partitions::Ownership;
 use crate::topology::{Topology, streams};
 
 const ORIGIN: &str = "signals";
@@ -47,6 +48,53 @@ pub async fn resolve(pool: &PgPool, target: &SignalTarget) -> Result<Option<Saga
             Ok(id.map(SagaId::from_uuid))
         }
     }
+}
+
+/// Where a signal for `saga` went.
+pub enum Routed {
+    /// This process holds the saga's partition: apply it here.
+    Here(Signal),
+    /// Published to the inbox of the saga's partition, for its owner.
+    Forwarded,
+}
+
+/// Route a signal to the orchestrator that holds its saga's partition: kept here when that is
+/// this process, else published to the partition's inbox (`<prefix>.reply.p<N>._signal`, with
+/// the signal's id as its `Nats-Msg-Id`), where its owner, or whoever takes the partition next,
+/// applies it. So the owner's copy of the saga stays the only one written. `Err`: the inbox
+/// did not take it (JetStream down or leaderless); the caller hands its message back.
+pub async fn route(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    ownership: &Ownership,
+    saga: SagaId,
+    signal: Signal,
+    correlation_id: Option<&str>,
+) -> Result<Routed, String> {
+    if ownership.owns(saga) {
+        return Ok(Routed::Here(signal));
+    }
+    let subject = subjects.partition_signal(ownership.partition_of(saga));
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(
+        headers::MSG_ID,
+        format!("signal:{saga}:{}", signal.id).as_str(),
+    );
+    if let Some(c) = correlation_id {
+        h.insert(headers::CORRELATION_ID, c);
+    }
+    let message = SignalMessage {
+        v: 1,
+        target: SignalTarget::Saga { saga_id: saga },
+        signal,
+    };
+    let payload = serde_json::to_vec(&message).expect("signals serialize");
+    let ack = js
+        .publish_with_headers(subject, h, payload.into())
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map_err(|e| e.to_string())?;
+    Ok(Routed::Forwarded)
 }
 
 impl SignalConsumer {
@@ -115,11 +163,23 @@ impl SignalConsumer {
                     return consume::retry_later(&self.dead_letters, ORIGIN, &msg, max_deliver, &e.to_string()).await;
                 }
             };
+            let signal = match route(&self.js, self.topology.subjects(), self.engine.ownership(), saga, message.signal, correlation_id.as_deref()).await {
+                Ok(Routed::Here(signal)) => signal,
+                Ok(Routed::Forwarded) => {
+                    if let Err(e) = msg.ack().await {
+                        tracing::warn!(error = %e, "could not acknowledge a routed signal; it comes again and is told apart by its id");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    return consume::retry_later(&self.dead_letters, ORIGIN, &msg, max_deliver, &format!("cannot route the signal to its partition: {e}")).await;
+                }
+            };
             let origin = Origin {
                 correlation_id,
                 ..Default::default()
             };
-            match self.engine.apply(saga, Input::Signal(message.signal), origin).await {
+            match self.engine.apply(saga, Input::Signal(signal), origin).await {
                 Ok(Applied::Applied { .. } | Applied::Ignored(_)) => {
                     if let Err(e) = msg.ack().await {
                         tracing::warn!(error = %e, "could not acknowledge a signal; it comes again and is told apart by its id");

@@ -169,8 +169,18 @@ impl StartConsumer {
                         return consume::retry_later(&self.dead_letters, ORIGIN, &msg, max_deliver, &e.to_string()).await;
                     }
                 };
-                let origin = Origin { correlation_id: Some(correlation_id.clone()), ..Default::default() };
                 let name = signal.name.clone();
+                let signal = match crate::signals::route(&self.js, self.topology.subjects(), self.engine.ownership(), saga, signal, Some(&correlation_id)).await {
+                    Ok(crate::signals::Routed::Here(signal)) => signal,
+                    Ok(crate::signals::Routed::Forwarded) => {
+                        tracing::debug!(saga_id = %saga, signal = %name, "an event's signal routed to its saga's partition");
+                        continue;
+                    }
+                    Err(e) => {
+                        return consume::retry_later(&self.dead_letters, ORIGIN, &msg, max_deliver, &format!("cannot route the signal to its partition: {e}")).await;
+                    }
+                };
+                let origin = Origin { correlation_id: Some(correlation_id.clone()), ..Default::default() };
                 match self.engine.apply(saga, Input::Signal(signal), origin).await {
                     Ok(Applied::Applied { .. }) => tracing::info!(saga_id = %saga, signal = %name, event = %event.name, "an event signalled its saga"),
                     Ok(Applied::Ignored(why)) => tracing::info!(saga_id = %saga, signal = %name, %why, "an event's signal was ignored"),

@@ -41,15 +41,14 @@ impl Application {
     ) -> anyhow::Result<Application> {
         let settings = Arc::new(settings);
         let pool = runtime::db::connect(&settings.database, "saga-orchestrator").await?;
-        let (_client, js) = runtime::nats::connect(&settings.nats.url, "orchestrator")
-            .await
-            .with_context(|| format!("cannot reach NATS at {}", settings.nats.url))?;
+        let (_client, js) = runtime::nats::connect(&settings.nats, "orchestrator").await?;
         let topology = Topology::new(
             settings.subjects(),
             settings.nats.replicas,
             config::ms(settings.replies.ack_wait_ms),
             settings.replies.max_deliver,
             &registry,
+            settings.partitions.count,
         );
         // Right after a NATS restart the connection may be up before JetStream answers: retry
         // for a while, as for the connection itself, rather than exit.
@@ -65,6 +64,10 @@ impl Application {
             })
             .await
             .context("cannot declare the JetStream streams and consumers (is JetStream enabled?)")?;
+        crate::partitions::prepare(&pool, settings.partitions.count)
+            .await
+            .context("cannot prepare the partitions")?;
+        let ownership = crate::partitions::Ownership::new(settings.partitions.count);
         let metrics = Metrics::new();
         let breakers = Arc::new(Breakers::new(
             &registry.steps(),
@@ -85,6 +88,7 @@ impl Application {
             breakers.clone(),
             metrics.clone(),
             &settings.engine,
+            ownership,
         );
         let listener = TcpListener::bind((settings.http.host.as_str(), settings.http.port))
             .await
@@ -164,6 +168,43 @@ impl Application {
             state.metrics.clone(),
         );
         let replies = tokio::spawn(replies.run(shutdown.clone()));
+        // The inboxes of the partitions this process holds, started and stopped as their
+        // leases come and go; on shutdown the keeper stops them and hands the leases over.
+        let partitions = {
+            let settings = &state.settings;
+            let per_partition =
+                (settings.replies.concurrency / settings.partitions.count as usize).max(32);
+            let (engine, js, topology, metrics) = (
+                state.engine.clone(),
+                state.js.clone(),
+                state.topology.clone(),
+                state.metrics.clone(),
+            );
+            let spawn: crate::partitions::SpawnConsumer = Box::new(move |p, token| {
+                let consumer = ReplyConsumer::new(
+                    engine.clone(),
+                    js.clone(),
+                    topology.clone(),
+                    per_partition,
+                    metrics.clone(),
+                )
+                .for_partition(p);
+                tokio::spawn(consumer.run(token))
+            });
+            let keeper = crate::partitions::LeaseKeeper::new(
+                state.pool.clone(),
+                state.engine.ownership().clone(),
+                config::ms(settings.partitions.lease_ms),
+                spawn,
+                state.metrics.clone(),
+            );
+            let (first, taken) = tokio::sync::oneshot::channel();
+            let keeper = tokio::spawn(keeper.run(shutdown.clone(), first));
+            // Serve once the first round took what is free: a lone orchestrator then holds
+            // every partition, and the sagas it starts are its own from the first.
+            let _ = tokio::time::timeout(config::ms(settings.partitions.lease_ms), taken).await;
+            keeper
+        };
         let signals = crate::signals::SignalConsumer::new(
             state.engine.clone(),
             state.pool.clone(),
@@ -223,6 +264,7 @@ impl Application {
         tracing::info!("HTTP stopped; finishing replies and timers in hand");
         release.await.ok();
         replies.await.ok();
+        partitions.await.ok();
         signals.await.ok();
         starts.await.ok();
         timers.await.ok();

@@ -2,8 +2,10 @@
 //! only (a step's deadline or backoff, a signal's SLA, whatever a saga type sets): what a
 //! timer means is for the saga's machine to say.
 //!
-//! Due rows are claimed with `FOR UPDATE SKIP LOCKED` and leased for a while, so two
-//! orchestrators side by side never fire the same timer at once. The commit that applies the
+//! An orchestrator fires the timers of the partitions it holds (`crate::partitions`): their
+//! sagas are its own. Due rows are claimed with `FOR UPDATE SKIP LOCKED` and leased for a
+//! while, so that even while a partition changes hands two orchestrators never fire the same
+//! timer at once. The commit that applies the
 //! fired timer removes its row (or the transition re-arms it). If an orchestrator dies between
 //! claim and commit, the lease runs out and another one fires the timer; a timer fired twice
 //! is harmless, because the machine fences the timers it gets (a step's by step and attempt).
@@ -61,10 +63,21 @@ impl TimerLoop {
     pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
         let now = chrono::Utc::now();
         let lease = now + config::ms(self.settings.lease_ms);
+        let ownership = self.engine.ownership();
+        let owned: Vec<i32> = ownership
+            .current()
+            .epochs
+            .keys()
+            .map(|p| *p as i32)
+            .collect();
+        if owned.is_empty() {
+            return Ok(0);
+        }
         let rows = sqlx::query!(
             "UPDATE orchestrator.timers t SET leased_until = $2
                FROM (SELECT saga_id, key FROM orchestrator.timers
                       WHERE fire_at <= $1 AND (leased_until IS NULL OR leased_until < $1)
+                        AND orchestrator.saga_partition(saga_id, $4) = ANY($5::int4[])
                       ORDER BY fire_at LIMIT $3
                       FOR UPDATE SKIP LOCKED) due
               WHERE t.saga_id = due.saga_id AND t.key = due.key
@@ -72,6 +85,8 @@ impl TimerLoop {
             now,
             lease,
             self.settings.max_batch,
+            ownership.count() as i32,
+            &owned,
         )
         .fetch_all(&self.pool)
         .await?;

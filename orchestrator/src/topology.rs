@@ -54,6 +54,8 @@ pub struct Topology {
     services: Vec<&'static str>,
     /// Whether a registered saga type is started by events (then their consumer is declared).
     started_by_events: bool,
+    /// Sagas' partitions: an inbox consumer each (`crate::partitions`).
+    partitions: u32,
 }
 
 impl Topology {
@@ -63,6 +65,7 @@ impl Topology {
         reply_ack_wait: Duration,
         reply_max_deliver: i64,
         registry: &sagas::api::Registry,
+        partitions: u32,
     ) -> Self {
         Self {
             subjects,
@@ -73,6 +76,7 @@ impl Topology {
             started_by_events: registry
                 .types()
                 .any(|t| !t.triggers().is_empty() || !t.signal_triggers().is_empty()),
+            partitions,
         }
     }
 
@@ -188,11 +192,24 @@ impl Topology {
                 self.reply_max_deliver,
             ),
         ));
+        // Each partition's inbox (its replies and routed signals), pulled by its owner only;
+        // and the replies to commands that name no partition (sent before partitions), by any.
+        for p in 0..self.partitions {
+            all.push((
+                streams::REPLIES,
+                self.consumer(
+                    &consumers::partition(p),
+                    s.partition_inbox(p),
+                    self.reply_ack_wait,
+                    self.reply_max_deliver,
+                ),
+            ));
+        }
         all.push((
             streams::REPLIES,
             self.consumer(
                 consumers::REPLIES,
-                s.replies(),
+                s.shared_replies(),
                 self.reply_ack_wait,
                 self.reply_max_deliver,
             ),

@@ -85,13 +85,25 @@ impl Unparker {
     }
 
     async fn parked(&self, step: &str, limit: i64) -> Result<Vec<SagaId>, sqlx::Error> {
+        // The sagas of the partitions this orchestrator holds: its breaker saw their replies.
+        let ownership = self.engine.ownership();
+        let owned: Vec<i32> = ownership
+            .current()
+            .epochs
+            .keys()
+            .map(|p| *p as i32)
+            .collect();
         let ids = sqlx::query_scalar!(
             // Oldest first, in the order of the index `sagas_parked (parked_on, created_at)`:
             // a page is read from the index, not sorted out of every saga parked on the step
             // (an outage can park hundreds of thousands).
-            "SELECT id FROM orchestrator.sagas WHERE parked_on = $1 ORDER BY created_at LIMIT $2",
+            "SELECT id FROM orchestrator.sagas
+              WHERE parked_on = $1 AND orchestrator.saga_partition(id, $3) = ANY($4::int4[])
+              ORDER BY created_at LIMIT $2",
             step,
             limit,
+            ownership.count() as i32,
+            &owned,
         )
         .fetch_all(&self.pool)
         .await?;

@@ -154,13 +154,41 @@ impl std::fmt::Debug for Database {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Nats {
-    /// May hold credentials (`nats://user:password@host`): printed without them.
+    /// One server, or the servers of a cluster comma-separated (`nats://n1:4222,nats://n2:4222`):
+    /// the client connects to one and moves to another when it goes away. A URL may hold
+    /// credentials (`nats://user:password@host`, or `nats://token@host`): printed without them.
     pub url: String,
     /// Subject and stream prefix: several deployments (or tests) can share one server.
     pub prefix: String,
     /// JetStream stream replicas (the orchestrator declares the streams; 1 on one server).
     #[serde(default = "one")]
     pub replicas: usize,
+    /// A user and password (both or neither), rather than in the URL. The password is a secret:
+    /// never printed.
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub password: String,
+    /// A file holding an nkey seed (`SU...`): the client signs the server's nonce with it.
+    #[serde(default)]
+    pub nkey_seed_file: String,
+    /// A credentials file (a user JWT and its nkey seed, as `nsc` writes it).
+    #[serde(default)]
+    pub creds_file: String,
+    /// PEM: the CA certificates the servers' certificates are checked against (rather than the
+    /// system's).
+    #[serde(default)]
+    pub tls_ca_file: String,
+    /// PEM: this client's certificate and its key (both or neither), for servers that verify
+    /// their clients.
+    #[serde(default)]
+    pub tls_cert_file: String,
+    #[serde(default)]
+    pub tls_key_file: String,
+    /// Speak TLS to the servers, or not connect at all. Implied by `tls_ca_file` and
+    /// `tls_cert_file`, and by a `tls://` URL.
+    #[serde(default)]
+    pub tls_required: bool,
 }
 
 fn one() -> usize {
@@ -169,10 +197,19 @@ fn one() -> usize {
 
 impl std::fmt::Debug for Nats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |s: &str| if s.is_empty() { "" } else { "<redacted>" };
         f.debug_struct("Nats")
             .field("url", &without_credentials(&self.url))
             .field("prefix", &self.prefix)
             .field("replicas", &self.replicas)
+            .field("user", &self.user)
+            .field("password", &secret(&self.password))
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("creds_file", &self.creds_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_required", &self.tls_required)
             .finish()
     }
 }
@@ -181,6 +218,13 @@ impl Nats {
     pub fn subjects(&self) -> Result<sagas::wire::Subjects, Error> {
         sagas::wire::Subjects::new(&self.prefix)
             .map_err(|e| Error::Invalid(format!("nats.prefix: {e}")))
+    }
+
+    /// The prefix, the server list, the credentials and the TLS files (each file readable and
+    /// holding what it should): what is wrong stops the process at start-up, named.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.subjects()?;
+        crate::nats::plan(self).map(|_| ()).map_err(Error::Invalid)
     }
 }
 
@@ -221,15 +265,29 @@ pub enum LogFormat {
     Json,
 }
 
-/// A URL with its user information (`user:password@`) replaced, for printing.
+/// A URL, or a list of them (NATS servers, libpq's hosts), with the user information
+/// (`user:password@`) of each replaced, for printing. Where it is not clear where the user
+/// information ends, more is replaced rather than less.
 pub fn without_credentials(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
-        None => url.to_owned(),
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    // A bare `user:password@host` has its authority at the start.
+    let mut at_authority = !url.contains("://");
+    loop {
+        if !at_authority {
+            let Some(i) = rest.find("://") else {
+                out.push_str(rest);
+                return out;
+            };
+            out.push_str(&rest[..i + 3]);
+            rest = &rest[i + 3..];
+        }
+        at_authority = false;
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..end].rfind('@') {
+            out.push_str("<redacted>");
+            rest = &rest[at..];
+        }
     }
 }
 
@@ -247,6 +305,26 @@ mod tests {
             without_credentials("nats://127.0.0.1:4222"),
             "nats://127.0.0.1:4222"
         );
+        for (url, printed) in [
+            (
+                "nats://a:s3cret@n1:4222,nats://b:s3cret@n2:4222",
+                "nats://<redacted>@n1:4222,nats://<redacted>@n2:4222",
+            ),
+            (
+                "nats://n1:4222,nats://b:s3cret@n2:4222",
+                "nats://n1:4222,nats://<redacted>@n2:4222",
+            ),
+            ("nats://a:s3,cret@n1", "nats://<redacted>@n1"),
+            ("nats://a:s3@cret@n1", "nats://<redacted>@n1"),
+            ("a:s3cret@n1:4222", "<redacted>@n1:4222"),
+            (
+                "postgres://ada:s3cret@h1:5432,h2:5433/db?target_session_attrs=read-write",
+                "postgres://<redacted>@h1:5432,h2:5433/db?target_session_attrs=read-write",
+            ),
+            ("postgres://h1/db?x=a@b", "postgres://h1/db?x=a@b"),
+        ] {
+            assert_eq!(without_credentials(url), printed, "{url}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -115,6 +116,18 @@ pub async fn consume<F, Fut>(
                 Some(_) = inflight.next(), if !inflight.is_empty() => {}
                 next = messages.next(), if inflight.len() < concurrency => match next {
                     Some(Ok(msg)) => inflight.push(handle(msg, max_deliver)),
+                    // The consumer's leader moved or went away (a JetStream leader change, a
+                    // server of the cluster restarting): its pull request is lost, and the
+                    // stream would wait out the request's expiry before asking again. Pull
+                    // afresh instead.
+                    Some(Err(e)) if pull_again(e.kind()) => {
+                        tracing::warn!(error = %e, consumer = consumer_name, "pull interrupted; pulling again");
+                        hand_back_buffered(messages, consumer_name).await;
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break 'outer,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'outer,
+                        }
+                    }
                     Some(Err(e)) => tracing::warn!(error = %e, consumer = consumer_name, "pull error"),
                     None => continue 'outer,
                 },
@@ -123,6 +136,18 @@ pub async fn consume<F, Fut>(
     }
     while inflight.next().await.is_some() {}
     tracing::info!(consumer = consumer_name, "consumer stopped");
+}
+
+/// Whether a pull stream's error means its pull request is lost (to be made again), rather
+/// than a message that could not be read.
+fn pull_again(kind: MessagesErrorKind) -> bool {
+    matches!(
+        kind,
+        MessagesErrorKind::MissingHeartbeat
+            | MessagesErrorKind::NoResponders
+            | MessagesErrorKind::ConsumerDeleted
+            | MessagesErrorKind::Pull
+    )
 }
 
 /// Hand back, without delay, the messages the pull stream already holds (pulled from the server

@@ -1276,6 +1276,7 @@ impl<D: Definition> Stepwise<D> {
             dispatch,
             deadline,
             service: def.service.unwrap_or_default().to_owned(),
+            partition: None,
             body: D::command(&self.data, self.id, def, phase),
         }));
         ctx.set_timer(

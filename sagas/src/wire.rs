@@ -208,6 +208,12 @@ pub struct Command {
     /// The worker pool it is for (older messages name it by their subject only).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub service: String,
+    /// The partition of the saga ([`partition_of`]), set by the orchestrator that sends it:
+    /// the reply goes to that partition's subject ([`Subjects::reply_to`]), which only the
+    /// orchestrator holding the partition's lease consumes. Absent in messages of before
+    /// partitions (their replies go to the shared subject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
     /// The action and its arguments, as the service's contract defines them.
     #[serde(flatten)]
     pub body: Body,
@@ -362,6 +368,18 @@ pub struct SignalMessage {
     pub signal: Signal,
 }
 
+/// The last token of a routed signal's subject in a partition's inbox
+/// ([`Subjects::partition_signal`]); no service has this name (a service name starts with a
+/// letter).
+pub const ROUTED_SIGNAL: &str = "_signal";
+
+/// The partition of a saga among `count`: the low 32 bits of its id (random in a UUID v7,
+/// hashed in a v5), modulo `count`. The orchestrator's SQL has the same function
+/// (`orchestrator.saga_partition`, migration 0021), checked equal by a test.
+pub fn partition_of(id: SagaId, count: u32) -> u32 {
+    (id.as_uuid().as_u128() as u32) % count.max(1)
+}
+
 /// The durable JetStream consumers, by role. The orchestrator creates them (with the streams);
 /// each process binds to its own by name.
 pub mod consumers {
@@ -370,8 +388,14 @@ pub mod consumers {
     pub fn commands(service: &str) -> &str {
         service
     }
-    /// The orchestrators' reply consumer.
-    pub const REPLIES: &str = "orchestrator";
+    /// The orchestrators' shared consumer of replies to commands that name no partition (sent
+    /// before partitions): any orchestrator applies them.
+    pub const REPLIES: &str = "orchestrator-replies-shared";
+    /// The consumer of partition `p`'s inbox (its replies and routed signals): only the
+    /// orchestrator holding the partition's lease pulls from it.
+    pub fn partition(p: u32) -> String {
+        format!("orchestrator-replies-p{p}")
+    }
     /// The orchestrators' signal consumer.
     pub const SIGNALS: &str = "orchestrator-signals";
     /// The orchestrators' consumer of the domain events that start sagas.
@@ -385,7 +409,10 @@ pub mod consumers {
     /// role of their stream: the orchestrator deletes them at start-up, so that they do not
     /// hold messages for nobody. (`inventory-events` consumed reservations on `OrderConfirmed`,
     /// before the sale became the checkout's `commit_stock` step.)
-    pub const RETIRED: &[(&str, &str)] = &[("EVENTS", "inventory-events")];
+    /// (`orchestrator` read every reply before partitions; its filter would overlap the
+    /// partitions' on the work-queue stream.)
+    pub const RETIRED: &[(&str, &str)] =
+        &[("EVENTS", "inventory-events"), ("REPLIES", "orchestrator")];
 }
 
 /// NATS header names used across the system.
@@ -438,9 +465,35 @@ impl Subjects {
         format!("{}.cmd.>", self.prefix)
     }
 
-    /// Where the worker pool `service` replies.
+    /// Where the worker pool `service` replied before partitions (and still replies to a
+    /// command that names none): the subject every orchestrator consumes.
     pub fn reply(&self, service: &str) -> String {
         format!("{}.reply.{service}", self.prefix)
+    }
+
+    /// Where the reply to `cmd` goes: its saga's partition's subject when the command names
+    /// one (`<prefix>.reply.p<N>.<service>`), else the shared one.
+    pub fn reply_to(&self, cmd: &Command, service: &str) -> String {
+        match cmd.partition {
+            Some(p) => format!("{}.reply.p{p}.{service}", self.prefix),
+            None => self.reply(service),
+        }
+    }
+
+    /// Everything a partition's owner consumes: its replies, and the signals routed to it
+    /// (`<prefix>.reply.p<N>.>`).
+    pub fn partition_inbox(&self, partition: u32) -> String {
+        format!("{}.reply.p{partition}.>", self.prefix)
+    }
+
+    /// Where a signal for a saga of `partition` is routed to its owner.
+    pub fn partition_signal(&self, partition: u32) -> String {
+        format!("{}.reply.p{partition}.{ROUTED_SIGNAL}", self.prefix)
+    }
+
+    /// The replies to commands that name no partition (`<prefix>.reply.<service>`, one token).
+    pub fn shared_replies(&self) -> String {
+        format!("{}.reply.*", self.prefix)
     }
 
     pub fn replies(&self) -> String {
@@ -490,6 +543,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn partitions_are_the_ids_low_bits_and_spread_evenly() {
+        let id = SagaId::from_uuid(Uuid::from_u128(0xdead_beef_0000_0000_0000_0000_0000_0013));
+        assert_eq!(partition_of(id, 16), 0x13 % 16);
+        assert_eq!(partition_of(id, 1), 0);
+        // v5 ids (derived) spread too: 1,600 of them over 16 partitions, none empty or crowded.
+        let mut counts = [0u32; 16];
+        for i in 0..1600u32 {
+            let id = SagaId::from_uuid(Uuid::new_v5(&Uuid::NAMESPACE_OID, &i.to_be_bytes()));
+            counts[partition_of(id, 16) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (50..=150).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
     fn command_ids_are_derived_not_random() {
         let saga = SagaId::from_uuid(Uuid::from_u128(7));
         let a = CommandId::derive(saga, "charge_payment", Phase::Forward, 1);
@@ -524,9 +594,23 @@ mod tests {
             dispatch: 0,
             deadline: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             service: "inventory".into(),
+            partition: None,
             body: Body(body),
         };
         let json = serde_json::to_value(&cmd).unwrap();
+        assert!(json.get("partition").is_none(), "absent unless set");
+        let subjects = Subjects::new("shop").unwrap();
+        assert_eq!(subjects.reply_to(&cmd, "inventory"), "shop.reply.inventory");
+        let routed = Command {
+            partition: Some(7),
+            ..cmd.clone()
+        };
+        assert_eq!(
+            subjects.reply_to(&routed, "inventory"),
+            "shop.reply.p7.inventory"
+        );
+        let back: Command = serde_json::from_value(serde_json::to_value(&routed).unwrap()).unwrap();
+        assert_eq!(back.partition, Some(7));
         assert_eq!(json["action"], "release_stock");
         assert_eq!(json["saga_type"], "checkout");
         assert_eq!(cmd.action(), "release_stock");

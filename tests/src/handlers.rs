@@ -36,6 +36,7 @@ pub fn command(
         dispatch: 0,
         deadline: chrono::Utc::now() + chrono::Duration::seconds(30),
         service: service.into(),
+        partition: None,
         body,
     }
 }

@@ -12,8 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod browser;
+pub mod cluster;
 pub mod courier;
 pub mod handlers;
+pub mod pgcluster;
 
 use sagas::api::Registry;
 use sagas::wire::SagaId;
@@ -77,16 +79,60 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// A free TCP port on loopback.
+///
+/// Drawn below the kernel's ephemeral range (32768 and up), where no outgoing connection of any
+/// process takes it between this check and the server's bind (a port the kernel hands out for
+/// port 0 is also the next client socket's, which made servers fail to bind now and then).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000")
 }
 
+/// Create database `name` on the server among the hosts of `admin` (libpq's multi-host URL, or
+/// one host's) that is a primary.
+async fn create_on_primary(admin: &str, name: &str) {
+    use sqlx::Connection;
+    let hosts = match runtime::db::hosts::parse(admin).expect("the test's database URL") {
+        runtime::db::hosts::Target::Single => vec![admin.to_owned()],
+        runtime::db::hosts::Target::Hosts { hosts, .. } => {
+            hosts.iter().map(|h| h.url().to_owned()).collect()
+        }
+    };
+    for url in hosts {
+        let Ok(mut conn) = sqlx::PgConnection::connect(&url).await else {
+            continue;
+        };
+        if let Ok(false) = sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()")
+            .fetch_one(&mut conn)
+            .await
+        {
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut conn)
+                .await
+                .expect("create the test database");
+            return;
+        }
+    }
+    panic!("no host of the test's PostgreSQL is a primary");
+}
+
+/// `url` naming database `db` instead (its parameters, e.g. `target_session_attrs`, kept).
 fn with_database(url: &str, db: &str) -> String {
+    let (url, query) = url.split_once('?').unwrap_or((url, ""));
     let (base, _) = url.rsplit_once('/').expect("a database URL has a path");
-    format!("{base}/{db}")
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("{base}/{db}{query}")
 }
 
 /// The worker pools and other processes a test can start, stop and kill.
@@ -116,6 +162,18 @@ pub struct Options {
     /// Whether confirmed orders are fulfilled (the fulfilment saga runs): off for the tests of
     /// the checkout alone, which then see only its own effects.
     pub fulfilment: bool,
+    /// Orchestrators started (on one database and subjects): `orchestrator`, then
+    /// `orchestrator-2`, `orchestrator-3`, ... each on an API port of its own
+    /// ([`App::base_of`]).
+    pub orchestrators: usize,
+    /// Processes started per worker pool (and per extra worker): `<worker>`, then
+    /// `<worker>-2`, `<worker>-3`, ... ([`pool_member`]).
+    pub pool_size: usize,
+    /// Another PostgreSQL than the shared one: the URL of its admin database, which may be
+    /// libpq's multi-host URL of a [`pgcluster::PgCluster`]. The test's database is created
+    /// there, and the processes and [`App::pool`] connect through it (following the primary
+    /// across a failover). Dropped with its server, not by the app.
+    pub database: Option<String>,
 }
 
 impl Default for Options {
@@ -131,6 +189,9 @@ impl Default for Options {
             extra_workers: Vec::new(),
             setup_sql: None,
             fulfilment: false,
+            orchestrators: 1,
+            pool_size: 1,
+            database: None,
         }
     }
 }
@@ -167,6 +228,30 @@ impl Options {
     pub fn orchestrator(mut self, key: &str, value: &str) -> Self {
         self.orchestrator_env.push((key.into(), value.into()));
         self
+    }
+}
+
+/// The name of the `i`th process (from 1) of a pool or of the orchestrators: `base` itself,
+/// then `base-2`, `base-3`, ...
+pub fn pool_member(base: &str, i: usize) -> String {
+    if i <= 1 {
+        base.to_owned()
+    } else {
+        format!("{base}-{i}")
+    }
+}
+
+/// A process name split into what it runs and its place in its pool: `payment-2` is
+/// (`payment`, 2), `payment` (`payment`, 1). `orchestrator-b` is (`orchestrator-b`, 1).
+fn pool_of(name: &str) -> (&str, usize) {
+    match name.rsplit_once('-') {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            match n.parse::<usize>() {
+                Ok(i) if i >= 2 => (base, i),
+                _ => (name, 1),
+            }
+        }
+        _ => (name, 1),
     }
 }
 
@@ -228,6 +313,11 @@ pub struct App {
     callback_port: u16,
     /// The Product service's API (worker `product`).
     pub product_port: u16,
+    /// The API ports of the orchestrators after the first (`orchestrator-2`, ...) and the
+    /// health ports of the worker processes (`SAGA_HEALTH__PORT`), by process name.
+    ports: BTreeMap<String, u16>,
+    /// The carrier's callback ports of the shipping processes after the first.
+    callback_ports: BTreeMap<String, u16>,
     options: Options,
     processes: BTreeMap<String, Child>,
 }
@@ -239,22 +329,43 @@ impl App {
 
     pub async fn spawn_with(options: Options) -> App {
         let name = format!("t{}", &uuid::Uuid::now_v7().simple().to_string()[12..]);
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&admin_url())
-            .await
-            .expect("the admin database is reachable (is PostgreSQL up? deploy/test starts it)");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .expect("create the test database");
-        admin.close().await;
-        let db_url = with_database(&admin_url(), &name);
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .connect(&db_url)
-            .await
-            .expect("the test database is reachable");
+        let (db_url, pool) = match &options.database {
+            // Created, and followed across a failover, as the processes do.
+            Some(admin) => {
+                create_on_primary(admin, &name).await;
+                let db_url = with_database(admin, &name);
+                let settings = runtime::config::Database {
+                    url: db_url.clone(),
+                    max_connections: 4,
+                    create: false,
+                };
+                let pool = runtime::db::connect(&settings, "e2e")
+                    .await
+                    .expect("the test database is created on the test's PostgreSQL");
+                (db_url, pool)
+            }
+            None => {
+                let admin = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&admin_url())
+                    .await
+                    .expect(
+                        "the admin database is reachable (is PostgreSQL up? deploy/test starts it)",
+                    );
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&admin)
+                    .await
+                    .expect("create the test database");
+                admin.close().await;
+                let db_url = with_database(&admin_url(), &name);
+                let pool = PgPoolOptions::new()
+                    .max_connections(4)
+                    .connect(&db_url)
+                    .await
+                    .expect("the test database is reachable");
+                (db_url, pool)
+            }
+        };
         runtime::db::MIGRATOR
             .run(&pool)
             .await
@@ -295,20 +406,63 @@ impl App {
             sim_port,
             callback_port,
             product_port,
+            ports: BTreeMap::new(),
+            callback_ports: BTreeMap::new(),
             options,
             processes: BTreeMap::new(),
         };
         app.start("simulator");
         // The Product service prices checkouts: it runs in every test, workers or not.
         app.start_product().await;
-        app.start_orchestrator().await;
-        for w in app.options.workers.clone() {
-            app.start(w);
+        app.start_orchestrator("orchestrator").await;
+        for i in 2..=app.options.orchestrators {
+            app.start_orchestrator(&pool_member("orchestrator", i))
+                .await;
         }
-        for w in app.options.extra_workers.clone() {
-            app.start(w);
+        let pools = [
+            app.options.workers.clone(),
+            app.options.extra_workers.clone(),
+        ]
+        .concat();
+        for w in pools {
+            for i in 1..=app.options.pool_size.max(1) {
+                app.start(&pool_member(w, i));
+            }
         }
         app
+    }
+
+    /// The URL of this test's database.
+    pub fn database_url(&self) -> &str {
+        &self.db_url
+    }
+
+    /// The API base URL of an orchestrator: `orchestrator` ([`App::base`]), `orchestrator-b`
+    /// ([`App::base_b`]) or `orchestrator-N`.
+    pub fn base_of(&self, name: &str) -> String {
+        match name {
+            "orchestrator" => self.base.clone(),
+            "orchestrator-b" => self.base_b.clone(),
+            other => {
+                let port = self
+                    .ports
+                    .get(other)
+                    .unwrap_or_else(|| panic!("{other} is not an orchestrator this app started"));
+                format!("http://127.0.0.1:{port}")
+            }
+        }
+    }
+
+    /// The base URL of a worker process's health listener (`/healthz`, `/readyz`,
+    /// `/metrics`), e.g. `payment-2`'s. Each start of the process takes a new port: read it
+    /// after [`App::start`].
+    pub fn health_url(&self, name: &str) -> String {
+        let port = self
+            .ports
+            .get(name)
+            .filter(|_| !pool_of(name).0.starts_with("orchestrator"))
+            .unwrap_or_else(|| panic!("{name} is not a worker process this app started"));
+        format!("http://127.0.0.1:{port}")
     }
 
     fn common_env(&self) -> Vec<(String, String)> {
@@ -326,19 +480,28 @@ impl App {
     }
 
     /// Start (or start again) one process: `orchestrator`, `orchestrator-b` (a second one on
-    /// the same database and subjects, serving [`App::base_b`]), `simulator` or a worker.
+    /// the same database and subjects, serving [`App::base_b`]), `orchestrator-N` (serving
+    /// [`App::base_of`]), `simulator` or a worker process (`payment`, `payment-2`, ...: each
+    /// with a health listener of its own, [`App::health_url`]).
     pub fn start(&mut self, name: &str) {
-        let mut cmd = match name {
+        self.start_with(name, &[]);
+    }
+
+    /// [`App::start`] with `env` over the process's environment (e.g. another `DATABASE_URL`
+    /// for this process alone).
+    pub fn start_with(&mut self, name: &str, env: &[(&str, &str)]) {
+        let (kind, _) = pool_of(name);
+        let mut cmd = match kind {
             "simulator" => {
                 let mut c = Command::new(binary("simulator"));
                 c.args(["--port", &self.sim_port.to_string()]);
                 c
             }
             "orchestrator" | "orchestrator-b" => {
-                let port = if name == "orchestrator" {
-                    self.http_port
-                } else {
-                    self.http_port_b
+                let port = match name {
+                    "orchestrator" => self.http_port,
+                    "orchestrator-b" => self.http_port_b,
+                    other => *self.ports.entry(other.to_owned()).or_insert_with(free_port),
                 };
                 let mut c = Command::new(binary(self.options.orchestrator_binary));
                 c.envs(self.common_env());
@@ -355,6 +518,19 @@ impl App {
                 c
             }
             worker => {
+                // A new port at each start: one found free may have been taken meanwhile.
+                let health_port = free_port();
+                self.ports.insert(name.to_owned(), health_port);
+                // The shipping processes after the first take the carrier's reports on ports of
+                // their own (kept across restarts: the carrier has the URL).
+                let callback_port = if name == worker {
+                    self.callback_port
+                } else {
+                    *self
+                        .callback_ports
+                        .entry(name.to_owned())
+                        .or_insert_with(free_port)
+                };
                 let mut c = if self.options.extra_workers.contains(&worker) {
                     Command::new(binary(worker))
                 } else {
@@ -373,16 +549,18 @@ impl App {
                 c.env("CARRIER_URL", &self.sim);
                 c.env("CART_URL", &self.sim);
                 c.env("SAGA_ORDER__API_URL", &self.base);
-                c.env("SAGA_CALLBACKS__PORT", self.callback_port.to_string());
+                c.env("SAGA_CALLBACKS__PORT", callback_port.to_string());
                 c.env("SAGA_PRODUCT__API_PORT", self.product_port.to_string());
                 c.env(
                     "SAGA_CALLBACKS__PUBLIC_URL",
-                    format!("http://127.0.0.1:{}", self.callback_port),
+                    format!("http://127.0.0.1:{callback_port}"),
                 );
+                c.env("SAGA_HEALTH__PORT", health_port.to_string());
                 c.envs(self.options.worker_env.clone());
                 c
             }
         };
+        cmd.envs(env.iter().copied());
         let log = File::options()
             .create(true)
             .append(true)
@@ -476,31 +654,44 @@ impl App {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Start the orchestrator and wait until it is ready. Its port was free when the test took
-    /// it, but another process (another test's, or a browser's driver) may bind it first: then
-    /// the orchestrator exits at once, and it starts again on a new port.
-    async fn start_orchestrator(&mut self) {
+    /// Start an orchestrator (`orchestrator` or `orchestrator-N`) and wait until it is ready.
+    /// Its port was free when the test took it, but another process (another test's, or a
+    /// browser's driver) may bind it first: then the orchestrator exits at once, and it starts
+    /// again on a new port.
+    pub async fn start_orchestrator(&mut self, name: &str) {
         for _ in 0..10 {
-            self.start("orchestrator");
+            self.start(name);
             let deadline = Instant::now() + Duration::from_secs(30);
+            let base = self.base_of(name);
             loop {
-                if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await
+                if let Ok(r) = self.http.get(format!("{base}/readyz")).send().await
                     && r.status().is_success()
                 {
                     return;
                 }
-                if !self.is_running("orchestrator") {
+                if !self.is_running(name) {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "orchestrator not ready within 30 s; logs in {}",
+                    "{name} not ready within 30 s; logs in {}",
                     self.logs.display()
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            self.http_port = free_port();
-            self.base = format!("http://127.0.0.1:{}", self.http_port);
+            match name {
+                "orchestrator" => {
+                    self.http_port = free_port();
+                    self.base = format!("http://127.0.0.1:{}", self.http_port);
+                }
+                "orchestrator-b" => {
+                    self.http_port_b = free_port();
+                    self.base_b = format!("http://127.0.0.1:{}", self.http_port_b);
+                }
+                other => {
+                    self.ports.insert(other.to_owned(), free_port());
+                }
+            }
         }
         panic!(
             "the orchestrator could not start; logs in {}",
@@ -801,6 +992,10 @@ impl Drop for App {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A database on the test's own server goes with that server.
+        if self.options.database.is_some() {
+            return;
+        }
         // `E2E_KEEP_DB=1` keeps the database of a test, for a look after it failed.
         if std::env::var_os("E2E_KEEP_DB").is_some() {
             eprintln!("kept the database {}", self.name);
@@ -877,6 +1072,8 @@ pub struct Nats {
     dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// The configuration file it also reads ([`Nats::start_with_config`]).
+    config: Option<PathBuf>,
 }
 
 fn nats_server_binary() -> PathBuf {
@@ -894,6 +1091,17 @@ fn nats_server_binary() -> PathBuf {
 
 impl Nats {
     pub async fn start() -> Nats {
+        Self::start_from(None).await
+    }
+
+    /// A server that also reads `extra_conf` (nats-server's configuration syntax: a `tls`
+    /// block, `authorization`...) from a file; the listen address and JetStream are as
+    /// [`Nats::start`]'s.
+    pub async fn start_with_config(extra_conf: &str) -> Nats {
+        Self::start_from(Some(extra_conf)).await
+    }
+
+    async fn start_from(extra_conf: Option<&str>) -> Nats {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "saga-nats-{port}-{}",
@@ -901,11 +1109,17 @@ impl Nats {
         ));
         std::fs::create_dir_all(&dir).expect("nats store dir");
         let log = dir.join("nats-server.log");
+        let config = extra_conf.map(|conf| {
+            let path = dir.join("nats.conf");
+            std::fs::write(&path, conf).expect("nats config");
+            path
+        });
         let mut nats = Nats {
             port,
             dir,
             log,
             child: None,
+            config,
         };
         nats.spawn().await;
         nats
@@ -931,6 +1145,11 @@ impl Nats {
                 "-sd",
             ])
             .arg(self.dir.join("store"))
+            .args(
+                self.config
+                    .iter()
+                    .flat_map(|c| [PathBuf::from("-c"), c.clone()]),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

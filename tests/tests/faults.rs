@@ -924,10 +924,11 @@ async fn counter(app: &App, base: &str, prefix: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_orchestrators_side_by_side_share_the_sagas_safely() {
-    // Replies and timers of one saga go to whichever orchestrator pulls or claims them first,
-    // so each keeps acting on sagas the other has moved on: only the version check keeps
-    // their cached copies honest.
-    let mut app = App::spawn_with(resilient(None)).await;
+    // The two divide the partitions; when one crashes, its partitions move to the other once
+    // its leases expire (a short lease here), and back when it returns: the replies, signals
+    // and timers of its sagas wait in its partitions' inboxes and table meanwhile.
+    let mut app =
+        App::spawn_with(resilient(None).orchestrator("SAGA_PARTITIONS__LEASE_MS", "2000")).await;
     app.start("orchestrator-b");
     app.wait_ready_at(&app.base_b, Duration::from_secs(30))
         .await;

@@ -21,6 +21,8 @@ use tracing::Instrument;
 
 pub use runtime::consume::Unavailable;
 
+use crate::health::{Metrics, Outcome};
+
 /// Why a command was not answered.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -69,7 +71,9 @@ pub trait Handler: Send + Sync + 'static {
 /// JetStream to store it, and only then acknowledge the command. A crash in between means a
 /// redelivery, which the handler answers again without repeating the effect. A command that
 /// does not decode, belongs to another pool or that the handler finds poison is dead-lettered
-/// (origin `cmd-<service>`) and acknowledged; the consumer goes on.
+/// (origin `cmd-<service>`) and acknowledged; the consumer goes on. Each command is counted
+/// in `metrics` ([`crate::health`]): in flight while held, then by outcome and time taken.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_commands<H: Handler>(
     js: jetstream::Context,
     subjects: Subjects,
@@ -77,8 +81,10 @@ pub async fn serve_commands<H: Handler>(
     handler: H,
     concurrency: usize,
     faults: crate::config::Faults,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) {
+    let metrics = &metrics;
     let swallow = std::sync::atomic::AtomicU32::new(faults.swallow);
     let swallow = &swallow;
     let stream = subjects.stream("COMMANDS");
@@ -93,6 +99,7 @@ pub async fn serve_commands<H: Handler>(
         concurrency,
         shutdown,
         move |msg, max_deliver| async move {
+            let in_flight = metrics.arrived(service);
             let cid = correlation_id(&msg);
             let span = tracing::info_span!(
                 "command",
@@ -112,6 +119,7 @@ pub async fn serve_commands<H: Handler>(
                 let cmd: Command = match serde_json::from_slice(&msg.payload) {
                     Ok(c) => c,
                     Err(e) => {
+                        metrics.failure(service, "undecodable");
                         dead_letter(dl, origin_ref, &msg, &format!("undecodable command: {e}")).await;
                         return;
                     }
@@ -120,6 +128,7 @@ pub async fn serve_commands<H: Handler>(
                 tracing::Span::current().record("saga_id", tracing::field::display(cmd.saga_id));
                 if !cmd.service.is_empty() && cmd.service != service {
                     let why = format!("a command for {}, not for {service}", cmd.service);
+                    metrics.failure(service, "misrouted");
                     dead_letter(dl, origin_ref, &msg, &why).await;
                         return;
                 }
@@ -136,13 +145,17 @@ pub async fn serve_commands<H: Handler>(
                     // Logged by `dead_letter`, at warn, in this span (correlation and saga id).
                     Err(Error::Poison(why)) => {
                         dead_letter(dl, origin_ref, &msg, &why).await;
+                        metrics.handled(service, Outcome::Poison, &in_flight);
                         return;
                     }
                     Err(Error::Unavailable(e)) => {
                         tracing::warn!(saga_id = %cmd.saga_id, step = %cmd.step, error = %e, "command not handled; it will be redelivered");
-                        return retry_later(dl, origin_ref, &msg, max_deliver, &e.to_string()).await;
+                        retry_later(dl, origin_ref, &msg, max_deliver, &e.to_string()).await;
+                        metrics.handled(service, Outcome::Unavailable, &in_flight);
+                        return;
                     }
                 };
+                let outcome_kind = Outcome::of(&outcome);
                 let reply = cmd.reply(outcome);
                 let payload = serde_json::to_vec(&reply).expect("replies serialize");
                 let mut h = HeaderMap::new();
@@ -154,7 +167,7 @@ pub async fn serve_commands<H: Handler>(
                         runtime::telemetry::traceparent(cmd.saga_id.as_uuid()).as_str(),
                     );
                 }
-                let stored = match js_ref.publish_with_headers(subjects_ref.reply(service), h, payload.into()).await {
+                let stored = match js_ref.publish_with_headers(subjects_ref.reply_to(&cmd, service), h, payload.into()).await {
                     Ok(ack) => ack.await.map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
@@ -162,10 +175,13 @@ pub async fn serve_commands<H: Handler>(
                     Ok(_) => {
                         tracing::debug!(saga_id = %cmd.saga_id, step = %cmd.step, attempt = cmd.attempt, "replied");
                         if let Err(e) = msg.ack().await {
+                            metrics.failure(service, "ack_failed");
                             tracing::warn!(error = %e, "could not acknowledge a command; it will be redelivered");
                         }
+                        metrics.handled(service, outcome_kind, &in_flight);
                     }
                     Err(e) => {
+                        metrics.failure(service, "reply_not_stored");
                         tracing::warn!(saga_id = %cmd.saga_id, error = %e, "reply not stored; the command will be redelivered");
                         retry_later(dl, origin_ref, &msg, max_deliver, &format!("reply not stored: {e}")).await;
                     }

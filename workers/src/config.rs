@@ -25,9 +25,28 @@ pub struct Settings {
     pub product: Product,
     pub callbacks: Callbacks,
     pub order: Order,
+    pub health: Health,
     #[serde(default)]
     pub faults: Faults,
     pub log: Log,
+}
+
+/// The process's own listener for `/healthz`, `/readyz` and `/metrics` ([`crate::health`]).
+/// Every process of a pool needs a port of its own (or a network namespace of its own).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// An IP address to listen on (`0.0.0.0`: every interface).
+    pub address: String,
+    /// 0: no listener. Checked to be at most 65535.
+    pub port: u32,
+}
+
+impl Health {
+    /// The port, checked at load.
+    pub fn port(&self) -> u16 {
+        u16::try_from(self.port).expect("health.port is checked at load")
+    }
 }
 
 /// Fault injection, for tests and drills only: off by default.
@@ -125,7 +144,7 @@ impl Settings {
                 ("CART_URL", "order.cart_url"),
             ],
         )?;
-        s.nats.subjects()?;
+        s.nats.validate()?;
         s.log.validate()?;
         // Every number, with the range in which the process works (an interval of 0 would
         // panic its loop, a day's worth of years overflow a time).
@@ -145,6 +164,7 @@ impl Settings {
                 DAY_MS,
             ),
             range("order.timeout_ms", s.order.timeout_ms, 1, HOUR_MS),
+            range("health.port", s.health.port, 0, i128::from(u16::MAX)),
             range(
                 "callbacks.relay_interval_ms",
                 s.callbacks.relay_interval_ms,
@@ -190,6 +210,12 @@ impl Settings {
             if reqwest::Url::parse(url).is_err() {
                 return Err(Error::Invalid(format!("{key} is not a URL: {url:?}")));
             }
+        }
+        if s.health.address.parse::<std::net::IpAddr>().is_err() {
+            return Err(Error::Invalid(format!(
+                "health.address is not an IP address: {:?}",
+                s.health.address
+            )));
         }
         if reqwest::Url::parse(&s.callbacks.public_url).is_err() {
             return Err(Error::Invalid(format!(
@@ -274,6 +300,37 @@ mod tests {
                     "processor.breaker_failures",
                 ),
                 ("SAGA_LOG__LEVEL", "info,=[", "log.level"),
+            ],
+        );
+    }
+
+    #[test]
+    fn the_health_listener_is_configured_and_checked() {
+        let s = Settings::load_from(env(&[])).unwrap();
+        assert_eq!(
+            (s.health.address.as_str(), s.health.port()),
+            ("0.0.0.0", 9100)
+        );
+        let s = Settings::load_from(env(&[
+            ("SAGA_HEALTH__PORT", "0"),
+            ("SAGA_HEALTH__ADDRESS", "127.0.0.1"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (s.health.address.as_str(), s.health.port()),
+            ("127.0.0.1", 0)
+        );
+        assert_refused(
+            Settings::load_from,
+            &[
+                (
+                    "SAGA_HEALTH__PORT",
+                    "65536",
+                    "health.port must be 0 to 65535",
+                ),
+                ("SAGA_HEALTH__PORT", "-1", "health.port"),
+                ("SAGA_HEALTH__ADDRESS", "localhost:9100", "health.address"),
+                ("SAGA_HEALTH__ADDRESS", "", "health.address"),
             ],
         );
     }

@@ -17,6 +17,7 @@ pub mod bus;
 pub mod carrier_reports;
 pub mod clients;
 pub mod config;
+pub mod health;
 pub mod inventory;
 pub mod noop;
 pub mod notification;

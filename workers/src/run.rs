@@ -9,6 +9,7 @@ use crate::bus;
 use crate::carrier_reports::Reports;
 use crate::clients::{Carrier, Processor};
 use crate::config::{self, Mode, Settings};
+use crate::health::{Health, Source};
 use crate::inventory::Inventory;
 use crate::noop::Noop;
 use crate::notification::Notification;
@@ -52,6 +53,27 @@ impl Kind {
             Kind::Order => &[],
         }
     }
+
+    /// What this kind of worker reads from JetStream: its pool's command consumer, a
+    /// subscriber's event consumer, or (the Product service's API) only the events stream.
+    fn source(self, subjects: &sagas::wire::Subjects) -> Source {
+        let (stream, consumer) = match self {
+            Kind::Inventory | Kind::Payment | Kind::Shipping => {
+                let service = self.service().expect("a step pool has a service");
+                ("COMMANDS", Some((consumers::commands(service), service)))
+            }
+            Kind::Notification => (
+                "EVENTS",
+                Some((consumers::NOTIFICATION_EVENTS, "notification")),
+            ),
+            Kind::Order => ("EVENTS", Some((consumers::ORDER_EVENTS, "order"))),
+            Kind::Product => ("EVENTS", None),
+        };
+        Source {
+            stream: subjects.stream(stream),
+            consumer: consumer.map(|(c, s)| (c.to_owned(), s.to_owned())),
+        }
+    }
 }
 
 /// Connect to PostgreSQL (migrating if this process is the first up) and look after the
@@ -59,10 +81,12 @@ impl Kind {
 async fn connect_db(
     settings: &Settings,
     kind: Kind,
+    health: &Health,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<PgPool> {
     let name = format!("saga-worker-{kind:?}").to_lowercase();
     let pool = runtime::db::connect(&settings.database, &name).await?;
+    health.set_pool(pool.clone());
     tokio::spawn(runtime::maintenance::run(
         pool.clone(),
         kind.schemas(),
@@ -92,15 +116,21 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let name = format!("{kind:?}-worker").to_lowercase();
-    let (_client, js) = runtime::nats::connect(&settings.nats.url, &name).await?;
     let subjects = settings.subjects();
+    // Listening first: the process is live (and says it is not ready) while it connects.
+    let needs_db = settings.worker.mode == Mode::Real || kind == Kind::Product;
+    let health = Health::new(kind.source(&subjects), needs_db);
+    health.listen(&settings.health, shutdown.clone()).await?;
+    let metrics = health.metrics();
+    let (_client, js) = runtime::nats::connect(&settings.nats, &name).await?;
+    health.set_jetstream(js.clone());
     let n = settings.worker.concurrency;
     tracing::info!(worker = %name, mode = ?settings.worker.mode, concurrency = n, "worker starting");
     if kind == Kind::Product {
         // The Product service's API, in either mode (the benchmark's checkouts are priced
         // through it too). Its commits' events are published by the services' relays (the
         // inventory, payment and shipping workers run one; any publishes any row).
-        let pool = connect_db(&settings, kind, &shutdown).await?;
+        let pool = connect_db(&settings, kind, &health, &shutdown).await?;
         let p = &settings.product;
         let listener = tokio::net::TcpListener::bind((p.api_host.as_str(), p.api_port))
             .await
@@ -128,6 +158,7 @@ pub async fn run(
                 Noop { service },
                 n,
                 settings.faults.clone(),
+                metrics,
                 shutdown,
             )
             .await;
@@ -146,7 +177,7 @@ pub async fn run(
         (None, Mode::Real) if kind == Kind::Order => {
             let o = &settings.order;
             let orders = Orders::new(
-                connect_db(&settings, kind, &shutdown).await?,
+                connect_db(&settings, kind, &health, &shutdown).await?,
                 o.api_url.clone(),
                 o.cart_url.clone(),
                 config::ms(o.timeout_ms),
@@ -170,7 +201,7 @@ pub async fn run(
             .await;
         }
         (Some(inventory::SERVICE), Mode::Real) => {
-            let pool = connect_db(&settings, kind, &shutdown).await?;
+            let pool = connect_db(&settings, kind, &health, &shutdown).await?;
             let relay = runtime::outbox::Relay::new(pool.clone(), js.clone());
             let stock = Inventory::new(pool).with_events(subjects.clone());
             let sweeper = stock.clone();
@@ -186,6 +217,7 @@ pub async fn run(
                     stock,
                     n,
                     settings.faults.clone(),
+                    metrics,
                     shutdown.clone()
                 ),
                 sweeper.expire_loop(
@@ -196,7 +228,7 @@ pub async fn run(
         }
         (Some(payment::SERVICE), Mode::Real) => {
             let processor = Processor::new(&settings.processor);
-            let pool = connect_db(&settings, kind, &shutdown).await?;
+            let pool = connect_db(&settings, kind, &health, &shutdown).await?;
             let relay = runtime::outbox::Relay::new(pool.clone(), js.clone());
             let payments = Payment::publishing(
                 pool,
@@ -212,6 +244,7 @@ pub async fn run(
                     payments,
                     n,
                     settings.faults.clone(),
+                    metrics.clone(),
                     shutdown.clone(),
                 ),
                 relay.run(config::ms(settings.callbacks.relay_interval_ms), shutdown),
@@ -219,7 +252,7 @@ pub async fn run(
         }
         (Some(shipping::SERVICE), Mode::Real) => {
             let carrier = Carrier::new(&settings.carrier);
-            let pool = connect_db(&settings, kind, &shutdown).await?;
+            let pool = connect_db(&settings, kind, &health, &shutdown).await?;
             let cb = &settings.callbacks;
             let relay = runtime::outbox::Relay::new(pool.clone(), js.clone());
             let reports = Reports::new(pool.clone(), subjects.clone(), relay.waker());
@@ -249,6 +282,7 @@ pub async fn run(
                     shipments,
                     n,
                     settings.faults.clone(),
+                    metrics.clone(),
                     shutdown.clone(),
                 ),
                 relay.run(config::ms(cb.relay_interval_ms), shutdown.clone()),
@@ -259,7 +293,8 @@ pub async fn run(
         }
         (Some(other), Mode::Real) => anyhow::bail!("no real worker for the {other} service"),
         (None, Mode::Real) => {
-            let notification = Notification::new(connect_db(&settings, kind, &shutdown).await?);
+            let notification =
+                Notification::new(connect_db(&settings, kind, &health, &shutdown).await?);
             bus::serve_events(
                 js,
                 subjects,

@@ -190,6 +190,14 @@ pub struct PoolRow {
     pub ack_pending: u64,
 }
 
+/// A live orchestrator on the overview.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberRow {
+    pub instance: String,
+    pub partitions: Vec<i32>,
+    pub expires_at: DateTime<Utc>,
+}
+
 /// Dead letters of one origin (`replies`, `signals`, `cmd-payment`, ...).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OriginCount {
@@ -213,6 +221,10 @@ pub struct OverviewView {
     pub breakers: Vec<BreakerRow>,
     pub pools: Vec<PoolRow>,
     pub dead_letters: Vec<OriginCount>,
+    /// The live orchestrators and their partitions.
+    pub members: Vec<MemberRow>,
+    /// Partitions nobody holds now.
+    pub unowned: Vec<i32>,
 }
 
 // ---------------------------------------------------------------------------------------------

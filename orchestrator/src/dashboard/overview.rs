@@ -11,6 +11,15 @@ use super::model::{BreakerRow, Forced, OverviewView, Page, STATUSES};
 /// The charts' window: sixty one-minute buckets, the last holding `now`.
 const BUCKETS: usize = 60;
 
+/// Partition numbers, comma-separated.
+fn partition_list(partitions: &[i32]) -> String {
+    partitions
+        .iter()
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The overview page (`/dashboard`), live.
 pub fn overview(page: &Page, view: &OverviewView) -> Markup {
     let frame = Frame {
@@ -60,6 +69,26 @@ pub fn overview(page: &Page, view: &OverviewView) -> Markup {
                             tr { td { (p.service) } td.num { (p.pending) } td.num { (p.ack_pending) } }
                         }
                         @if view.pools.is_empty() { (layout::empty_row(3, "No worker pools.")) }
+                    }
+                }
+            }
+            section.card #orchestrators data-testid="orchestrators" {
+                h2 { "Orchestrators" }
+                table {
+                    thead { tr { th { "Instance" } th.num { "Partitions" } th.wrap { "Held" } th { "Lease until" } } }
+                    tbody {
+                        @for m in &view.members {
+                            tr {
+                                td { code { (m.instance) } }
+                                td.num { (m.partitions.len()) }
+                                td.wrap { (partition_list(&m.partitions)) }
+                                td { (time(m.expires_at)) }
+                            }
+                        }
+                        @if view.members.is_empty() { (layout::empty_row(4, "No live orchestrator.")) }
+                        @if !view.unowned.is_empty() {
+                            tr { td { strong { "Unowned" } } td.num { (view.unowned.len()) } td.wrap { (partition_list(&view.unowned)) } td { "waiting for an owner" } }
+                        }
                     }
                 }
             }

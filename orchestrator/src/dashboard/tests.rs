@@ -119,6 +119,12 @@ fn overview_view(t: &dyn Fn(&str) -> String) -> OverviewView {
             origin: t("replies"),
             count: 37,
         }],
+        members: vec![MemberRow {
+            instance: t("host-a/0190a000"),
+            partitions: vec![0, 2, 4],
+            expires_at: now(),
+        }],
+        unowned: vec![7],
     }
 }
 
@@ -133,6 +139,8 @@ fn empty_overview() -> OverviewView {
         breakers: vec![],
         pools: vec![],
         dead_letters: vec![],
+        members: vec![],
+        unowned: vec![],
     }
 }
 
@@ -482,6 +490,7 @@ fn pages_carry_their_test_ids() {
             "attention",
             "breakers",
             "pools",
+            "orchestrators",
         ],
     );
     has("saga_list", &["saga-list", "saga-count", "bulk"]);

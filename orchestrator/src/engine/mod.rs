@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use crate::breakers::Breakers;
 use crate::config;
 use crate::metrics::Metrics;
+use crate::partitions::Ownership;
 use crate::relay;
 
 pub use store::{EventRow, SagaRecord, list_records, load_record};
@@ -220,6 +221,7 @@ impl Watchers {
 pub struct Engine {
     shards: Arc<Vec<mpsc::Sender<Request>>>,
     watchers: Arc<Watchers>,
+    ownership: Ownership,
 }
 
 impl Engine {
@@ -232,6 +234,7 @@ impl Engine {
         breakers: Arc<Breakers>,
         metrics: Metrics,
         settings: &config::Engine,
+        ownership: Ownership,
     ) -> (Engine, Vec<JoinHandle<()>>) {
         let commit = Arc::new(store::CommitStatement::new(&registry.projections()));
         let registry = Arc::new(registry);
@@ -254,6 +257,7 @@ impl Engine {
                 settings.max_batch,
                 settings.pipeline,
                 settings.cache_capacity,
+                ownership.clone(),
             );
             tasks.push(tokio::spawn(shard.run(rx)));
         }
@@ -261,6 +265,7 @@ impl Engine {
             Engine {
                 shards: Arc::new(senders),
                 watchers,
+                ownership,
             },
             tasks,
         )
@@ -285,7 +290,8 @@ impl Engine {
         new: NewSaga,
         watch: bool,
     ) -> Result<(Started, Option<Watch>), Error> {
-        let id = SagaId::from_uuid(uuid::Uuid::now_v7());
+        // In a partition of this process, so that the replies come back here.
+        let id = self.ownership.new_id();
         let watched = watch.then(|| self.watchers.watch(id));
         let (reply, rx) = oneshot::channel();
         let sent = self
@@ -360,6 +366,11 @@ impl Engine {
             .await
             .map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Which partitions this process holds.
+    pub fn ownership(&self) -> &Ownership {
+        &self.ownership
     }
 
     /// The process is stopping: answer every waiter now.

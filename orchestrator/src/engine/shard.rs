@@ -17,6 +17,7 @@ use super::store::{
 use super::{Applied, Error, FiredTimer, Request, Started, Watchers};
 use crate::breakers::Breakers;
 use crate::metrics::Metrics;
+use crate::partitions::{Owned, Ownership};
 use crate::relay;
 
 /// How often a batch is re-run for the sagas that lost an optimistic-lock race.
@@ -42,6 +43,8 @@ struct Entry {
     /// When this process last dispatched a command of the saga: a reply to it measures the
     /// step's round trip (`saga_step_seconds`). Unknown after a load: that reply is not timed.
     dispatched_at: Option<std::time::Instant>,
+    /// The saga's partition: its commands name it, so that the replies go to its owner.
+    partition: u32,
 }
 
 /// A batch applied in memory, ready to commit.
@@ -108,6 +111,9 @@ pub(super) struct Shard {
     pipeline: usize,
     cache_capacity: usize,
     cache: HashMap<SagaId, Entry>,
+    ownership: Ownership,
+    /// The partitions held when the cache was last trimmed to them.
+    cached_for: Arc<Owned>,
 }
 
 impl Shard {
@@ -125,6 +131,7 @@ impl Shard {
         max_batch: usize,
         pipeline: usize,
         cache_capacity: usize,
+        ownership: Ownership,
     ) -> Self {
         Self {
             index,
@@ -140,6 +147,8 @@ impl Shard {
             pipeline,
             cache_capacity,
             cache: HashMap::new(),
+            cached_for: ownership.current(),
+            ownership,
         }
     }
 
@@ -240,6 +249,15 @@ impl Shard {
             blocked: self.breakers.blocked(),
         };
         let inputs = requests.len();
+        let owned = self.ownership.current();
+        if !Arc::ptr_eq(&owned, &self.cached_for) {
+            // Partitions moved: another orchestrator writes the sagas of those we gave up, so
+            // their copies here would only go stale.
+            let count = self.ownership.count();
+            self.cache
+                .retain(|id, _| owned.holds(sagas::wire::partition_of(*id, count)));
+            self.cached_for = owned.clone();
+        }
         let unreadable = match self.load_missing(&requests).await {
             Ok(unreadable) => unreadable,
             Err(e) => {
@@ -322,7 +340,15 @@ impl Shard {
             }
         }
 
-        let batch = Batch::build(&mut work, env.now);
+        let mut batch = Batch::build(&mut work, env.now);
+        // The owned partitions written to are fenced at the epochs held; the others (not ours)
+        // are guarded by the version check alone.
+        let fence: std::collections::BTreeSet<u32> = work
+            .values()
+            .map(|w| w.entry.partition)
+            .filter(|p| owned.holds(*p))
+            .collect();
+        batch.fence = fence.into_iter().map(|p| (p, owned.epochs[&p])).collect();
         Some(Prepared {
             work,
             followers: key_followers,
@@ -369,7 +395,14 @@ impl Shard {
         let mut published = Vec::new();
         // Who holds each idempotency key started in this batch, for the followers.
         let mut holders: HashMap<SagaId, store::Existing> = HashMap::new();
-        self.metrics.conflicts(outcome.conflicted.len());
+        if !outcome.lost.is_empty() {
+            // Fenced off: another orchestrator took these partitions. Nothing was written; the
+            // inputs are applied again on fresh copies, as a non-owner's.
+            tracing::warn!(partitions = ?outcome.lost, "commit fenced off: partition leases lost");
+            self.ownership.lost(&outcome.lost);
+        } else {
+            self.metrics.conflicts(outcome.conflicted.len());
+        }
         for (id, mut w) in work {
             if outcome.conflicted.contains(&id) {
                 tracing::debug!(saga_id = %id, "version conflict; reloading");
@@ -449,6 +482,8 @@ impl Shard {
             if w.changed && status.is_terminal() {
                 self.metrics.ended(status.as_str());
                 self.watchers.ended(id, status);
+            } else if !self.ownership.current().holds(w.entry.partition) {
+                // Another orchestrator's (or nobody's yet): not kept, it would go stale.
             } else {
                 self.cache.insert(id, w.entry);
             }
@@ -499,6 +534,7 @@ impl Shard {
             projected: Vec::new(),
             projected_mark: None,
             dispatched_at: None,
+            partition: self.ownership.partition_of(id),
         };
         let mut w = Work::new(entry, false);
         w.idempotency = new.idempotency.clone();
@@ -552,6 +588,7 @@ impl Shard {
                             projected: Vec::new(),
                             projected_mark: None,
                             dispatched_at: None,
+                            partition: self.ownership.partition_of(id),
                         },
                     );
                 }
@@ -689,7 +726,11 @@ impl Work {
                         msg_id: cmd.msg_id(),
                         subject: subjects.command(&cmd.service),
                         correlation_id: self.entry.correlation_id.clone(),
-                        payload: serde_json::to_vec(cmd).expect("commands serialize"),
+                        payload: serde_json::to_vec(&sagas::wire::Command {
+                            partition: Some(self.entry.partition),
+                            ..cmd.clone()
+                        })
+                        .expect("commands serialize"),
                     });
                 }
                 Effect::Emit(event) => {

@@ -131,6 +131,9 @@ pub(super) struct Batch {
     pub ended: Vec<SagaId>,
     /// Read-model rows (JSON objects), by table.
     pub projections: std::collections::BTreeMap<&'static str, Vec<String>>,
+    /// The owned partitions the batch touches, with the epoch their lease is held at: the
+    /// batch is written only if every one is still held at it.
+    pub fence: Vec<(u32, i64)>,
 }
 
 impl Batch {
@@ -160,6 +163,8 @@ pub(super) struct Outcome {
     pub duplicates: HashMap<SagaId, Existing>,
     /// The committed outbox rows, per saga, for the relay.
     pub outbox: HashMap<SagaId, Vec<relay::Message>>,
+    /// Fenced partitions whose lease was no longer held at its epoch: nothing was written.
+    pub lost: Vec<u32>,
 }
 
 fn uuids<'a>(ids: impl Iterator<Item = &'a SagaId>) -> Vec<Uuid> {
@@ -175,7 +180,25 @@ fn uuids<'a>(ids: impl Iterator<Item = &'a SagaId>) -> Vec<Uuid> {
 /// read; the event-log, outbox, timer, secret and read-model writes of a saga happen only if its
 /// own row was written or checked (`ok`). Outbox rows the relay published are deleted on the
 /// way.
+///
+/// The fence comes first: the lease rows of the owned partitions the batch touches, locked
+/// `FOR KEY SHARE` at the epochs this process holds them with (`crate::partitions`). Nothing
+/// of the batch is written unless every one of them is still at that epoch; a take-over raises
+/// the epoch (a key column), so it waits for a commit holding the lock, and a commit after it
+/// finds nothing to lock. Sagas of partitions this process does not own (an operator's action,
+/// a start while it owns none) are guarded by their version alone.
 const PARTS: &[(&str, &str)] = &[
+    (
+        "fence",
+        "SELECT l.partition FROM orchestrator.partition_leases l
+           JOIN unnest(@fence_part::int4[], @fence_epoch::int8[]) AS f(partition, epoch)
+             ON l.partition = f.partition AND l.epoch = f.epoch
+            FOR KEY SHARE OF l",
+    ),
+    (
+        "fenced",
+        "SELECT count(*) = cardinality(@fence_part::int4[]) AS held FROM fence",
+    ),
     (
         "ins",
         "INSERT INTO orchestrator.sagas
@@ -191,6 +214,7 @@ const PARTS: &[(&str, &str)] = &[
                        @new_scope::text[])
              AS u(id, saga_type, state, status, snapshot, version, correlation_id,
                   idempotency_key, request_hash, at, parked_on, subject, scope)
+          WHERE (SELECT held FROM fenced)
          ON CONFLICT (idempotency_scope, idempotency_key) DO NOTHING
          RETURNING id",
     ),
@@ -203,14 +227,15 @@ const PARTS: &[(&str, &str)] = &[
                        @upd_status::text[], @upd_snapshot::text[], @upd_at::timestamptz[],
                        @upd_parked::text[])
              AS u(id, old_version, new_version, state, status, snapshot, at, parked_on)
-          WHERE s.id = u.id AND s.version = u.old_version
+          WHERE s.id = u.id AND s.version = u.old_version AND (SELECT held FROM fenced)
          RETURNING s.id",
     ),
     (
         "chk",
         "SELECT s.id FROM orchestrator.sagas s
            JOIN unnest(@chk_id::uuid[], @chk_version::int8[]) AS c(id, version)
-             ON s.id = c.id AND s.version = c.version",
+             ON s.id = c.id AND s.version = c.version
+          WHERE (SELECT held FROM fenced)",
     ),
     (
         "ok",
@@ -277,10 +302,13 @@ const PARTS: &[(&str, &str)] = &[
     ),
 ];
 
-/// What the statement returns: the sagas written or checked, and the outbox rows with their ids.
+/// What the statement returns: the sagas written or checked, the outbox rows with their ids,
+/// and the fenced partitions whose lease is still held.
 const RESULT: &str = "SELECT 0::int4 AS kind, id::text AS key, 0::int8 AS row_id FROM ok
                       UNION ALL
-                      SELECT 1::int4, msg_id, id FROM ob";
+                      SELECT 1::int4, msg_id, id FROM ob
+                      UNION ALL
+                      SELECT 2::int4, '', partition::int8 FROM fence";
 
 /// A statement whose parameters are named `@name` in its text, numbered once.
 #[derive(Debug)]
@@ -582,6 +610,18 @@ impl CommitStatement {
             strings(batch.secrets.iter().map(|(_, _, v)| v.as_str())),
         );
         b.set("ended", uuids(batch.ended.iter()));
+        b.set(
+            "fence_part",
+            batch
+                .fence
+                .iter()
+                .map(|(p, _)| *p as i32)
+                .collect::<Vec<_>>(),
+        );
+        b.set(
+            "fence_epoch",
+            batch.fence.iter().map(|(_, e)| *e).collect::<Vec<_>>(),
+        );
         for (table, param) in &self.projections {
             let rows = batch.projections.get(table).cloned().unwrap_or_default();
             b.set(param, rows);
@@ -593,8 +633,11 @@ impl CommitStatement {
                 .await?;
         let mut written: HashSet<Uuid> = HashSet::with_capacity(n.len() + u.len());
         let mut outbox_ids: HashMap<String, i64> = HashMap::with_capacity(o.len());
+        let mut held: HashSet<u32> = HashSet::with_capacity(batch.fence.len());
         for row in rows {
-            if row.kind == 0 {
+            if row.kind == 2 {
+                held.insert(row.row_id as u32);
+            } else if row.kind == 0 {
                 written.insert(
                     row.key
                         .parse()
@@ -604,6 +647,12 @@ impl CommitStatement {
                 outbox_ids.insert(row.key, row.row_id);
             }
         }
+        outcome.lost = batch
+            .fence
+            .iter()
+            .map(|(p, _)| *p)
+            .filter(|p| !held.contains(p))
+            .collect();
         outcome.conflicted = u
             .iter()
             .map(|r| r.id)
@@ -614,7 +663,10 @@ impl CommitStatement {
             .iter()
             .filter(|r| !written.contains(&r.id.as_uuid()))
             .collect();
-        if !lost.is_empty() {
+        if !outcome.lost.is_empty() {
+            // Fenced off: nothing was written, whatever the keys.
+            outcome.conflicted.extend(lost.iter().map(|r| r.id));
+        } else if !lost.is_empty() {
             // The batch is committed: a failure to find who holds the keys must not make it look
             // failed. Those starts wrote nothing; they are run again, like a lost version race.
             match holders_of(pool, &lost).await {

@@ -393,6 +393,13 @@ impl LettersQuery {
     }
 }
 
+/// `GET /admin/partitions`: the live orchestrators, the partitions each holds, and every
+/// partition's lease (`crate::partitions`).
+pub async fn partitions(State(state): State<AppState>) -> Result<Response, Problem> {
+    let view = crate::partitions::view(&state.pool).await?;
+    Ok(axum::Json(view).into_response())
+}
+
 /// `GET /admin/dead-letters`: newest first, with the count per origin.
 pub async fn dead_letters(
     State(state): State<AppState>,

@@ -364,7 +364,18 @@ pub async fn overview(
             .into_iter()
             .map(|(origin, count)| model::OriginCount { origin, count })
             .collect();
+        let cluster = crate::partitions::view(&state.pool).await?;
         let view = model::OverviewView {
+            members: cluster
+                .members
+                .into_iter()
+                .map(|m| model::MemberRow {
+                    instance: m.instance,
+                    partitions: m.partitions,
+                    expires_at: m.expires_at,
+                })
+                .collect(),
+            unowned: cluster.unowned,
             now,
             counts,
             throughput,

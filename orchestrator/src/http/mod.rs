@@ -116,6 +116,7 @@ pub fn routes() -> Vec<Route> {
         route(Viewer, Method::GET, "/admin/sagas/{id}", admin::get),
         route(Viewer, Method::GET, "/admin/audit", admin::audit_log),
         route(Viewer, Method::GET, "/admin/dead-letters", admin::dead_letters),
+        route(Viewer, Method::GET, "/admin/partitions", admin::partitions),
         route(Viewer, Method::POST, "/dashboard/logout", dashboard::logout),
         route(Viewer, Method::GET, "/dashboard", dashboard::overview),
         route(Viewer, Method::GET, "/dashboard/sagas", dashboard::list),

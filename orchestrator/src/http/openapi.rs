@@ -193,6 +193,11 @@ pub fn docs() -> BTreeMap<(Method, &'static str), Doc> {
     );
     add(
         Method::GET,
+        "/admin/partitions",
+        doc("The live orchestrators, the partitions each holds, and every partition's lease"),
+    );
+    add(
+        Method::GET,
         "/admin/sagas/{id}",
         doc("A saga whole: data, steps, event log, timers, allowed actions, audit"),
     );

@@ -32,9 +32,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Clone)]
 #[command(about = "Drive the checkout-saga workload through the HTTP API")]
 struct Cli {
-    /// The orchestrator's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
+    /// The orchestrator's base URL; several orchestrators' comma-separated. Saga `i` goes to
+    /// the `i mod count`-th, its start and its polls alike: the orchestrator that takes a start
+    /// owns the saga's partition, so its reply and `Prefer: wait` come back there.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8080")]
+    url: Vec<String>,
     /// Sagas measured (closed loop).
     #[arg(short = 'n', long, default_value_t = 2000)]
     n: usize,
@@ -173,9 +175,10 @@ impl Client {
     /// saga's deadline count from it.
     async fn run_one(&self, i: usize, due: Instant) -> (f64, Outcome) {
         let deadline = due + Duration::from_secs(self.cli.saga_timeout_secs);
+        let url = &self.cli.url[i % self.cli.url.len()];
         let r = self
             .http
-            .post(format!("{}/checkout", self.cli.url))
+            .post(format!("{url}/checkout"))
             .header("Prefer", format!("wait={}", wait_secs(deadline)))
             .json(&self.body(i))
             .send()
@@ -237,11 +240,7 @@ impl Client {
             }
             let answer = match self
                 .http
-                .get(format!(
-                    "{}/sagas/{id}?wait={}",
-                    self.cli.url,
-                    wait_secs(deadline)
-                ))
+                .get(format!("{url}/sagas/{id}?wait={}", wait_secs(deadline)))
                 .send()
                 .await
             {
@@ -379,6 +378,10 @@ async fn main() -> ExitCode {
         && !(rate.is_finite() && rate > 0.0)
     {
         eprintln!("--rate must be a positive number of sagas per second, got {rate}");
+        return ExitCode::from(2);
+    }
+    if cli.url.iter().any(|u| u.is_empty()) {
+        eprintln!("--url must name at least one base URL, none empty");
         return ExitCode::from(2);
     }
     let http = reqwest::Client::builder()
