@@ -91,6 +91,11 @@ impl Ownership {
         self.owned.borrow().clone()
     }
 
+    /// The partitions held now, as SQL takes them (`= ANY($n::int4[])`).
+    pub fn held(&self) -> Vec<i32> {
+        self.current().epochs.keys().map(|p| *p as i32).collect()
+    }
+
     /// Whether the saga's partition is held by this process.
     pub fn owns(&self, id: SagaId) -> bool {
         self.owned.borrow().holds(self.partition_of(id))

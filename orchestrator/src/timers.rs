@@ -64,12 +64,7 @@ impl TimerLoop {
         let now = chrono::Utc::now();
         let lease = now + config::ms(self.settings.lease_ms);
         let ownership = self.engine.ownership();
-        let owned: Vec<i32> = ownership
-            .current()
-            .epochs
-            .keys()
-            .map(|p| *p as i32)
-            .collect();
+        let owned = ownership.held();
         if owned.is_empty() {
             return Ok(0);
         }

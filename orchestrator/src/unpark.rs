@@ -87,12 +87,7 @@ impl Unparker {
     async fn parked(&self, step: &str, limit: i64) -> Result<Vec<SagaId>, sqlx::Error> {
         // The sagas of the partitions this orchestrator holds: its breaker saw their replies.
         let ownership = self.engine.ownership();
-        let owned: Vec<i32> = ownership
-            .current()
-            .epochs
-            .keys()
-            .map(|p| *p as i32)
-            .collect();
+        let owned = ownership.held();
         let ids = sqlx::query_scalar!(
             // Oldest first, in the order of the index `sagas_parked (parked_on, created_at)`:
             // a page is read from the index, not sorted out of every saga parked on the step

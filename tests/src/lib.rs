@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 pub mod browser;
 pub mod cluster;
 pub mod courier;
+pub mod drills;
 pub mod handlers;
 pub mod pgcluster;
 
@@ -83,12 +84,17 @@ pub fn binary(name: &str) -> PathBuf {
 /// Drawn below the kernel's ephemeral range (32768 and up), where no outgoing connection of any
 /// process takes it between this check and the server's bind (a port the kernel hands out for
 /// port 0 is also the next client socket's, which made servers fail to bind now and then).
+/// A port is handed out once per test process, so that two servers of one test (the nodes of
+/// a cluster) never draw the same.
 pub fn free_port() -> u16 {
     use rand::Rng;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut rng = rand::rng();
     for _ in 0..1000 {
         let port = rng.random_range(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let mut given = GIVEN.lock().expect("ports handed out");
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
@@ -899,6 +905,24 @@ impl App {
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// The value of metric `name` (with its labels, or summed over them) on the `/metrics`
+    /// of the process at `base`.
+    pub async fn metric(&self, base: &str, name: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics");
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     pub async fn count(&self, sql: &str) -> i64 {

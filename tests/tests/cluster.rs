@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use e2e::cluster::{NODES, NatsCluster};
+use e2e::drills::{moments, schedule, workload};
 use e2e::pgcluster::PgCluster;
-use e2e::{App, Options, order, pool_member};
-use rand::rngs::StdRng;
+use e2e::{App, Options, pool_member};
+use rand::Rng;
 use rand::seq::IndexedRandom;
-use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 /// How long the sagas get to end once the load and the faults are over.
@@ -30,74 +30,16 @@ const N: usize = 1000;
 /// The clustered layout: three orchestrators, two processes per pool, streams with three
 /// replicas, short deadlines and leases so that faults resolve in seconds.
 fn clustered(nats_urls: String) -> Options {
-    let mut o = Options {
+    Options {
         nats_url: Some(nats_urls),
         orchestrators: ORCHESTRATORS,
         pool_size: 2,
         ..Options::default()
-    };
-    for step in ["RESERVE_STOCK", "CHARGE_PAYMENT", "CREATE_SHIPMENT"] {
-        for phase in ["FORWARD", "COMPENSATION"] {
-            o = o.orchestrator(
-                &format!("SAGA_CHECKOUT__POLICIES__{step}__{phase}__DEADLINE_MS"),
-                "3000",
-            );
-            o = o.orchestrator(
-                &format!("SAGA_CHECKOUT__POLICIES__{step}__{phase}__BACKOFF_MAX_MS"),
-                "1000",
-            );
-        }
-        o = o.orchestrator(
-            &format!("SAGA_CHECKOUT__POLICIES__{step}__FORWARD__MAX_ATTEMPTS"),
-            "8",
-        );
     }
-    o.orchestrator("SAGA_NATS__REPLICAS", "3")
-        .orchestrator("SAGA_PARTITIONS__LEASE_MS", &LEASE_MS.to_string())
-        .orchestrator("SAGA_RELAY__SCAN_INTERVAL_MS", "300")
-        .orchestrator("SAGA_RELAY__SCAN_GRACE_MS", "500")
-        .orchestrator("SAGA_TIMERS__POLL_INTERVAL_MS", "50")
-        .orchestrator("SAGA_REPLIES__ACK_WAIT_MS", "5000")
-        .orchestrator("SAGA_BREAKERS__OPEN_INITIAL_MS", "500")
-        .orchestrator("SAGA_BREAKERS__OPEN_MAX_MS", "2000")
-}
-
-/// Order `i`: one or two lines; every tenth card is declined, some are flaky.
-fn workload(i: usize) -> Value {
-    let token = match i % 10 {
-        9 => "tok_decline",
-        5 => "tok_flaky",
-        _ => "tok_visa",
-    };
-    if i.is_multiple_of(3) {
-        order(&[("A", 1), ("B", 1)], token)
-    } else {
-        order(&[("B", 1)], token)
-    }
-}
-
-/// A random fault schedule that a failing run can repeat: the seed is printed, and
-/// `FAULT_SEED=<seed>` runs the same schedule again.
-fn schedule() -> StdRng {
-    let seed = std::env::var("FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("fault schedule: FAULT_SEED={seed}");
-    StdRng::seed_from_u64(seed)
-}
-
-/// `rounds` moments of a load of `n` sagas, as counts of sagas created: at random between 5 %
-/// and 80 % of the load, in order, at least 5 % of the load apart.
-fn moments(rng: &mut StdRng, rounds: usize, n: usize) -> Vec<i64> {
-    let (first, last, gap) = (n as i64 / 20, n as i64 * 8 / 10, n as i64 / 20);
-    let spare = last - first - gap * (rounds as i64 - 1);
-    let mut at: Vec<i64> = (0..rounds).map(|_| rng.random_range(0..=spare)).collect();
-    at.sort_unstable();
-    at.iter()
-        .enumerate()
-        .map(|(i, x)| first + x + gap * i as i64)
-        .collect()
+    .quick_steps(3000, 8)
+    .quick_recovery()
+    .orchestrator("SAGA_NATS__REPLICAS", "3")
+    .orchestrator("SAGA_PARTITIONS__LEASE_MS", &LEASE_MS.to_string())
 }
 
 /// Wait until `sql` (one bigint) reaches at least `n`, with a deadline: the load flows. A query
@@ -287,7 +229,12 @@ async fn a_thousand_checkouts_survive_a_dead_orchestrator_and_dead_nats_leaders(
     let mut nats = NatsCluster::start().await;
     let mut app = App::spawn_with(clustered(nats.urls())).await;
     let mut rng = schedule();
-    let at = moments(&mut rng, 4, N);
+    let at = moments(
+        &mut rng,
+        4,
+        (N as i64 / 20, N as i64 * 8 / 10),
+        N as i64 / 20,
+    );
     let victim = pool_member("orchestrator", rng.random_range(1..=ORCHESTRATORS));
     let stream_role = *["REPLIES", "COMMANDS"].choose(&mut rng).unwrap();
     let subjects = sagas::wire::Subjects::new(&app.name).expect("the app's prefix");
@@ -403,7 +350,12 @@ async fn acknowledged_checkouts_survive_a_nats_partition_and_a_database_failover
     })
     .await;
     let mut rng = schedule();
-    let at = moments(&mut rng, 3, N);
+    let at = moments(
+        &mut rng,
+        3,
+        (N as i64 / 20, N as i64 * 8 / 10),
+        N as i64 / 20,
+    );
     let cut = rng.random_range(0..NODES);
     let started = Instant::now();
     let load = tokio::spawn(place_spread(bases(&app), N, 16, SETTLE * 2));

@@ -5,81 +5,22 @@
 
 use std::time::{Duration, Instant};
 
+use e2e::drills::{moments, schedule, workload};
 use e2e::{App, Nats, Options, WORKERS, order, place_many};
-use rand::rngs::StdRng;
+use rand::Rng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(240);
 
 /// Short deadlines and quick recovery, so that faults resolve in seconds, not minutes.
 fn resilient(nats: Option<String>) -> Options {
-    let mut o = Options {
+    Options {
         nats_url: nats,
         ..Options::default()
-    };
-    for step in ["RESERVE_STOCK", "CHARGE_PAYMENT", "CREATE_SHIPMENT"] {
-        for phase in ["FORWARD", "COMPENSATION"] {
-            o = o.orchestrator(
-                &format!("SAGA_CHECKOUT__POLICIES__{step}__{phase}__DEADLINE_MS"),
-                "2000",
-            );
-            o = o.orchestrator(
-                &format!("SAGA_CHECKOUT__POLICIES__{step}__{phase}__BACKOFF_MAX_MS"),
-                "1000",
-            );
-        }
-        o = o.orchestrator(
-            &format!("SAGA_CHECKOUT__POLICIES__{step}__FORWARD__MAX_ATTEMPTS"),
-            "6",
-        );
     }
-    o.orchestrator("SAGA_RELAY__SCAN_INTERVAL_MS", "300")
-        .orchestrator("SAGA_RELAY__SCAN_GRACE_MS", "500")
-        .orchestrator("SAGA_TIMERS__POLL_INTERVAL_MS", "50")
-        .orchestrator("SAGA_REPLIES__ACK_WAIT_MS", "5000")
-        .orchestrator("SAGA_BREAKERS__OPEN_INITIAL_MS", "500")
-        .orchestrator("SAGA_BREAKERS__OPEN_MAX_MS", "2000")
-}
-
-/// Order `i`: one or two lines; every tenth card is declined, some are flaky.
-fn workload(i: usize) -> Value {
-    let token = match i % 10 {
-        9 => "tok_decline",
-        5 => "tok_flaky",
-        _ => "tok_visa",
-    };
-    if i.is_multiple_of(3) {
-        order(&[("A", 1), ("B", 1)], token)
-    } else {
-        order(&[("B", 1)], token)
-    }
-}
-
-/// A random fault schedule that a failing run can repeat: the seed is printed, and
-/// `FAULT_SEED=<seed>` runs the same schedule again.
-fn schedule() -> StdRng {
-    let seed = std::env::var("FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("fault schedule: FAULT_SEED={seed}");
-    StdRng::seed_from_u64(seed)
-}
-
-/// `rounds` moments of a load of `n` sagas, as counts of sagas created: at random between 5 %
-/// and 90 % of the load, in order, at least 4 % of the load apart (so that each fault meets a
-/// system that recovered from the one before).
-fn moments(rng: &mut StdRng, rounds: usize, n: usize) -> Vec<i64> {
-    let (first, last, gap) = (n as i64 / 20, n as i64 * 9 / 10, n as i64 / 25);
-    let spare = last - first - gap * (rounds as i64 - 1);
-    let mut at: Vec<i64> = (0..rounds).map(|_| rng.random_range(0..=spare)).collect();
-    at.sort_unstable();
-    at.iter()
-        .enumerate()
-        .map(|(i, x)| first + x + gap * i as i64)
-        .collect()
+    .quick_steps(2000, 6)
+    .quick_recovery()
 }
 
 async fn sagas_created(app: &App) -> i64 {
@@ -110,7 +51,12 @@ async fn a_thousand_checkouts_survive_killed_processes_and_a_nats_restart() {
     // that all keep running (the orchestrator's relay, reply consumer and timer loop, and the
     // workers, ride through the outage on their reconnects).
     let rounds = 7;
-    let at = moments(&mut rng, rounds, n);
+    let at = moments(
+        &mut rng,
+        rounds,
+        (n as i64 / 20, n as i64 * 9 / 10),
+        n as i64 / 25,
+    );
     // Every kind of worker, and the Product service that prices the checkouts, is killed
     // once, in a random order (while it is down, checkouts are refused with 503 and retried).
     let mut workers = WORKERS.to_vec();
@@ -243,7 +189,12 @@ async fn checkouts_and_fulfilments_survive_killed_processes_and_a_nats_restart()
     // parcels and never to collect others, its reports come once or twice, and customers
     // cancel.
     let rounds = WORKERS.len() + 1;
-    let at = moments(&mut rng, rounds, n);
+    let at = moments(
+        &mut rng,
+        rounds,
+        (n as i64 / 20, n as i64 * 9 / 10),
+        n as i64 / 25,
+    );
     let mut workers = WORKERS.to_vec();
     workers.shuffle(&mut rng);
     let nats_round = rng.random_range(0..rounds);
@@ -301,7 +252,12 @@ async fn checkouts_and_fulfilments_survive_killed_processes_and_a_nats_restart()
 async fn a_thousand_checkouts_survive_terminated_database_sessions() {
     let app = App::spawn_with(resilient(None)).await;
     let n = 1000;
-    let at = moments(&mut schedule(), 6, n);
+    let at = moments(
+        &mut schedule(),
+        6,
+        (n as i64 / 20, n as i64 * 9 / 10),
+        n as i64 / 25,
+    );
     let load = tokio::spawn(place_many(app.base.clone(), n, 16, workload, SETTLE));
     let mut terminated = 0;
     for created in at {
@@ -905,23 +861,6 @@ async fn a_retry_scheduled_before_an_orchestrator_crash_happens_after_it() {
     app.assert_invariants(1, SETTLE).await;
 }
 
-/// The sum of a counter's samples whose line starts with `prefix` in a `GET /metrics` answer.
-async fn counter(app: &App, base: &str, prefix: &str) -> f64 {
-    let text = app
-        .http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics");
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_orchestrators_side_by_side_share_the_sagas_safely() {
     // The two divide the partitions; when one crashes, its partitions move to the other once
@@ -946,12 +885,12 @@ async fn two_orchestrators_side_by_side_share_the_sagas_safely() {
     assert_eq!(through_b.await.expect("load").len(), n / 2);
     app.assert_invariants(n, SETTLE).await;
     for base in [&app.base, &app.base_b] {
-        let applied = counter(
-            &app,
-            base,
-            "saga_inputs_total{kind=\"step_succeeded\",verdict=\"applied\"}",
-        )
-        .await;
+        let applied = app
+            .metric(
+                base,
+                "saga_inputs_total{kind=\"step_succeeded\",verdict=\"applied\"}",
+            )
+            .await;
         assert!(
             applied > 0.0,
             "{base} applied no reply: both must share the work"

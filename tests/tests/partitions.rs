@@ -10,24 +10,6 @@ use serde_json::Value;
 
 const SETTLE: Duration = Duration::from_secs(120);
 
-/// The value of a metric (summed over its label sets) at `base`.
-async fn metric(app: &App, base: &str, name: &str) -> f64 {
-    let text = app
-        .http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics");
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Partitions held per owner, from the lease table (live leases only).
 async fn owners(app: &App) -> Vec<(String, i64)> {
     sqlx::query_as(
@@ -112,11 +94,8 @@ async fn orchestrators_divide_the_partitions_and_hand_them_over_on_shutdown() {
         .await;
     let both = until_divided(&app, 2, Duration::from_secs(30)).await;
     assert_eq!(both.iter().map(|(_, c)| *c).collect::<Vec<_>>(), [8, 8]);
-    assert_eq!(metric(&app, &app.base, "saga_partitions_owned").await, 8.0);
-    assert_eq!(
-        metric(&app, &app.base_b, "saga_partitions_owned").await,
-        8.0
-    );
+    assert_eq!(app.metric(&app.base, "saga_partitions_owned").await, 8.0);
+    assert_eq!(app.metric(&app.base_b, "saga_partitions_owned").await, 8.0);
     // Both take checkouts; each saga's replies come back to the orchestrator that holds its
     // partition, so their cached copies stay right: no version conflicts.
     let n = 200;
@@ -128,10 +107,12 @@ async fn orchestrators_divide_the_partitions_and_hand_them_over_on_shutdown() {
     let mut applied = 0.0;
     let mut conflicts = 0.0;
     for base in [&app.base, &app.base_b] {
-        let replies = metric(&app, base, "saga_inputs_total").await;
+        let replies = app.metric(base, "saga_inputs_total").await;
         assert!(replies > 0.0, "{base} applied nothing");
         applied += replies;
-        conflicts += metric(&app, base, "saga_engine_version_conflicts_total").await;
+        conflicts += app
+            .metric(base, "saga_engine_version_conflicts_total")
+            .await;
     }
     assert_eq!(
         conflicts, 0.0,
@@ -186,12 +167,9 @@ async fn a_paused_owner_is_fenced_off_and_its_partitions_move() {
     // a non-owner until the partitions are divided again.
     app.resume("orchestrator-b");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(
-        &app,
-        &app.base_b,
-        "saga_partition_changes_total{change=\"lost\"}",
-    )
-    .await
+    while app
+        .metric(&app.base_b, "saga_partition_changes_total{change=\"lost\"}")
+        .await
         < 1.0
     {
         assert!(

@@ -14,28 +14,13 @@ const POOLS: [&str; 3] = ["inventory", "payment", "shipping"];
 /// Two processes per step pool, and short deadlines so that a command lost with a process is
 /// sent again within seconds.
 fn two_per_pool() -> Options {
-    let mut o = Options {
+    Options {
         workers: POOLS.to_vec(),
         pool_size: 2,
         ..Options::default()
-    };
-    for step in ["RESERVE_STOCK", "CHARGE_PAYMENT", "CREATE_SHIPMENT"] {
-        for phase in ["FORWARD", "COMPENSATION"] {
-            o = o.orchestrator(
-                &format!("SAGA_CHECKOUT__POLICIES__{step}__{phase}__DEADLINE_MS"),
-                "3000",
-            );
-            o = o.orchestrator(
-                &format!("SAGA_CHECKOUT__POLICIES__{step}__{phase}__BACKOFF_MAX_MS"),
-                "1000",
-            );
-        }
-        o = o.orchestrator(
-            &format!("SAGA_CHECKOUT__POLICIES__{step}__FORWARD__MAX_ATTEMPTS"),
-            "6",
-        );
     }
-    o.orchestrator("SAGA_TIMERS__POLL_INTERVAL_MS", "50")
+    .quick_steps(3000, 6)
+    .orchestrator("SAGA_TIMERS__POLL_INTERVAL_MS", "50")
 }
 
 /// Order `i`: every tenth card is declined (a permanent failure), the others go through.
