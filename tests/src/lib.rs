@@ -101,34 +101,6 @@ pub fn free_port() -> u16 {
     panic!("no free port between 20000 and 32000")
 }
 
-/// Create database `name` on the server among the hosts of `admin` (libpq's multi-host URL, or
-/// one host's) that is a primary.
-async fn create_on_primary(admin: &str, name: &str) {
-    use sqlx::Connection;
-    let hosts = match runtime::db::hosts::parse(admin).expect("the test's database URL") {
-        runtime::db::hosts::Target::Single => vec![admin.to_owned()],
-        runtime::db::hosts::Target::Hosts { hosts, .. } => {
-            hosts.iter().map(|h| h.url().to_owned()).collect()
-        }
-    };
-    for url in hosts {
-        let Ok(mut conn) = sqlx::PgConnection::connect(&url).await else {
-            continue;
-        };
-        if let Ok(false) = sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()")
-            .fetch_one(&mut conn)
-            .await
-        {
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&mut conn)
-                .await
-                .expect("create the test database");
-            return;
-        }
-    }
-    panic!("no host of the test's PostgreSQL is a primary");
-}
-
 /// `url` naming database `db` instead (its parameters, e.g. `target_session_attrs`, kept).
 fn with_database(url: &str, db: &str) -> String {
     let (url, query) = url.split_once('?').unwrap_or((url, ""));
@@ -338,12 +310,12 @@ impl App {
         let (db_url, pool) = match &options.database {
             // Created, and followed across a failover, as the processes do.
             Some(admin) => {
-                create_on_primary(admin, &name).await;
+                // Created on whichever host is the primary, as the orchestrator does.
                 let db_url = with_database(admin, &name);
                 let settings = runtime::config::Database {
                     url: db_url.clone(),
                     max_connections: 4,
-                    create: false,
+                    create: true,
                 };
                 let pool = runtime::db::connect(&settings, "e2e")
                     .await

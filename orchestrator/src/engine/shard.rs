@@ -253,9 +253,7 @@ impl Shard {
         if !Arc::ptr_eq(&owned, &self.cached_for) {
             // Partitions moved: another orchestrator writes the sagas of those we gave up, so
             // their copies here would only go stale.
-            let count = self.ownership.count();
-            self.cache
-                .retain(|id, _| owned.holds(sagas::wire::partition_of(*id, count)));
+            self.cache.retain(|_, e| owned.holds(e.partition));
             self.cached_for = owned.clone();
         }
         let unreadable = match self.load_missing(&requests).await {
@@ -395,6 +393,7 @@ impl Shard {
         let mut published = Vec::new();
         // Who holds each idempotency key started in this batch, for the followers.
         let mut holders: HashMap<SagaId, store::Existing> = HashMap::new();
+        let owned = self.ownership.current();
         if !outcome.lost.is_empty() {
             // Fenced off: another orchestrator took these partitions. Nothing was written; the
             // inputs are applied again on fresh copies, as a non-owner's.
@@ -482,7 +481,7 @@ impl Shard {
             if w.changed && status.is_terminal() {
                 self.metrics.ended(status.as_str());
                 self.watchers.ended(id, status);
-            } else if !self.ownership.current().holds(w.entry.partition) {
+            } else if !owned.holds(w.entry.partition) {
                 // Another orchestrator's (or nobody's yet): not kept, it would go stale.
             } else {
                 self.cache.insert(id, w.entry);
